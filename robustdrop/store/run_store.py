@@ -1,0 +1,257 @@
+"""The run directory: the one place a run's results are written to and read from.
+
+Every write is atomic (write to a temporary file in the same folder, then ``os.replace``), so a
+killed process never leaves a torn file behind. Metrics are kept as a tidy table (one row per
+epoch/step/split/metric/attack spec) and written as Parquet plus an identical CSV.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from robustdrop.errors import RobustdropError
+
+METRIC_COLUMNS = [
+    "epoch", "step", "split", "metric", "value", "attack",
+    "epsilon", "steps", "step_size", "restarts", "n", "source",
+]
+_INT_COLUMNS = ["epoch", "step", "steps", "restarts", "n"]
+_FLOAT_COLUMNS = ["value", "epsilon", "step_size"]
+
+
+def metric_row(
+    epoch: int,
+    step: int,
+    split: str,
+    metric: str,
+    value: float,
+    *,
+    attack: str = "none",
+    epsilon: float = math.nan,
+    steps: int = 0,
+    step_size: float = math.nan,
+    restarts: int = 0,
+    n: int = 0,
+    source: str = "train",
+) -> dict[str, Any]:
+    """One row of the tidy metrics table (see docs/architecture.md for the schema)."""
+    return {
+        "epoch": int(epoch), "step": int(step), "split": split, "metric": metric,
+        "value": float(value), "attack": attack, "epsilon": float(epsilon), "steps": int(steps),
+        "step_size": float(step_size), "restarts": int(restarts), "n": int(n), "source": source,
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    for col in _INT_COLUMNS:
+        frame[col] = frame[col].astype("int64")
+    for col in _FLOAT_COLUMNS:
+        frame[col] = frame[col].astype("float64")
+    return frame
+
+
+class RunStore:
+    """A run directory ``<runs_dir>/<name>/``.
+
+    Create one with :meth:`create` (refuses an existing run unless ``overwrite``) or open an
+    existing one with :meth:`open`. Metrics and events are held in memory and rewritten whole
+    (atomically) on :meth:`flush`; they are small (thousands of rows).
+    """
+
+    CONFIG = "config.json"
+    MANIFEST = "manifest.json"
+    METRICS_PARQUET = "metrics.parquet"
+    METRICS_CSV = "metrics.csv"
+    EVENTS = "events.jsonl"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._rows: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._dirty = False
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, name: str, *, overwrite: bool = False) -> RunStore:
+        path = Path(runs_dir) / name
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise RobustdropError(
+                    f"run directory {path} already exists; pass --resume {path} to continue it, "
+                    "--overwrite to replace it, or --name to choose another name"
+                )
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunStore:
+        """Open an existing run directory and load its metrics and events."""
+        path = Path(path)
+        if not (path / cls.CONFIG).is_file():
+            raise RobustdropError(
+                f"{path} is not a robustdrop run directory (no {cls.CONFIG}); "
+                "give the folder that `robustdrop track` created"
+            )
+        store = cls(path)
+        parquet = path / cls.METRICS_PARQUET
+        csv = path / cls.METRICS_CSV
+        if parquet.is_file():
+            store._rows = pd.read_parquet(parquet).to_dict("records")
+        elif csv.is_file():
+            store._rows = pd.read_csv(csv, keep_default_na=False, na_values=[""]).to_dict("records")
+        events = path / cls.EVENTS
+        if events.is_file():
+            store._events = [json.loads(line) for line in events.read_text().splitlines() if line]
+        return store
+
+    # -- JSON documents ---------------------------------------------------------------------
+    def write_json(self, name: str, obj: Any) -> Path:
+        target = self.path / name
+        atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        return target
+
+    def read_json(self, name: str) -> Any:
+        target = self.path / name
+        try:
+            return json.loads(target.read_text())
+        except FileNotFoundError:
+            raise RobustdropError(f"{target} is missing; the run directory is incomplete") from None
+        except json.JSONDecodeError as exc:
+            raise RobustdropError(f"{target} is not valid JSON ({exc}); restore it or start a new run") from None
+
+    # -- metrics ----------------------------------------------------------------------------
+    def log_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append tidy rows (built with :func:`metric_row`). Written on the next :meth:`flush`."""
+        for row in rows:
+            missing = set(METRIC_COLUMNS) - row.keys()
+            if missing:
+                raise ValueError(f"metric row lacks columns {sorted(missing)}: {row}")
+            self._rows.append({k: row[k] for k in METRIC_COLUMNS})
+        self._dirty = True
+
+    def metrics(self) -> pd.DataFrame:
+        """All metric rows so far as a DataFrame with the documented columns."""
+        return _to_frame(self._rows)
+
+    @property
+    def num_metric_rows(self) -> int:
+        return len(self._rows)
+
+    # -- events -----------------------------------------------------------------------------
+    def log_event(self, kind: str, *, epoch: int, step: int, **data: Any) -> dict[str, Any]:
+        """Record a discrete event (collapse onset, rollback, NaN, ...)."""
+        event = {"kind": kind, "epoch": int(epoch), "step": int(step), **data}
+        self._events.append(event)
+        self._dirty = True
+        return event
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self._events if kind is None or e["kind"] == kind]
+
+    @property
+    def num_events(self) -> int:
+        return len(self._events)
+
+    def truncate_logs(self, num_metric_rows: int, num_events: int) -> None:
+        """Drop rows and events written after a checkpoint (used on resume)."""
+        self._rows = self._rows[:num_metric_rows]
+        self._events = self._events[:num_events]
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Write metrics (Parquet + CSV) and events atomically."""
+        if not self._dirty:
+            return
+        frame = self.metrics()
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        atomic_write_bytes(self.path / self.METRICS_PARQUET, buf.getvalue())
+        atomic_write_text(self.path / self.METRICS_CSV, frame.to_csv(index=False))
+        lines = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in self._events)
+        atomic_write_text(self.path / self.EVENTS, lines)
+        self._dirty = False
+
+    # -- arrays (snapshots, landscapes) -----------------------------------------------------
+    def save_arrays(self, kind: str, name: str, **arrays: Any) -> Path:
+        """Save named arrays to ``arrays/<kind>/<name>.npz`` (compressed, atomic).
+
+        Scalars and strings are stored as 0-d arrays; load with :meth:`load_arrays`.
+        """
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+        target = self.path / "arrays" / kind / f"{name}.npz"
+        atomic_write_bytes(target, buf.getvalue())
+        return target
+
+    def load_arrays(self, kind: str, name: str) -> dict[str, np.ndarray]:
+        target = self.path / "arrays" / kind / f"{name}.npz"
+        with np.load(target, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    def list_arrays(self, kind: str) -> list[str]:
+        folder = self.path / "arrays" / kind
+        return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        target = self.checkpoint_path(name)
+        atomic_write_bytes(target, buf.getvalue())
+        return target
+
+    def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        return load_checkpoint_file(self.checkpoint_path(name), map_location)
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RobustdropError(f"checkpoint {path} does not exist; check the path or the run's checkpoints/ folder")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RobustdropError(
+            f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a robustdrop checkpoint — "
+            "resume from another checkpoint or start a new run"
+        ) from None
+    if not isinstance(state, dict):
+        raise RobustdropError(f"checkpoint {path} does not hold a robustdrop state dictionary")
+    return state
