@@ -1,0 +1,52 @@
+"""Model registry: adding a model is one file and one ``@register_model`` line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from robustdrop.errors import RobustdropError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    width: float | None = None,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registry name (see :func:`available_models`).
+        num_classes: output logits.
+        in_channels, image_size: input shape ``(B, in_channels, image_size, image_size)``.
+        width: the model's width knob (a multiplier for ``preactresnet18``, the number of filters for
+            ``cnn1`` and ``smallcnn``); ``None`` takes the model's default.
+    """
+    if name not in _MODELS:
+        raise RobustdropError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    if width is not None:
+        if width <= 0:
+            raise RobustdropError(f"--width must be positive, got {width}")
+        kwargs["width"] = width
+    return _MODELS[name](**kwargs)
