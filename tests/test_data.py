@@ -185,7 +185,9 @@ def test_cifar10_reads_batches_folder(tmp_path, monkeypatch):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": CIFAR10_CLASSES}, f)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_load_meta", lambda self: setattr(self, "classes", CIFAR10_CLASSES))
+    monkeypatch.setattr(
+        torchvision.datasets.CIFAR10, "_load_meta", lambda self: setattr(self, "classes", CIFAR10_CLASSES)
+    )
     d = load_dataset("cifar10", data_dir=str(folder))  # the batches folder itself is accepted too
     assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
     assert d.train_x.dtype == torch.uint8 and d.train_y.tolist()[:4] == [0, 1, 2, 9]
@@ -208,6 +210,7 @@ def test_synthetic_is_deterministic_and_learnable(synthetic_data: ImageData):
     assert not torch.equal(make_synthetic(seed=1).train_x, synthetic_data.train_x)
     d = synthetic_data
     assert d.train_x.shape == (512, 3, 32, 32) and d.test_x.shape == (256, 3, 32, 32) and d.num_classes == 10
+
     # nearest class mean (after removing each image's mean brightness) separates the classes
     def feats(x):
         f = x.float().flatten(1) / 255

@@ -85,9 +85,13 @@ class ImageData:
             if x.dtype != torch.uint8 or x.dim() != 4:
                 raise ValueError(f"{split}_x must be a uint8 (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"{split}_y must be an int64 (N,) tensor matching {split}_x, got {y.dtype} {tuple(y.shape)}")
+                raise ValueError(
+                    f"{split}_y must be an int64 (N,) tensor matching {split}_x, got {y.dtype} {tuple(y.shape)}"
+                )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(f"train and test images differ in shape: {tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}")
+            raise ValueError(
+                f"train and test images differ in shape: {tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -120,7 +124,9 @@ def load_dataset(spec: str = "cifar10-jpeg", data_dir: str | None = None, cache_
     if key.startswith("folder:"):
         path = spec[len("folder:") :].strip()
         if not path:
-            raise RobustdropError("dataset spec 'folder:' needs a path: use folder:PATH (a train/ + test/ image tree or a .tar.gz of one)")
+            raise RobustdropError(
+                "dataset spec 'folder:' needs a path: use folder:PATH (a train/ + test/ image tree or a .tar.gz of one)"
+            )
         return _load_folder(Path(path).expanduser(), cache_dir)
     if key in _TORCHVISION:
         return _load_torchvision(key, data_dir, cache_dir)
@@ -482,7 +488,9 @@ def _strip_archive_suffix(name: str) -> str:
 
 def _load_folder(path: Path, cache_dir: str | None) -> ImageData:
     if not path.exists():
-        raise RobustdropError(f"folder dataset {path} does not exist: pass folder:PATH to a train/ + test/ image tree or a .tar.gz of one")
+        raise RobustdropError(
+            f"folder dataset {path} does not exist: pass folder:PATH to a train/ + test/ image tree or a .tar.gz of one"
+        )
     path = path.resolve()
     name = _strip_archive_suffix(path.name) or "folder"
     h = hashlib.sha256(f"folder-v{_CACHE_FORMAT}\0{path}\0".encode())
@@ -503,7 +511,9 @@ def _load_folder(path: Path, cache_dir: str | None) -> ImageData:
         h.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
         files = []
     else:
-        raise RobustdropError(f"{path} is neither a folder nor a tar archive: pass folder:PATH to a train/ + test/ image tree or a .tar.gz of one")
+        raise RobustdropError(
+            f"{path} is neither a folder nor a tar archive: pass folder:PATH to a train/ + test/ image tree or a .tar.gz of one"
+        )
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
     cache = _resolve_cache_dir(cache_dir) / f"folder-{safe_name}-{h.hexdigest()[:16]}-v{_CACHE_FORMAT}.pt"
 

@@ -36,7 +36,9 @@ def _to_float(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _check_images(images_uint8: torch.Tensor, labels: torch.Tensor) -> None:
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        raise ValueError(
+            f"images must be a uint8 (N, C, H, W) tensor, got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+        )
     if labels.dim() != 1 or labels.shape[0] != images_uint8.shape[0]:
         raise ValueError(f"labels must be (N,) with N = {images_uint8.shape[0]}, got {tuple(labels.shape)}")
 
@@ -120,7 +122,9 @@ class TrainLoader:
             if params is not None:
                 crop = params[sl]
                 xb = apply_crop_flip(xb, crop)
-            yield Batch(x=_to_float(xb, self.channels_last), y=self.labels.index_select(0, index), index=index, crop=crop)
+            yield Batch(
+                x=_to_float(xb, self.channels_last), y=self.labels.index_select(0, index), index=index, crop=crop
+            )
 
 
 def iterate_eval(
