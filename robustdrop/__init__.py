@@ -1,3 +1,18 @@
 """robustdrop: see, measure and avoid the robustness drop of single-step adversarial training."""
 
 __version__ = "0.1.0"
+
+__all__ = ["TrackConfig", "make_config", "resume", "track"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import robustdrop` stays cheap and the plots never pull in the training stack.
+    if name in ("track", "resume"):
+        from robustdrop import api
+
+        return getattr(api, name)
+    if name in ("TrackConfig", "make_config"):
+        from robustdrop.engine import config
+
+        return getattr(config, name)
+    raise AttributeError(name)

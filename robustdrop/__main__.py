@@ -1,0 +1,5 @@
+import sys
+
+from robustdrop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""The resolved configuration of a run, its presets and its validation.
+
+Every field becomes a ``robustdrop track`` flag (``--field-name``) with the field's ``help``;
+a preset replaces defaults, and explicit flags override the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from robustdrop.errors import RobustdropError
+
+METHODS = ("fgsm", "rs-fgsm", "pgd", "apart", "fgsm+")
+OPTIMIZERS = ("sgd", "adam")
+ON_COLLAPSE = ("warn", "stop", "rollback")
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A config field with CLI metadata (``help``, ``choices``, ``fraction`` for '8/255' values)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrackConfig:
+    # -- data -----------------------------------------------------------------------------
+    dataset: str = opt("cifar10-jpeg", "cifar10-jpeg (embedded) | cifar10 | cifar100 | svhn | folder:PATH")
+    data_dir: str | None = opt(None, "folder with the torchvision dataset files (else $ROBUSTDROP_DATA, else the cache)")
+    train_subset: int = opt(0, "train on the first N examples of a seeded shuffle (0 = all)")
+    val_size: int = opt(1000, "examples held out of training as a fixed, seeded validation split (0 = none)")
+    augment: bool = opt(True, "random crop (pad 4) + horizontal flip, batched on the device")
+    pad_value: float = opt(0.0, "value of the crop padding (APART's code pads with 0.5)")
+    # -- model ----------------------------------------------------------------------------
+    model: str = opt("preactresnet18", "preactresnet18 | cnn1 | smallcnn")
+    width: float | None = opt(None, "width knob: multiplier for preactresnet18, filters for cnn1/smallcnn")
+    # -- training method ------------------------------------------------------------------
+    method: str = opt("fgsm", "training method", choices=METHODS)
+    epsilon: float = opt(8 / 255, "L-inf radius, e.g. 8/255", fraction=True)
+    alpha: float | None = opt(None, "training attack step (default: ε for fgsm, 1.25ε for rs-fgsm, ε/4 for pgd)", fraction=True)
+    pgd_steps: int = opt(10, "PGD steps of --method pgd")
+    attack_bn: str = opt("train", "batch-norm mode while crafting training perturbations", choices=("train", "eval"))
+    # -- APART / FGSM+ (paper §4) ---------------------------------------------------------
+    apart_alpha_init: float = opt(1e-4, "APART: initial input step size α")
+    apart_alpha_omega_init: float = opt(1e-4, "APART: initial scale α_ω of the learned initialization")
+    apart_psi_lr: float = opt(5e-8, "APART: peak learning rate of the ascent on ψ = (α, α_ω, α_b)")
+    apart_psi_weight_decay: float = opt(1200.0, "APART: weight decay on ψ (1200 = the authors' PyTorch 1.3 run; 400 = as written)")
+    learned_init: bool = opt(True, "APART: learn the per-example initialization (--no-learned-init ablates it)")
+    learned_step: bool = opt(True, "APART: learn the input step size α (--no-learned-step ablates it)")
+    layerwise: bool = opt(True, "APART: layer-wise perturbations (--no-layerwise ablates them; fgsm+ has none)")
+    apart_psi_cycle_momentum: bool = opt(True, "APART: cycle ψ's SGD momentum 0.9 -> 0.8 -> 0.9 inversely to its LR, "
+                                               "as the authors' CyclicLR (--no-...: fixed --momentum)")
+    apart_omega_device: str = opt("device", "APART: where Ω lives: device (the training device) | cpu (host memory)",
+                                  choices=("device", "cpu"))
+    # -- optimisation ---------------------------------------------------------------------
+    epochs: int = opt(30, "training epochs")
+    batch_size: int = opt(128, "training batch size")
+    optimizer: str = opt("sgd", "optimizer of the model", choices=OPTIMIZERS)
+    lr: float = opt(0.2, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "weight decay")
+    schedule: str = opt("cyclic", "cyclic | cyclic-repeat | piecewise | constant",
+                        choices=("cyclic", "cyclic-repeat", "piecewise", "constant"))
+    lr_peak_at: float = opt(0.5, "cyclic: where the LR peaks, as a fraction of the run (or of a cycle)")
+    cycle_epochs: int = opt(30, "cyclic-repeat: period of the LR cycle in epochs")
+    lr_milestones: list = opt([0.5, 0.75], "piecewise: fractions of the run where the LR drops", nargs="+", item=float)
+    lr_gamma: float = opt(0.1, "piecewise: factor at each milestone")
+    # -- evaluation -----------------------------------------------------------------------
+    probe_size: int = opt(1000, "fixed, seeded, class-balanced subset of the test set evaluated every epoch")
+    eval_every: int = opt(1, "evaluate the probe (and validation) set every N epochs")
+    test_every: int = opt(10, "evaluate the full test set every K epochs and at the end (0 = only at the end)")
+    eval_pgd_steps: int = opt(20, "PGD steps of the evaluation attack")
+    eval_pgd_step_size: float = opt(2 / 255, "PGD step of the evaluation attack, e.g. 2/255", fraction=True)
+    eval_restarts: int = opt(1, "PGD restarts of the evaluation attack")
+    eval_batch_size: int = opt(500, "evaluation batch size")
+    # -- diagnostics ----------------------------------------------------------------------
+    diagnostics: list = opt(["default"], "default | all | none | a list of names (see README)", nargs="+", item=str)
+    reference: str | None = opt(None, "frozen reference model (run dir or checkpoint) for the strength measure")
+    on_collapse: str = opt("warn", "what to do when the collapse detector fires", choices=ON_COLLAPSE)
+    # -- run ------------------------------------------------------------------------------
+    seed: int = opt(0, "seed of every random choice")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = opt(True, "channels_last memory format on CUDA (ignored on CPU)")
+    checkpoint_every: int = opt(0, "also keep checkpoints/epoch_XXXX.pt every N epochs (0 = only last.pt)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrackConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RobustdropError(f"unknown config keys {unknown}; this run was made by another robustdrop version")
+        return cls(**values)
+
+    def validate(self) -> TrackConfig:
+        """Raise :class:`RobustdropError` on values that cannot work; returns ``self``."""
+        if not (0 < self.epsilon <= 1) or math.isnan(self.epsilon):
+            raise RobustdropError(f"--epsilon must be in (0, 1] (e.g. 8/255), got {self.epsilon}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise RobustdropError(f"--alpha must be positive, got {self.alpha}")
+        if self.method not in METHODS:
+            raise RobustdropError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise RobustdropError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.on_collapse not in ON_COLLAPSE:
+            raise RobustdropError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE)}, got {self.on_collapse!r}")
+        for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_restarts", "eval_batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise RobustdropError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("probe_size", "val_size", "train_subset", "test_every", "checkpoint_every", "threads"):
+            if getattr(self, name) < 0:
+                raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise RobustdropError("--lr and --weight-decay must be >= 0")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's FGSM run (paper.md E2): PreActResNet18, CIFAR-10, ε = 8/255, batch 128, SGD,
+    # one cyclic LR triangle to 0.2 over 30 epochs. Needs a GPU for reasonable time.
+    "paper": dict(
+        dataset="cifar10", model="preactresnet18", method="fgsm", epsilon=8 / 255, epochs=30,
+        batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=5e-4,
+        schedule="cyclic", lr_peak_at=0.5, probe_size=1000, test_every=10,
+    ),
+    # CPU in minutes on the embedded data: a one-layer CNN collapses under FGSM (values chosen by
+    # experiment, see docs/quick-preset.md).
+    "quick": dict(
+        dataset="cifar10-jpeg", model="cnn1", width=4, method="fgsm", epsilon=10 / 255, epochs=30,
+        batch_size=128, optimizer="adam", lr=0.003, weight_decay=5e-4, schedule="cyclic",
+        lr_peak_at=0.4, probe_size=1000, val_size=1000, test_every=0, eval_pgd_step_size=2.5 / 255,
+    ),
+}
+
+
+def parse_fraction(text: str | float) -> float:
+    """Parse '8/255', '0.031' or 0.031 into a float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> TrackConfig:
+    """Defaults, then the preset's values, then ``overrides``; validated."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise RobustdropError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    return TrackConfig.from_dict(values).validate()

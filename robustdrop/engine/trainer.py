@@ -1,0 +1,479 @@
+"""The training loop: train, evaluate, emit hook events, log, checkpoint, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import robustdrop
+from robustdrop.attacks import FGSM, PGD, Attack, AttackSpec
+from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
+from robustdrop.engine.config import TrackConfig
+from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate
+from robustdrop.engine.hooks import Hook
+from robustdrop.errors import RobustdropError
+from robustdrop.methods import MethodContext, TrainingMethod, create_method
+from robustdrop.models import create_model
+from robustdrop.schedules import Schedule
+from robustdrop.store import RunStore, metric_row
+
+CHECKPOINT_FORMAT = "robustdrop-checkpoint-1"
+_KEEP_ROLLING = 3  # epoch checkpoints kept for --on-collapse rollback
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RobustdropError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RobustdropError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def default_run_name(config: TrackConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{config.method}-{config.model}-eps{config.epsilon * 255:.3g}-{stamp}"
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class RunContext:
+    """What hooks see of a run. Attributes are read-only by convention.
+
+    Attributes:
+        config: the resolved :class:`TrackConfig`.
+        store: the :class:`RunStore` every hook writes through.
+        model: the model being trained (hooks run it in eval mode).
+        method: the :class:`TrainingMethod`.
+        device: torch device.
+        epoch: the current (1-based) epoch; ``step``: optimizer steps taken so far.
+        probe: ``(images uint8 (N, C, H, W), labels (N,))`` on ``device``: the fixed probe set.
+        data: the :class:`ImageData` (CPU); ``train_images`` the uint8 training tensor actually used.
+        eval_results: the epoch's evaluation, ``{(split, attack): EvalResult}`` (empty between evals).
+    """
+
+    config: TrackConfig
+    store: RunStore
+    model: nn.Module
+    method: TrainingMethod
+    device: torch.device
+    epoch: int = 0
+    step: int = 0
+    probe: tuple[torch.Tensor, torch.Tensor]
+    data: ImageData
+    eval_results: dict[tuple[str, str], EvalResult]
+
+    def generator(self, name: str, epoch: int | None = None) -> torch.Generator:
+        """A generator on ``device`` seeded by (run seed, ``name``, ``epoch``): reproducible and
+        independent of the training's random state."""
+        key = f"{self.config.seed}/{name}/{self.epoch if epoch is None else epoch}"
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(key.encode()))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self._autocast()
+
+    def probe_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The probe set as float batches in [0, 1], fixed order."""
+        from robustdrop.data import iterate_eval
+
+        images, labels = self.probe
+        yield from iterate_eval(images, labels, batch_size or self.config.eval_batch_size, self.device,
+                                channels_last=self._channels_last)
+
+    def log(self, source: str, split: str, metric: str, value: float, *, spec: AttackSpec | None = None, n: int = 0) -> None:
+        """Append one metric row for the current epoch/step."""
+        cols = spec.as_columns() if spec is not None else {}
+        self.store.log_metrics([metric_row(self.epoch, self.step, split, metric, value, n=n, source=source, **cols)])
+
+    def request_stop(self, reason: str, *, rollback_to_epoch: int | None = None) -> None:
+        """Stop after this epoch; with ``rollback_to_epoch``, keep the newest checkpoint at or before
+        that epoch as the run's result (``checkpoints/result.pt``)."""
+        self._stop = (reason, rollback_to_epoch)
+
+
+class Trainer(RunContext):
+    """Runs one training run into a :class:`RunStore`.
+
+    Args:
+        config: the resolved config.
+        store: the run directory (created by the caller).
+        hooks: diagnostics to emit events to.
+        resume: continue from the store's ``checkpoints/last.pt``.
+        progress: show a progress bar per epoch (summary lines are printed either way).
+    """
+
+    def __init__(self, config: TrackConfig, store: RunStore, hooks: Sequence[Hook] = (), *, resume: bool = False,
+                 progress: bool = True, data: ImageData | None = None):
+        self.config = config.validate()
+        self.store = store
+        self.hooks = list(hooks)
+        self.resume = resume
+        self.progress = progress
+        self.data = data
+        self._stop: tuple[str, int | None] | None = None
+        self.eval_results = {}
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self._channels_last = cfg.channels_last and on_cuda
+        self._autocast = autocast_for(self.device, cfg.amp)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        if self.data is None:
+            self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+        data = self.data
+        train_idx, val_idx = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
+        if cfg.train_subset:
+            train_idx = train_idx[: cfg.train_subset]
+        if len(train_idx) < cfg.batch_size:
+            raise RobustdropError(f"only {len(train_idx)} training examples for --batch-size {cfg.batch_size}; "
+                                  "lower --batch-size or --val-size")
+        self.train_images = data.train_x[train_idx]
+        self.loader = TrainLoader(self.train_images, data.train_y[train_idx], cfg.batch_size, device=self.device,
+                                  augment=cfg.augment, pad=4, pad_value=cfg.pad_value, channels_last=self._channels_last)
+        self.val = (data.train_x[val_idx].to(self.device), data.train_y[val_idx].to(self.device))
+        probe = probe_indices(data.test_y, min(cfg.probe_size, len(data.test_y)), cfg.seed)
+        self.probe = (data.test_x[probe].to(self.device), data.test_y[probe].to(self.device))
+        self.test = (data.test_x.to(self.device), data.test_y.to(self.device))
+        self.data_generator = torch.Generator().manual_seed(cfg.seed)
+
+        channels, height, _ = data.train_x.shape[1:]
+        self.model = create_model(cfg.model, num_classes=data.num_classes, in_channels=channels,
+                                  image_size=height, width=cfg.width).to(self.device)
+        if self._channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = len(self.loader)
+        total = steps_per_epoch * cfg.epochs
+        self.schedule = Schedule(cfg.schedule, cfg.lr, total, peak_at=cfg.lr_peak_at,
+                                 cycle_steps=cfg.cycle_epochs * steps_per_epoch, milestones=tuple(cfg.lr_milestones),
+                                 gamma=cfg.lr_gamma)
+        self.method = create_method(cfg)
+        self.method.setup(self.model, MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total,
+                                                    steps_per_epoch, self.device))
+        self.eval_attacks: list[Attack | None] = [
+            None, FGSM(cfg.epsilon),
+            PGD(cfg.epsilon, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
+        ]
+        self.epoch, self.step = 0, 0
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _state(self, finished: bool) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "finished": finished,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "method": self.method.state_dict(),
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "rng": _rng_state(),
+            "data_generator": self.data_generator.get_state(),
+            "num_metric_rows": self.store.num_metric_rows,
+            "num_events": self.store.num_events,
+        }
+
+    def _save_checkpoint(self, finished: bool = False) -> None:
+        state = self._state(finished)
+        self.store.save_checkpoint("last", state)
+        cfg = self.config
+        keep = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
+        if keep or cfg.on_collapse == "rollback":
+            self.store.save_checkpoint(f"epoch_{self.epoch:04d}", state)
+        if cfg.on_collapse == "rollback" and not keep:
+            stale = self.epoch - _KEEP_ROLLING
+            if stale > 0 and not (cfg.checkpoint_every and stale % cfg.checkpoint_every == 0):
+                self.store.checkpoint_path(f"epoch_{stale:04d}").unlink(missing_ok=True)
+
+    def _load_checkpoint(self) -> bool:
+        """Restore from ``last.pt``; returns whether the run had already finished."""
+        state = self.store.load_checkpoint("last", map_location=self.device)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise RobustdropError(f"{self.store.checkpoint_path('last')} is not a {CHECKPOINT_FORMAT} checkpoint")
+        if state["config"] != self.config.to_dict():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k))
+            raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
+                                  "restore config.json or start a new run")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise RobustdropError(f"checkpoint does not fit the model/method ({str(exc).splitlines()[0][:160]}); "
+                                  "it belongs to another run") from None
+        self.schedule.load_state_dict(state["schedule"])
+        for hook in self.hooks:
+            if hook.name in state["hooks"]:
+                hook.load_state_dict(state["hooks"][hook.name])
+        _set_rng_state(state["rng"])
+        self.data_generator.set_state(state["data_generator"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.store.truncate_logs(state["num_metric_rows"], state["num_events"])
+        self.store.log_event("resume", epoch=self.epoch, step=self.step)
+        return bool(state["finished"])
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hook_guard(self) -> Iterator[None]:
+        """Hooks see the model in eval mode and cannot move any global random state."""
+        rng = _rng_state()
+        modes = [m.training for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for module, mode in zip(self.model.modules(), modes):
+                module.training = mode
+            _set_rng_state(rng)
+
+    def _emit(self, event: str, *args: Any, hooks: Sequence[Hook] | None = None) -> float:
+        hooks = self.hooks if hooks is None else hooks
+        if not hooks:
+            return 0.0
+        start = time.perf_counter()
+        with self._hook_guard():
+            for hook in hooks:
+                getattr(hook, event)(self, *args)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> RunStore:
+        self._prepare()
+        cfg = self.config
+        if self.resume:
+            if self._load_checkpoint():
+                print(f"{self.store.path}: the run already finished at epoch {self.epoch}; nothing to resume")
+                return self.store
+            print(f"resuming {self.store.path} after epoch {self.epoch} (step {self.step})")
+        else:
+            self.store.write_json(RunStore.CONFIG, cfg.to_dict())
+            self.store.write_json(RunStore.MANIFEST, self._manifest())
+        self._emit("on_run_start")
+        finished = False
+        while self.epoch < cfg.epochs:
+            self.epoch += 1
+            times = self._train_epoch()
+            last = self.epoch == cfg.epochs
+            start = time.perf_counter()
+            self._evaluate_epoch(last)
+            times["eval"] = time.perf_counter() - start
+            due = [h for h in self.hooks if h.wants_epoch(self.epoch, last=last)]
+            times["diag"] += self._emit("on_epoch_end", self.epoch, hooks=due)
+            self._log_epoch(times)
+            finished = last or self._stop is not None
+            if self._stop is not None:
+                self._handle_stop()
+            if finished:
+                self._emit("on_run_end")
+            self.store.flush()
+            self._save_checkpoint(finished=finished)
+            self._print_summary(times)
+            if finished:
+                break
+        return self.store
+
+    def _train_epoch(self) -> dict[str, float]:
+        cfg, model, method = self.config, self.model, self.method
+        model.train()
+        step_hooks = [h for h in self.hooks if h.every_n_steps > 0]
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        seen, diag = 0, 0.0
+        bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}/{cfg.epochs}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        for i, batch in enumerate(self.loader.epoch(self.data_generator)):
+            lr = self.schedule.apply(self.optimizer)
+            with self._autocast():
+                out = method.train_step(model, batch, self.optimizer)
+            self.schedule.step()
+            self.step += 1
+            loss_sum += out.loss * len(batch.y)
+            correct += (out.logits.argmax(1) == batch.y).sum()
+            seen += len(batch.y)
+            due = [h for h in step_hooks if h.wants_step(self.step)]
+            if due:
+                diag += self._emit("on_train_step", batch, out, hooks=due)
+            if i % 20 == 0 or i == len(self.loader) - 1:
+                mean_loss = loss_sum.item() / seen
+                self._check_finite(mean_loss)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.3g}")
+            bar.update(1)
+        bar.close()
+        total = time.perf_counter() - start
+        self._train_stats = (loss_sum.item() / seen, correct.item() / seen, seen, lr)
+        return {"train": total - diag, "diag": diag}
+
+    def _check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            self.store.log_event("nan_loss", epoch=self.epoch, step=self.step)
+            self.store.flush()
+            raise RobustdropError(
+                f"training loss became {loss} at epoch {self.epoch}, step {self.step}; lower --lr (now {self.config.lr}) "
+                f"or --epsilon; the last good checkpoint is {self.store.checkpoint_path('last')} (resume with --resume)"
+            )
+
+    def _evaluate_epoch(self, last: bool) -> None:
+        cfg = self.config
+        self.eval_results = {}
+        sets = []
+        if self.epoch % cfg.eval_every == 0 or last:
+            sets.append(("probe", self.probe, self.eval_attacks))
+            if len(self.val[1]):
+                sets.append(("val", self.val, [self.eval_attacks[0], self.eval_attacks[2]]))
+        if last or (cfg.test_every and self.epoch % cfg.test_every == 0):
+            sets.append(("test", self.test, self.eval_attacks))
+        for split, (images, labels), attacks in sets:
+            results = evaluate(self.model, images, labels, attacks, split=split, batch_size=cfg.eval_batch_size,
+                               device=self.device, generator=self.generator(f"eval/{split}"),
+                               autocast=self._autocast, channels_last=self._channels_last)
+            for r in results:
+                self.eval_results[(split, r.spec.attack)] = r
+
+    def _log_epoch(self, times: dict[str, float]) -> None:
+        loss, acc, seen, lr = self._train_stats
+        spec = self.method.perturbation_spec().as_columns()
+        spec["attack"] = self.method.name
+        rows = [
+            metric_row(self.epoch, self.step, "train", "loss", loss, n=seen, **spec),
+            metric_row(self.epoch, self.step, "train", "acc", acc, n=seen, **spec),
+            metric_row(self.epoch, self.step, "train", "lr", lr),
+        ]
+        rows += [metric_row(self.epoch, self.step, "train", f"time_{k}_s", v) for k, v in times.items()]
+        rows += [
+            metric_row(self.epoch, self.step, "train", "passes_forward", self.method.forward_passes, source="cost"),
+            metric_row(self.epoch, self.step, "train", "passes_backward", self.method.backward_passes, source="cost"),
+        ]
+        rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name)
+                 for k, v in self.method.epoch_metrics().items()]
+        for r in self.eval_results.values():
+            cols = r.spec.as_columns()
+            rows.append(metric_row(self.epoch, self.step, r.split, "acc", r.acc, n=r.n, source="eval", **cols))
+            rows.append(metric_row(self.epoch, self.step, r.split, "loss", r.loss, n=r.n, source="eval", **cols))
+        self.store.log_metrics(rows)
+
+    def _handle_stop(self) -> None:
+        reason, rollback = self._stop
+        self.store.log_event("stop", epoch=self.epoch, step=self.step, reason=reason)
+        if rollback is None:
+            return
+        candidates = [int(p.stem.split("_")[1]) for p in (self.store.path / "checkpoints").glob("epoch_*.pt")]
+        candidates = [e for e in candidates if e <= rollback]
+        source = self.store.checkpoint_path(f"epoch_{max(candidates):04d}") if candidates else None
+        if source is None and self.epoch - 1 <= rollback and self.store.checkpoint_path("last").is_file():
+            source = self.store.checkpoint_path("last")  # still the previous epoch's state
+        if source is None:
+            self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
+            return
+        shutil.copyfile(source, self.store.checkpoint_path("result"))
+        to_epoch = int(self.store.load_checkpoint(source.stem)["epoch"])
+        self.store.log_event("rollback", epoch=self.epoch, step=self.step, to_epoch=to_epoch,
+                             checkpoint="checkpoints/result.pt")
+
+    def _print_summary(self, times: dict[str, float]) -> None:
+        loss, acc, _, lr = self._train_stats
+        parts = [f"epoch {self.epoch:>3}/{self.config.epochs}", f"train loss {loss:.3f} acc {acc:.3f} lr {lr:.3g}"]
+        for split in ("probe", "val", "test"):
+            here = [r for (s, _), r in self.eval_results.items() if s == split]
+            if here:
+                accs = " ".join(f"{'clean' if r.spec.attack == 'none' else r.spec.attack}"
+                                f"{'' if r.spec.steps <= 1 else f'-{r.spec.steps}'} {r.acc:.3f}" for r in here)
+                parts.append(f"{split}(n={here[0].n}) {accs}")
+        parts.append(f"{sum(times.values()):.1f}s (train {times['train']:.1f}, eval {times['eval']:.1f}, "
+                     f"diag {times['diag']:.1f})")
+        print(" | ".join(parts), flush=True)
+        if self._stop is not None:
+            print(f"stopped: {self._stop[0]}", flush=True)
+
+    def _manifest(self) -> dict[str, Any]:
+        commit = None
+        with contextlib.suppress(Exception):
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                    cwd=os.path.dirname(os.path.abspath(robustdrop.__file__))).stdout.strip() or None
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        return {
+            "seed": self.config.seed,
+            "robustdrop": robustdrop.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "device": str(self.device),
+            "device_name": device_name,
+            "threads": torch.get_num_threads(),
+            "amp_bf16": self.device.type == "cuda" and self.config.amp,
+            "channels_last": self._channels_last,
+            "git_commit": commit,
+            "host": socket.gethostname(),
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "dataset": {"name": self.data.name, "train": len(self.train_images), "val": len(self.val[1]),
+                        "probe": len(self.probe[1]), "test": len(self.test[1]), "classes": self.data.classes},
+        }

@@ -1,0 +1,10 @@
+"""Training methods: one optimisation step on a batch each (FGSM, RS-FGSM, PGD-k, APART, FGSM+)."""
+
+from robustdrop.methods import apart as _apart  # noqa: F401  (registers apart and fgsm+)
+from robustdrop.methods.base import AttackTraining, MethodContext, StepOutput, TrainingMethod, descend
+from robustdrop.methods.registry import available_methods, create_method, register_method
+
+__all__ = [
+    "AttackTraining", "MethodContext", "StepOutput", "TrainingMethod", "available_methods",
+    "create_method", "descend", "register_method",
+]

@@ -1,0 +1,51 @@
+"""Build a training method from the run's config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from robustdrop.attacks import FGSM, PGD, RSFGSM
+from robustdrop.errors import RobustdropError
+from robustdrop.methods.base import AttackTraining, TrainingMethod
+
+_BUILDERS: dict[str, Callable[[Any], TrainingMethod]] = {}
+
+
+def register_method(name: str):
+    def decorator(builder: Callable[[Any], TrainingMethod]):
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def create_method(config: Any) -> TrainingMethod:
+    """``config`` is a :class:`robustdrop.engine.config.TrackConfig` (duck-typed to keep imports one-way)."""
+    if config.method not in _BUILDERS:
+        raise RobustdropError(f"unknown method {config.method!r}; choose one of: {', '.join(available_methods())}")
+    return _BUILDERS[config.method](config)
+
+
+@register_method("fgsm")
+def _fgsm(config) -> TrainingMethod:
+    if config.alpha is not None and abs(config.alpha - config.epsilon) > 1e-12:
+        raise RobustdropError("--method fgsm steps exactly ε; for another step use --method rs-fgsm --alpha A")
+    return AttackTraining("fgsm", FGSM(config.epsilon, train_mode=config.attack_bn == "train"))
+
+
+@register_method("rs-fgsm")
+def _rs_fgsm(config) -> TrainingMethod:
+    attack = RSFGSM(config.epsilon, step_size=config.alpha, train_mode=config.attack_bn == "train")
+    return AttackTraining("rs-fgsm", attack)
+
+
+@register_method("pgd")
+def _pgd(config) -> TrainingMethod:
+    attack = PGD(config.epsilon, steps=config.pgd_steps, step_size=config.alpha, random_start=True,
+                 train_mode=config.attack_bn == "train")
+    return AttackTraining("pgd", attack)
