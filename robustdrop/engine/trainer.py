@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import robustdrop
 from robustdrop.attacks import FGSM, PGD, Attack, AttackSpec
-from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
+from robustdrop.data import ImageData, TrainLoader, iterate_eval, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import TrackConfig
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate
 from robustdrop.engine.hooks import Hook
@@ -117,8 +117,6 @@ class RunContext:
 
     def probe_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The probe set as float batches in [0, 1], fixed order."""
-        from robustdrop.data import iterate_eval
-
         images, labels = self.probe
         yield from iterate_eval(images, labels, batch_size or self.config.eval_batch_size, self.device,
                                 channels_last=self._channels_last)
@@ -179,7 +177,9 @@ class Trainer(RunContext):
         data = self.data
         train_idx, val_idx = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
         if cfg.train_subset:
-            train_idx = train_idx[: cfg.train_subset]
+            # A seeded random subset: the datasets are stored class by class.
+            pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
+            train_idx = train_idx[pick[: cfg.train_subset].sort().values]
         if len(train_idx) < cfg.batch_size:
             raise RobustdropError(f"only {len(train_idx)} training examples for --batch-size {cfg.batch_size}; "
                                   "lower --batch-size or --val-size")
