@@ -1,0 +1,225 @@
+"""``collapse``: an online detector of catastrophic overfitting (the robustness drop's onset).
+
+Every epoch with a probe evaluation it reads the probe accuracies (clean, FGSM, PGD) from
+``run.eval_results`` and the values the strength diagnostics measured in the same epoch (they
+run before it), and evaluates these signals:
+
+* ``pgd_drop`` — PGD accuracy below ``drop`` × its running best, with the best at least ``floor``;
+* ``gap_widening`` — the FGSM−PGD accuracy gap is at least ``gap`` wider than at the best epoch
+  (FGSM accuracy far above PGD accuracy is the classic signature of catastrophic overfitting);
+* ``weak_fgsm`` — ``strength_ratio`` ≤ ``ratio`` (FGSM raises the loss no more than random signs);
+* ``ref_weak`` — the reference model's accuracy on FGSM δ is within ``margin`` of (or above) its
+  accuracy on random-sign noise (``strength-ref``; the paper's criterion);
+* ``misaligned`` — ``grad_alignment`` below ``align``.
+
+**Rule.** The detector fires once, at the first epoch where ``pgd_drop`` holds together with at
+least one of the other signals, for ``patience`` consecutive epochs (default 1); the onset is the
+first epoch of that streak. Signals whose diagnostic did not run are left out. ``collapse_score``
+(logged every evaluated epoch) is the fraction of the available signals that are on.
+
+On firing it records the event ``collapse_onset`` (``signals``: every value and flag, ``action``,
+``detected_epoch``) and acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends
+the run after this epoch, ``rollback`` ends it and keeps the checkpoint of epoch onset−1 as
+``checkpoints/result.pt``. The same rule runs offline on a recorded metrics table with
+:func:`detect_collapse`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from robustdrop.diagnostics.base import Diagnostic
+
+if TYPE_CHECKING:
+    from robustdrop.engine import RunContext
+
+SIGNALS = ("pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned")
+
+
+@dataclass(frozen=True)
+class CollapseRule:
+    """Thresholds of the detector (see the module docstring)."""
+
+    drop: float = 0.5
+    floor: float = 0.1
+    gap: float = 0.15
+    ratio: float = 1.5
+    align: float = 0.5
+    margin: float = 0.02
+    patience: int = 1
+
+
+@dataclass
+class Verdict:
+    """The detector's reading of one epoch."""
+
+    epoch: int
+    score: float
+    flags: dict[str, bool]
+    values: dict[str, float]
+    fired: bool = False          # True only on the epoch the detector fires
+    onset: int | None = None     # the onset epoch (set from the firing epoch on)
+
+    def signals(self) -> dict[str, Any]:
+        return {**{k: _clean(v) for k, v in self.values.items()}, **self.flags}
+
+
+def _clean(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+
+@dataclass
+class CollapseDetector:
+    """The detector's state machine; :meth:`update` takes one epoch's signal values.
+
+    ``values`` keys (missing = not measured): ``pgd_acc`` (required), ``fgsm_acc``, ``clean_acc``,
+    ``strength_ratio``, ``grad_alignment``, ``ref_acc_fgsm``, ``ref_acc_noise``.
+    """
+
+    rule: CollapseRule = field(default_factory=CollapseRule)
+    best_pgd: float = -1.0
+    best_epoch: int = 0
+    gap_at_best: float = math.nan
+    streak: int = 0
+    streak_start: int = 0
+    onset: int | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self.onset is not None
+
+    def update(self, epoch: int, values: dict[str, float]) -> Verdict:
+        r = self.rule
+        v = {k: float(x) for k, x in values.items() if x is not None and not math.isnan(float(x))}
+        pgd = v["pgd_acc"]
+        gap = v["fgsm_acc"] - pgd if "fgsm_acc" in v else math.nan
+        if pgd > self.best_pgd:
+            self.best_pgd, self.best_epoch, self.gap_at_best = pgd, epoch, gap
+        flags = {"pgd_drop": self.best_pgd >= r.floor and pgd < r.drop * self.best_pgd}
+        if not math.isnan(gap) and not math.isnan(self.gap_at_best):
+            flags["gap_widening"] = gap - self.gap_at_best >= r.gap
+        if "strength_ratio" in v:
+            flags["weak_fgsm"] = v["strength_ratio"] <= r.ratio
+        if "ref_acc_fgsm" in v and "ref_acc_noise" in v:
+            flags["ref_weak"] = v["ref_acc_fgsm"] >= v["ref_acc_noise"] - r.margin
+        if "grad_alignment" in v:
+            flags["misaligned"] = v["grad_alignment"] < r.align
+        score = sum(flags.values()) / len(flags)
+        on = flags["pgd_drop"] and any(f for k, f in flags.items() if k != "pgd_drop")
+        if on:
+            if self.streak == 0:
+                self.streak_start = epoch
+            self.streak += 1
+        else:
+            self.streak = 0
+        values_out = {**v, "fgsm_pgd_gap": gap, "best_pgd_acc": self.best_pgd, "best_epoch": self.best_epoch,
+                      "gap_at_best": self.gap_at_best}
+        verdict = Verdict(epoch, score, flags, values_out, onset=self.onset)
+        if not self.fired and on and self.streak >= r.patience:
+            self.onset = self.streak_start
+            verdict.fired, verdict.onset = True, self.onset
+        return verdict
+
+    def state_dict(self) -> dict[str, Any]:
+        state = asdict(self)
+        state["rule"] = asdict(self.rule)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, val in state.items():
+            if k != "rule":
+                setattr(self, k, val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: the same rule on a recorded metrics table
+# ---------------------------------------------------------------------------------------------
+def signals_from_metrics(metrics: pd.DataFrame) -> dict[int, dict[str, float]]:
+    """Per-epoch detector inputs from a tidy metrics table (``RunStore.metrics()``): probe
+    accuracies (``source=eval``) and the strength diagnostics' rows. Epochs without a probe PGD
+    accuracy are left out."""
+    df = metrics[metrics["split"] == "probe"]
+    wanted = {
+        ("eval", "acc", "pgd"): "pgd_acc",
+        ("eval", "acc", "fgsm"): "fgsm_acc",
+        ("eval", "acc", "none"): "clean_acc",
+        ("strength", "strength_ratio", None): "strength_ratio",
+        ("strength", "grad_alignment", None): "grad_alignment",
+        ("strength-ref", "ref_acc", "fgsm"): "ref_acc_fgsm",
+        ("strength-ref", "ref_acc", "noise-sign"): "ref_acc_noise",
+    }
+    out: dict[int, dict[str, float]] = {}
+    for (source, metric, attack), key in wanted.items():
+        rows = df[(df["source"] == source) & (df["metric"] == metric)]
+        if attack is not None:
+            rows = rows[rows["attack"] == attack]
+        for epoch, value in rows.groupby("epoch")["value"].last().items():
+            out.setdefault(int(epoch), {})[key] = float(value)
+    return {e: v for e, v in sorted(out.items()) if "pgd_acc" in v}
+
+
+def detect_collapse(metrics: pd.DataFrame, rule: CollapseRule | None = None) -> list[Verdict]:
+    """Run the detector over a recorded metrics table; one :class:`Verdict` per evaluated epoch.
+    The onset (if any) is ``next(v.onset for v in verdicts if v.fired)``."""
+    detector = CollapseDetector(rule or CollapseRule())
+    return [detector.update(epoch, values) for epoch, values in signals_from_metrics(metrics).items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Online: the hook
+# ---------------------------------------------------------------------------------------------
+class CollapseDiagnostic(Diagnostic):
+    """See the module docstring; options are the fields of :class:`CollapseRule`."""
+
+    name = "collapse"
+
+    def __init__(self, **rule: Any):
+        super().__init__(every_n_epochs=1)
+        self.detector = CollapseDetector(CollapseRule(**rule))
+
+    def on_epoch_end(self, run: RunContext, epoch: int) -> None:
+        if ("probe", "pgd") not in run.eval_results:
+            return
+        with self.timer(run):
+            self._check(run, epoch)
+
+    def _check(self, run: RunContext, epoch: int) -> None:
+        results = run.eval_results
+        values = {"pgd_acc": results[("probe", "pgd")].acc}
+        if ("probe", "fgsm") in results:
+            values["fgsm_acc"] = results[("probe", "fgsm")].acc
+        if ("probe", "none") in results:
+            values["clean_acc"] = results[("probe", "none")].acc
+        for hook in getattr(run, "hooks", ()):
+            if isinstance(hook, Diagnostic) and hook is not self:
+                values.update({k: v for k, v in hook.signals(epoch).items()
+                               if k in ("strength_ratio", "grad_alignment", "ref_acc_fgsm", "ref_acc_noise")})
+        verdict = self.detector.update(epoch, values)
+        self.log(run, "collapse_score", verdict.score, n=results[("probe", "pgd")].n)
+        if verdict.fired:
+            self._act(run, verdict)
+
+    def _act(self, run: RunContext, verdict: Verdict) -> None:
+        action = run.config.on_collapse
+        onset = verdict.onset
+        on = ", ".join(k for k, f in verdict.flags.items() if f)
+        text = (f"collapse detected: onset at epoch {onset} (probe PGD acc {verdict.values['pgd_acc']:.3f}, best "
+                f"{self.detector.best_pgd:.3f} at epoch {self.detector.best_epoch}; signals: {on})")
+        run.store.log_event("collapse_onset", epoch=onset, step=run.step, detected_epoch=verdict.epoch,
+                            signals=verdict.signals(), score=verdict.score, action=action)
+        if action == "warn":
+            print(f"warning: {text}", flush=True)
+        elif action == "stop":
+            run.request_stop(text)
+        elif action == "rollback":
+            run.request_stop(text, rollback_to_epoch=onset - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.detector.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state)

@@ -1,0 +1,136 @@
+"""``strength``: how much stronger than random noise the FGSM perturbation is, without a reference.
+
+On the first ``n`` probe examples, every ``every`` epochs, with the current model in eval mode:
+
+* ``acc`` and ``loss_increase`` (mean CE(x+δ) − CE(x)) for δ = FGSM and δ = random signs ±ε
+  (``attack`` = ``fgsm`` / ``noise-sign``);
+* ``strength_ratio`` = loss_increase(fgsm) / loss_increase(noise-sign) (the denominator floored
+  at 1e-3 nats, so a noise that changes nothing gives a large finite ratio): far above 1 while FGSM finds adversarial directions, about 1 or below once FGSM is no
+  stronger than noise — the collapse in one number;
+* ``cos_fgsm_pgd`` and ``sign_agreement_fgsm_pgd``: per-example cosine and fraction of equal signs
+  between the FGSM δ and a PGD-``pgd_steps`` δ, averaged;
+* ``grad_alignment``: mean cos(∇ₓL(x), ∇ₓL(x+η)), η ~ U(−ε, ε) (GradAlign's measure);
+* ``delta_abs_mean``, ``delta_frac_at_eps``, ``delta_autocorr`` of the FGSM δ.
+
+And, every ``train_every`` optimizer steps, the same three δ statistics of the training
+perturbation on the batch's first ``train_n`` examples (``split=train``,
+``attack=train-perturbation``), logged as means at the epoch's end.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from robustdrop.attacks import PGD, AttackSpec, project, sign_noise, uniform_noise
+from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.measures import (
+    Mean,
+    delta_stats,
+    loss_and_grad,
+    losses,
+    per_example_cos,
+    sign_agreement,
+    take,
+)
+
+if TYPE_CHECKING:
+    from robustdrop.data import Batch
+    from robustdrop.engine import RunContext
+    from robustdrop.methods import StepOutput
+
+RATIO_FLOOR = 1e-3  # nats: below this, random signs are taken to change the loss by nothing
+
+
+class StrengthDiagnostic(Diagnostic):
+    """See the module docstring. ``n <= 0`` uses the whole probe set; ``train_every = 0`` skips the
+    training-perturbation statistics."""
+
+    name = "strength"
+
+    def __init__(self, *, every: int = 1, n: int = 500, pgd_steps: int = 5, train_every: int = 10, train_n: int = 32):
+        super().__init__(every_n_steps=train_every, every_n_epochs=every)
+        self.n = int(n)
+        self.train_n = int(train_n)
+        self.pgd_steps = int(pgd_steps)
+        self.train_every = int(train_every)
+        self._train = Mean()
+        self._train_time = 0.0
+
+    def on_run_start(self, run: RunContext) -> None:
+        self._train = Mean()
+        # Sample at least once per epoch even when an epoch has fewer steps than train_every.
+        steps = len(getattr(run, "loader", ()) or ())
+        if self.train_every > 0 and steps:
+            self.every_n_steps = min(self.train_every, steps)
+
+    # -- training perturbations -----------------------------------------------------------------
+    def on_train_step(self, run: RunContext, batch: Batch, out: StepOutput) -> None:
+        start = time.perf_counter()
+        delta = out.delta[: self.train_n] if self.train_n > 0 else out.delta
+        self._train.add(**delta_stats(delta, _epsilon(run)))
+        self._train_time += time.perf_counter() - start
+
+    # -- probe measurements ---------------------------------------------------------------------
+    def on_epoch_end(self, run: RunContext, epoch: int) -> None:
+        if self._train:
+            start = time.perf_counter()
+            spec = AttackSpec("train-perturbation", *_spec_tail(run.method.perturbation_spec()))
+            n = self._train.count
+            for k, v in self._train.means().items():
+                self.log(run, k, v, split="train", spec=spec, n=n)
+            # time_s on split=train: the sampling in on_train_step plus this summary
+            self.log(run, "time_s", self._train_time + time.perf_counter() - start, split="train")
+            self._train, self._train_time = Mean(), 0.0
+        with self.timer(run):
+            self._measure(run, epoch)
+
+    def _measure(self, run: RunContext, epoch: int) -> None:
+        model, eps, autocast = run.model, run.config.epsilon, run.autocast
+        pgd = PGD(eps, steps=self.pgd_steps, step_size=2.5 * eps / self.pgd_steps)
+        gen = run.generator(self.name)
+        fgsm_spec = AttackSpec("fgsm", eps, 1, eps, 0)
+        noise_spec = AttackSpec("noise-sign", eps, 0, eps, 0)
+        acc = {"fgsm": Mean(), "noise-sign": Mean()}
+        rest = Mean()
+        for x, y in take(run.probe_batches(), self.n):
+            loss0, grad0, _ = loss_and_grad(model, x, y, autocast)
+            d_fgsm = project(x, eps * grad0.sign(), eps)
+            d_noise = project(x, sign_noise(x, eps, gen), eps)
+            for name, d in (("fgsm", d_fgsm), ("noise-sign", d_noise)):
+                loss, logits = losses(model, x + d, y, autocast)
+                acc[name].add(acc=(logits.argmax(1) == y).float(), loss_increase=loss - loss0)
+            with autocast():
+                d_pgd = pgd(model, x, y, gen)
+            eta = project(x, uniform_noise(x, eps, gen), eps)
+            _, grad_eta, _ = loss_and_grad(model, x + eta, y, autocast)
+            rest.add(cos_fgsm_pgd=per_example_cos(d_fgsm, d_pgd),
+                     sign_agreement_fgsm_pgd=sign_agreement(d_fgsm, d_pgd),
+                     grad_alignment=per_example_cos(grad0, grad_eta),
+                     **delta_stats(d_fgsm, eps))
+        if not rest:
+            return
+        n = rest.count
+        fgsm, noise = acc["fgsm"].means(), acc["noise-sign"].means()
+        values = rest.means()
+        ratio = fgsm["loss_increase"] / max(noise["loss_increase"], RATIO_FLOOR)
+        for spec, m in ((fgsm_spec, fgsm), (noise_spec, noise)):
+            self.log(run, "acc", m["acc"], spec=spec, n=n)
+            self.log(run, "loss_increase", m["loss_increase"], spec=spec, n=n)
+        self.log(run, "strength_ratio", ratio, spec=fgsm_spec, n=n)
+        self.log(run, "cos_fgsm_pgd", values["cos_fgsm_pgd"], spec=pgd.spec(), n=n)
+        self.log(run, "sign_agreement_fgsm_pgd", values["sign_agreement_fgsm_pgd"], spec=pgd.spec(), n=n)
+        self.log(run, "grad_alignment", values["grad_alignment"], spec=AttackSpec("noise-uniform", eps, 0, eps, 0), n=n)
+        for k in ("delta_abs_mean", "delta_frac_at_eps", "delta_autocorr"):
+            self.log(run, k, values[k], spec=fgsm_spec, n=n)
+        self.publish(epoch, strength_ratio=ratio, grad_alignment=values["grad_alignment"],
+                     cos_fgsm_pgd=values["cos_fgsm_pgd"], fgsm_delta_autocorr=values["delta_autocorr"])
+
+
+def _epsilon(run: RunContext) -> float:
+    eps = run.method.perturbation_spec().epsilon
+    return float(eps) if eps == eps and eps > 0 else float(run.config.epsilon)
+
+
+def _spec_tail(spec: AttackSpec) -> tuple:
+    return (spec.epsilon, spec.steps, spec.step_size, spec.restarts)
