@@ -412,7 +412,7 @@ class Trainer(RunContext):
             metric_row(self.epoch, self.step, "train", "passes_forward", self.method.forward_passes, source="cost"),
             metric_row(self.epoch, self.step, "train", "passes_backward", self.method.backward_passes, source="cost"),
         ]
-        rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name)
+        rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name, epsilon=self.config.epsilon)
                  for k, v in self.method.epoch_metrics().items()]
         for r in self.eval_results.values():
             cols = r.spec.as_columns()

@@ -113,10 +113,11 @@ def apart_figure(run: PathLike) -> Figure:
     """Build the APART figure (see :func:`plot_apart`) without writing it."""
     r = open_run(run)
     df = r.metrics
-    apart = df[df["source"] == "apart"]
-    if apart.empty:
+    # The trainer logs a method's internals with source = the method's name (apart, fgsm+).
+    apart = df[df["source"] == r.method]
+    if apart.empty or r.method not in ("apart", "fgsm+"):
         raise RobustdropError(
-            f"{r.path} has no APART metrics (source=apart); `plot apart` needs a run trained with --method apart"
+            f"{r.path} has no APART metrics; `plot apart` needs a run trained with --method apart or fgsm+"
         )
     with style():
         fig = new_figure((12.5, 8.0))
