@@ -11,6 +11,7 @@ from robustdrop.attacks.base import (
     uniform_noise,
 )
 from robustdrop.attacks.fgsm import FGSM
+from robustdrop.attacks.losses import cw_margin_loss as cw_margin_loss
 from robustdrop.attacks.pgd import PGD
 from robustdrop.attacks.rs_fgsm import RSFGSM
 

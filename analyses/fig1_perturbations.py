@@ -1,0 +1,74 @@
+"""Figure 1 (paper.md E1): the FGSM perturbations of fixed test images before and after the collapse.
+
+Uses the FGSM run of Figure 2 (same run, reused). Rows: the images, then the FGSM δ of the model at
+the epoch with the best probe PGD accuracy before the ``collapse_onset`` event, at the onset epoch,
+and at the last epoch (the paper: epochs 20 and 30). Without an onset: the best and the last epoch.
+Writes ``<out>/fig1_perturbations.{png,pdf}`` and ``fig1_perturbations.md`` (the numbers).
+
+    python analyses/fig1_perturbations.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import common as C
+import numpy as np
+
+from robustdrop.plots import perturbations_figure
+from robustdrop.store import RunStore
+
+RUN = "fgsm"
+
+
+def needed(setting: C.Setting) -> list[str]:
+    return [RUN]
+
+
+def pick_epochs(path: Path) -> tuple[list[int], int | None, int | None]:
+    """(epochs to show, onset, best epoch before the onset) from the run's probe PGD curve."""
+    df = C.metrics(path)
+    pgd = C.pgd_curve(df)
+    onset = C.onset_epoch(path)
+    stored = sorted(int(n.split("_")[1]) for n in RunStore.open(path).list_arrays("snapshots") if n.startswith("epoch_"))
+    before = pgd[pgd.index < onset] if onset is not None else pgd
+    before = before[before.index.isin(stored)]
+    best = int(before.idxmax()) if len(before) else None
+    last = stored[-1] if stored else None
+    chosen = sorted({e for e in (best, onset, last) if e is not None and e in stored})
+    return chosen, onset, best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setting = C.parse_setting(__doc__, argv)
+    paths = C.ensure_runs(setting, needed(setting))
+    path = paths[RUN]
+    epochs, onset, best = pick_epochs(path)
+    fig = perturbations_figure(path, epochs)
+    old = fig.get_suptitle()
+    cfg = C.TrackConfig.from_dict(RunStore.open(path).read_json(RunStore.CONFIG))
+    fig.suptitle(f"{old}\n{C.setting_caption(setting, cfg)}", fontsize="medium")
+    C.save(fig, setting.out, "fig1_perturbations")
+
+    df = C.metrics(path)
+    pgd = C.pgd_curve(df)
+    auto = C.curve(df, source="snapshots", metric="delta_autocorr", attack="fgsm", split="probe")
+    lines = [
+        "# Figure 1: FGSM perturbations before and after the collapse", "",
+        f"Run `{path.name}` ({C.setting_caption(setting, cfg)}).", "",
+        f"Collapse onset (event `collapse_onset`): {onset if onset is not None else 'none detected'}; "
+        f"best probe PGD epoch before it: {best}.", "",
+        "| epoch | role | probe PGD acc % | δ autocorrelation (snapshots) |", "|---|---|---|---|",
+    ]
+    for e in epochs:
+        role = "best before onset" if e == best else ("onset" if e == onset else "last")
+        a = auto.get(e, np.nan)
+        lines.append(f"| {e} | {role} | {C.pct(pgd.get(e, np.nan))} | {'' if np.isnan(a) else f'{a:.3f}'} |")
+    C.write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

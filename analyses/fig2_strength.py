@@ -1,0 +1,133 @@
+"""Figure 2 (paper.md E2, §3): robustness and perturbation strength per epoch, and the collapse onset.
+
+Trains the reference model first (PGD-k on the same data, model and ε; k = 10 at paper scale, fewer
+at quick scale, see ``common.KNOBS``), then FGSM, FGSM+ and APART runs of the scale's preset with
+``reference=<reference run>``, so every epoch logs the reference's accuracy on the FGSM δ of the
+current model (the paper's strength measure) and on random-sign / uniform noise of the same size.
+
+Writes ``<out>/fig2_strength.{png,pdf}`` (the three runs, with the reference-free panels),
+``fig2_strength_fgsm.{png,pdf}`` (the FGSM run alone, the paper's layout; the digitized paper
+curves overlaid at paper scale) and ``fig2_strength.md`` (the numbers).
+
+    python analyses/fig2_strength.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common as C
+import numpy as np
+import pandas as pd
+
+from robustdrop.plots import collapse_figure
+
+RUNS = ["fgsm", "fgsm+", "apart"]
+
+
+def needed(setting: C.Setting) -> list[str]:
+    return [C.ref_name(setting), *RUNS]
+
+
+def _at(s: pd.Series, epoch: int | None) -> float:
+    return float(s.get(epoch, math.nan)) if epoch is not None else math.nan
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """The numbers of one run that the figure shows (probe split unless said)."""
+    df = C.metrics(path)
+    pgd = C.pgd_curve(df)
+    onset = C.onset_epoch(path)
+    before = pgd[pgd.index < onset] if onset is not None else pgd
+    best = int(before.idxmax()) if len(before) else None
+    peak = int(pgd.idxmax()) if len(pgd) else None
+    last = int(pgd.index.max()) if len(pgd) else None
+    ref = C.curve(df, source="strength-ref", metric="ref_acc", attack="fgsm", split="probe")
+    noise = C.curve(df, source="strength-ref", metric="ref_acc", attack="noise-sign", split="probe")
+    ratio = C.curve(df, source="strength", metric="strength_ratio", attack="fgsm", split="probe")
+    test_pgd = C.pgd_curve(df, "test")
+    return {
+        "run": path.name, "onset": onset, "peak_epoch": peak, "peak_pgd": _at(pgd, peak),
+        "best_before_onset": best, "final_epoch": last, "final_pgd": _at(pgd, last),
+        "final_test_pgd": float(test_pgd.iloc[-1]) if len(test_pgd) else math.nan,
+        "final_test_n": int(df[(df["source"] == "eval") & (df["split"] == "test")]["n"].max() or 0)
+        if (df["split"] == "test").any() else 0,
+        "ref_fgsm_best": _at(ref, best), "ref_fgsm_onset": _at(ref, onset), "ref_fgsm_last": _at(ref, last),
+        "ref_fgsm_min": float(ref.min()) if len(ref) else math.nan,
+        "ref_noise_mean": float(noise.mean()) if len(noise) else math.nan,
+        "ref_noise_onset": _at(noise, onset), "ref_noise_last": _at(noise, last),
+        "ratio_best": _at(ratio, best), "ratio_onset": _at(ratio, onset), "ratio_last": _at(ratio, last),
+        "seconds": C.run_seconds(path),
+    }
+
+
+def zoom(ax: Any) -> None:
+    """Fit the accuracy axis to the curves when they all stay low (the quick scale's accuracies are
+    far below the paper's 0..0.8, and the strength gap would be invisible on a 0..1 axis)."""
+    data = [line for line in ax.get_lines() if len(line.get_ydata()) and line.get_gid() != "collapse_onset"]
+    top = max((float(np.nanmax(np.asarray(line.get_ydata(), dtype=float))) for line in data), default=1.0)
+    if top < 0.6:
+        ax.set_ylim(-0.01, top + 0.05)
+        ax.set_ylabel("accuracy (axis fitted to the data)")
+
+
+def _f(x: float, digits: int = 2) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setting = C.parse_setting(__doc__, argv)
+    C.ensure_runs(setting, needed(setting))
+    paths = [C.run_dir(setting, n) for n in RUNS]
+    ref = C.run_dir(setting, C.ref_name(setting))
+    caption = C.setting_caption(setting)
+    ref_df = C.metrics(ref)
+    ref_pgd = C.pgd_curve(ref_df)
+    ref_clean = C.curve(ref_df, source="eval", metric="acc", attack="none", split="probe")
+    ref_text = (f"reference: {ref.name} (final probe clean {C.pct(ref_clean.iloc[-1])}%, "
+                f"PGD {C.pct(ref_pgd.iloc[-1])}%)")
+
+    fig = collapse_figure(paths, reference_free=True)
+    zoom(fig.axes[0])
+    C.add_caption(fig, f"{caption}\n{ref_text}")
+    C.save(fig, setting.out, "fig2_strength")
+    paper = setting.scale == "paper" and not setting.smoke
+    fig = collapse_figure(paths[0], paper=paper)
+    if not paper:
+        zoom(fig.axes[0])
+    C.add_caption(fig, f"{caption}\n{ref_text}")
+    C.save(fig, setting.out, "fig2_strength_fgsm")
+
+    rows = [summarize(p) for p in paths]
+    lines = [
+        "# Figure 2: robustness and perturbation strength per epoch", "",
+        f"{caption}.", "",
+        f"{ref_text}. Accuracies in % on the fixed probe subset of the test set (n={int(ref_df[ref_df['split'] == 'probe']['n'].max())}) "
+        "unless said; `ref FGSM` = the reference model's accuracy on the FGSM δ of the run (lower = stronger), "
+        "`ref noise` = on random-sign noise of the same ε (mean over epochs); strength ratio = FGSM / noise loss "
+        "increase on the run's own model (≲1: FGSM no stronger than noise).", "",
+        "| run | peak PGD (epoch) | final PGD | final test PGD | onset | ref FGSM: best-before-onset / onset / last "
+        "| ref noise (onset / last) | strength ratio: best / onset / last | compute s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {C.pct(r['peak_pgd'])} ({r['peak_epoch']}) | {C.pct(r['final_pgd'])} | "
+            f"{C.pct(r['final_test_pgd'])} (n={r['final_test_n']}) | {r['onset'] if r['onset'] is not None else '—'} | "
+            f"{C.pct(r['ref_fgsm_best'])} / {C.pct(r['ref_fgsm_onset'])} / {C.pct(r['ref_fgsm_last'])} | "
+            f"{C.pct(r['ref_noise_onset'])} / {C.pct(r['ref_noise_last'])} (mean {C.pct(r['ref_noise_mean'])}) | "
+            f"{_f(r['ratio_best'])} / {_f(r['ratio_onset'])} / {_f(r['ratio_last'])} | {r['seconds']:.0f} |")
+    C.write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
+    for r in rows:
+        print(f"{r['run']}: peak PGD {C.pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {C.pct(r['final_pgd'])}%, "
+              f"onset {r['onset']}, ref FGSM {C.pct(r['ref_fgsm_best'])}→{C.pct(r['ref_fgsm_last'])}% "
+              f"vs noise {C.pct(r['ref_noise_mean'])}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

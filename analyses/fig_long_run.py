@@ -1,0 +1,75 @@
+"""The paper's long-run figure (paper.md E4): PGD-10 vs APART trained for many epochs with a
+repeating cyclic learning rate (the paper: 200 epochs, 30-epoch cycles, PGD-20 test accuracy).
+
+At paper scale: 200 epochs, ``--schedule cyclic-repeat --cycle-epochs 30``, PGD-10 (step 2/255).
+At quick scale it is SCALED DOWN (said in the figure): a few short cycles on a seeded train subset
+(``common.KNOBS["quick"]``: ``long_cycle`` epochs per cycle, ``long_epochs`` epochs, ``long_subset``
+examples), both methods evaluated every ``long_eval_every`` epochs.
+
+Writes ``<out>/fig_long_run.{png,pdf}`` (clean / FGSM / PGD accuracy per epoch; digitized paper
+curves overlaid at paper scale), ``fig_long_run_apart.{png,pdf}`` (APART's learned step sizes over
+the long run) and ``fig_long_run.md`` (peak per cycle, best, final, drop).
+
+    python analyses/fig_long_run.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import common as C
+
+from robustdrop.plots import apart_figure, curves_figure
+from robustdrop.store import RunStore
+
+
+def needed(setting: C.Setting) -> list[str]:
+    return C.long_run_names(setting)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setting = C.parse_setting(__doc__, argv)
+    paths = C.ensure_runs(setting, needed(setting))
+    names = needed(setting)
+    cfg = C.TrackConfig.from_dict(RunStore.open(paths[names[0]]).read_json(RunStore.CONFIG))
+    cycles = cfg.epochs / cfg.cycle_epochs
+    subset = f"seeded train subset of {cfg.train_subset} examples" if cfg.train_subset else "full training set"
+    scaled = (f"SCALED DOWN: {cfg.epochs} epochs = {cycles:g} cycles of {cfg.cycle_epochs} epochs, {subset}, "
+              f"evaluated every {cfg.eval_every} epochs; the paper: 200 epochs, 30-epoch cycles, PreActResNet18, "
+              "full CIFAR-10")
+    if setting.scale == "paper" and not setting.smoke:
+        scaled = f"{cfg.epochs} epochs, cycles of {cfg.cycle_epochs} epochs (cyclic-repeat), {subset}"
+    caption = f"{C.setting_caption(setting, cfg, epochs=False)}\n{scaled} — PGD-{cfg.pgd_steps} training vs APART"
+    fig = curves_figure([paths[n] for n in names], paper=setting.scale == "paper" and not setting.smoke)
+    C.add_caption(fig, caption)
+    C.save(fig, setting.out, "fig_long_run")
+    fig = apart_figure(paths["long-apart"])
+    C.add_caption(fig, caption)
+    C.save(fig, setting.out, "fig_long_run_apart")
+
+    lines = ["# Long run: PGD-10 vs APART with a repeating cyclic LR", "", caption.replace("\n", ". ") + ".", "",
+             "Probe PGD accuracy in % (the fixed probe subset of the test set); `drop` = best − final.", "",
+             "| run | peak per cycle (epoch) | best (epoch) | final | drop | final test PGD | compute s |",
+             "|---|---|---|---|---|---|---|"]
+    for n in names:
+        df = C.metrics(paths[n])
+        pgd = C.pgd_curve(df)
+        peaks = []
+        for c in range(math.ceil(cycles)):
+            part = pgd[(pgd.index > c * cfg.cycle_epochs) & (pgd.index <= (c + 1) * cfg.cycle_epochs)]
+            if len(part):
+                peaks.append(f"{C.pct(part.max())} ({int(part.idxmax())})")
+        test = C.pgd_curve(df, "test")
+        best_e = int(pgd.idxmax())
+        lines.append(f"| {n} | {', '.join(peaks)} | {C.pct(pgd.max())} ({best_e}) | {C.pct(pgd.iloc[-1])} | "
+                     f"{C.pct(pgd.max() - pgd.iloc[-1])} | {C.pct(test.iloc[-1]) if len(test) else ''} | "
+                     f"{C.run_seconds(paths[n]):.0f} |")
+        print(f"{n}: best PGD {C.pct(pgd.max())}% @ {best_e}, final {C.pct(pgd.iloc[-1])}%")
+    C.write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Every figure and table of the paper that robustdrop regenerates, in one command.
+
+Phase 1 trains (or reuses) every run the scripts need and evaluates the tables' checkpoints,
+``--jobs`` processes at a time (default 2), each run after the reference it depends on.
+Phase 2 runs each script with the same arguments; they find their runs finished and only draw,
+except ``table_cost.py``, which trains its short timing runs one at a time (nothing else of ours
+runs then). Writes everything into ``--out`` and a record of the wall times into
+``<out>/run_all.json``.
+
+    python analyses/run_all.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+import common as C
+import fig1_perturbations
+import fig2_strength
+import fig_long_run
+import table_ablation
+import table_cost
+import table_methods
+
+SCRIPTS = [fig2_strength, fig1_perturbations, fig_long_run, table_methods, table_ablation, table_cost]
+TABLES = [table_methods, table_ablation]
+
+
+def forwarded(args, setting: C.Setting) -> list[str]:
+    """The scripts' arguments: the same, with the (possibly temporary) folders made explicit."""
+    argv = ["--scale", setting.scale, "--runs-dir", str(setting.runs_dir), "--out", str(setting.out),
+            "--threads", str(setting.threads), "--jobs", str(setting.jobs), "--device", setting.device,
+            "--seed", str(setting.seed), "--eval-n", str(setting.eval_n)]
+    if setting.smoke:
+        argv.append("--smoke")
+    if setting.data_dir:
+        argv += ["--data-dir", setting.data_dir]
+    return argv
+
+
+def training_order(setting: C.Setting) -> list[str]:
+    """Every run of phase 1, the longest chains first (the reference gates most runs)."""
+    names: list[str] = []
+    for script in SCRIPTS:
+        if script is table_cost:
+            continue
+        for n in script.needed(setting):
+            if n not in names:
+                names.append(n)
+    first = [C.ref_name(setting), *C.long_run_names(setting), "fgsm", "fgsm+", "apart"]
+    return [n for n in first if n in names] + [n for n in names if n not in first]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = C.build_parser(__doc__, jobs=2).parse_args(argv)
+    setting = C.setting_from_args(args)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    print(f"run_all: scale {setting.tag}, runs in {setting.runs_dir}, figures in {setting.out}, "
+          f"{setting.jobs} job(s), {setting.threads or 'default'} thread(s) each", flush=True)
+
+    evals: list[str] = []
+    for script in TABLES:
+        evals += [n for n in script.needed(setting) if n not in evals]
+    tasks = C.train_tasks(setting, training_order(setting)) + C.eval_tasks(setting, evals)
+    task_times = C.execute(setting, tasks)
+    phase1 = time.perf_counter() - t0
+    print(f"run_all: phase 1 (trainings and evaluations) took {phase1:.0f}s", flush=True)
+
+    script_times: dict[str, float] = {}
+    failed: list[str] = []
+    for script in SCRIPTS:
+        name = script.__name__
+        start = time.perf_counter()
+        print(f"run_all: {name}", flush=True)
+        try:
+            script.main(forwarded(args, setting))
+        except Exception:  # keep going: report every failing script at the end
+            traceback.print_exc()
+            failed.append(name)
+        script_times[name] = time.perf_counter() - start
+    total = time.perf_counter() - t0
+
+    run_seconds = {}
+    for n in training_order(setting) + C.cost_run_names():
+        path = C.run_dir(setting, n)
+        if (path / "metrics.parquet").is_file():
+            run_seconds[n] = round(C.run_seconds(path), 1)
+    record = {
+        "command": "python analyses/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "scale": setting.tag, "started_utc": started, "wall_s": round(total, 1), "phase1_wall_s": round(phase1, 1),
+        "jobs": setting.jobs, "threads": setting.threads, "seed": setting.seed, "eval_n": setting.eval_n,
+        "environment": C.environment(),
+        "task_wall_s": {k: round(v, 1) for k, v in task_times.items()},
+        "script_wall_s": {k: round(v, 1) for k, v in script_times.items()},
+        "run_compute_s": run_seconds,
+        "failed": failed,
+    }
+    C.write_text(setting.out / "run_all.json", json.dumps(record, indent=2) + "\n")
+    print(f"run_all: done in {total:.0f}s ({total / 60:.1f} min)" + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The method table (paper.md E5, §5): FGSM, RS-FGSM, PGD, FGSM+ and APART.
+
+For each run, its FINAL checkpoint (last epoch) and its BEST one (the epoch with the highest
+validation PGD accuracy, kept by ``common.KeepBest``) are loaded and evaluated on the test set
+(``--eval-n`` examples, seeded and class-balanced; all at paper scale): clean, PGD-20 (the run's
+evaluation spec) and CW-loss PGD-20 (the same PGD maximizing max_{j≠y} z_j − z_y), plus the
+collapse onset and the median train seconds per epoch. The PGD row is PGD-10 at paper scale and
+PGD-k with fewer steps at quick scale (``common.KNOBS``; said in the table). The FGSM, FGSM+ and
+APART runs are the ones of Figure 2.
+
+Writes ``<out>/table_methods.{md,csv,tex}``.
+
+    python analyses/table_methods.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR] [--eval-n N] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import common as C
+import pandas as pd
+
+from robustdrop.store import RunStore
+
+
+def needed(setting: C.Setting) -> list[str]:
+    return ["fgsm", "rs-fgsm", C.ref_name(setting), "fgsm+", "apart"]
+
+
+def table_rows(setting: C.Setting, names: Sequence[str]) -> list[dict[str, Any]]:
+    cat = C.catalog(setting)
+    rows = []
+    for name in names:
+        path = C.run_dir(setting, name)
+        ev = C.evaluate_run(setting, name)  # cached by the eval task
+        df = C.metrics(path)
+        cfg = RunStore.open(path).read_json(RunStore.CONFIG)
+        test = C.pgd_curve(df, "test")
+        test_n = df[(df["source"] == "eval") & (df["split"] == "test") & (df["attack"] == "pgd")]["n"]
+        rows.append({
+            "run": name, "method": cfg["method"], "what": cat[name].what,
+            "final_epoch": ev["final"]["epoch"], "final_clean": ev["final"]["clean"], "final_pgd": ev["final"]["pgd"],
+            "final_cw": ev["final"]["cw"],
+            "best_epoch": ev["best"]["epoch"], "best_clean": ev["best"]["clean"], "best_pgd": ev["best"]["pgd"],
+            "best_cw": ev["best"]["cw"],
+            "onset_epoch": C.onset_epoch(path),
+            "train_s_per_epoch": C.train_s_per_epoch(df),
+            "log_final_test_pgd": float(test.iloc[-1]) if len(test) else math.nan,
+            "log_final_test_n": int(test_n.iloc[-1]) if len(test_n) else 0,
+            "eval_n": ev["final"]["n"], "pgd_attack": ev["final"]["pgd_attack"], "cw_attack": ev["final"]["cw_attack"],
+            "epochs": cfg["epochs"], "train_subset": cfg["train_subset"],
+        })
+    return rows
+
+
+def display(rows: list[dict[str, Any]], steps: int) -> pd.DataFrame:
+    k = f"PGD-{steps}"
+    cw = f"CW-{steps}"
+    out = []
+    for r in rows:
+        out.append({
+            "run": r["run"], "training": r["what"],
+            "final ep.": r["final_epoch"], "final clean %": C.pct(r["final_clean"], 2),
+            f"final {k} %": C.pct(r["final_pgd"], 2), f"final {cw} %": C.pct(r["final_cw"], 2),
+            "best ep.": r["best_epoch"], "best clean %": C.pct(r["best_clean"], 2),
+            f"best {k} %": C.pct(r["best_pgd"], 2), f"best {cw} %": C.pct(r["best_cw"], 2),
+            "onset ep.": "" if r["onset_epoch"] is None else r["onset_epoch"],
+            "train s/epoch": f"{r['train_s_per_epoch']:.1f}",
+            f"final {k} % (run log, full test)": C.pct(r["log_final_test_pgd"], 2),
+        })
+    return pd.DataFrame(out)
+
+
+def notes(setting: C.Setting, rows: list[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    r0 = rows[0]
+    n = r0["eval_n"]
+    where = "the full test set" if setting.eval_n <= 0 else f"a seeded class-balanced subset of {n} test images"
+    cfg = C.preset_config(setting)
+    out = [
+        f"{C.setting_caption(setting)}.",
+        f"Accuracies in % on {where} (n={n}), white-box: {r0['pgd_attack']}; CW = the same PGD maximizing the "
+        "CW margin max_{j≠y} z_j − z_y.",
+        f"final = the last epoch's checkpoint; best = the checkpoint of the epoch with the highest validation PGD "
+        f"accuracy (validation split of {cfg.val_size} held-out training images).",
+        "onset = the collapse detector's `collapse_onset` event (empty: none).",
+        "train s/epoch = median over epochs of the measured training time (time_train_s), "
+        + ("on a shared 2-core CPU, 1 thread per run, 2 runs in parallel: indicative only; see table_cost for "
+           "controlled timings." if setting.scale == "quick" else "on the GPU of the run."),
+        f"The last column is the run's own final-epoch evaluation on the test set (n={r0['log_final_test_n']}).",
+    ]
+    if setting.scale == "quick" and not setting.smoke and C.ref_name(setting) in names:
+        out.append(f"The PGD row is PGD-{C.KNOBS['quick']['ref_steps']} (step 2.5ε/{C.KNOBS['quick']['ref_steps']}), "
+                   "not the paper's PGD-10: fewer steps to fit the CPU budget; it is also Figure 2's reference model.")
+    return out
+
+
+def write(setting: C.Setting, names: Sequence[str], stem: str, title: str) -> pd.DataFrame:
+    rows = table_rows(setting, names)
+    steps = int(C.preset_config(setting).eval_pgd_steps)
+    shown = display(rows, steps)
+    C.write_table(shown, pd.DataFrame(rows), setting.out, stem, title, notes(setting, rows, names))
+    print(C.markdown_table(shown))
+    return shown
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setting = C.parse_setting(__doc__, argv)
+    names = needed(setting)
+    C.ensure_runs(setting, names, evaluate_=names)
+    write(setting, names, "table_methods", "Methods: final and best clean / PGD / CW-loss PGD test accuracy")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

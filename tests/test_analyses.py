@@ -1,0 +1,171 @@
+"""The analysis scripts (analyses/*.py) in their --smoke mode, the run reuse rule, and the CW loss."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robustdrop.attacks import PGD, cw_margin_loss
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(ANALYSES))
+    try:
+        names = ["common", "fig1_perturbations", "fig2_strength", "fig_long_run", "table_methods", "table_ablation",
+                 "table_cost", "run_all"]
+        yield {n: importlib.import_module(n) for n in names}
+    finally:
+        sys.path.remove(str(ANALYSES))
+
+
+# --------------------------------------------------------------------------------------------
+# CW margin loss
+# --------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    def __init__(self, dim: int = 12, classes: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(dim, classes, generator=g))
+        self.b = nn.Parameter(torch.randn(classes, generator=g))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w + self.b
+
+
+def test_cw_margin_loss_on_a_linear_model():
+    model = Linear()
+    x = torch.rand(7, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 2])
+    z = model(x)
+    expected = torch.stack([max(z[i, j] for j in range(5) if j != y[i]) - z[i, y[i]] for i in range(len(y))])
+    got = cw_margin_loss(z, y, reduction="none")
+    assert torch.allclose(got, expected)
+    assert torch.allclose(cw_margin_loss(z, y, reduction="sum"), expected.sum())
+    assert torch.allclose(cw_margin_loss(z, y), expected.mean())
+    # positive exactly on the misclassified examples
+    assert torch.equal(got > 0, z.argmax(1) != y)
+    with pytest.raises(ValueError):
+        cw_margin_loss(z, y, reduction="max")
+
+
+def test_cw_pgd_stays_in_the_eps_ball_and_raises_the_margin():
+    model = Linear(dim=3 * 4 * 4, classes=4)
+    x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(3))
+    eps = 8 / 255
+    attack = PGD(eps, steps=10, step_size=2 / 255, loss_fn=cw_margin_loss)
+    delta = attack(model, x, y, torch.Generator().manual_seed(4))
+    assert delta.abs().max() <= eps + 1e-7
+    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    with torch.no_grad():
+        assert (cw_margin_loss(model(x + delta), y, "none") >= cw_margin_loss(model(x), y, "none") - 1e-6).all()
+        assert cw_margin_loss(model(x + delta), y) > cw_margin_loss(model(x), y)
+
+
+# --------------------------------------------------------------------------------------------
+# Smoke runs: run_all once (2 jobs: the parallel path), then every script again on its runs
+# --------------------------------------------------------------------------------------------
+STEMS = {
+    "fig2_strength": ["fig2_strength.png", "fig2_strength.pdf", "fig2_strength_fgsm.png", "fig2_strength.md"],
+    "fig1_perturbations": ["fig1_perturbations.png", "fig1_perturbations.pdf", "fig1_perturbations.md"],
+    "fig_long_run": ["fig_long_run.png", "fig_long_run.pdf", "fig_long_run_apart.png", "fig_long_run.md"],
+    "table_methods": ["table_methods.md", "table_methods.csv", "table_methods.tex"],
+    "table_ablation": ["table_ablation.md", "table_ablation.csv", "table_ablation.tex"],
+    "table_cost": ["table_cost.md", "table_cost.csv", "table_cost.tex"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(scripts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyses")
+    runs, out = root / "runs", root / "figures"
+    code = scripts["run_all"].main(["--smoke", "--runs-dir", str(runs), "--out", str(out), "--jobs", "2"])
+    return {"runs": runs, "out": out, "scripts": scripts, "code": code}
+
+
+def test_run_all_smoke_trains_evaluates_and_writes_everything(smoke):
+    assert smoke["code"] == 0
+    out = smoke["out"]
+    record = json.loads((out / "run_all.json").read_text())
+    assert record["failed"] == [] and record["scale"] == "quick smoke" and record["jobs"] == 2
+    C = smoke["scripts"]["common"]
+    setting = C.Setting(smoke=True, runs_dir=smoke["runs"])
+    for name in C.catalog(setting):
+        assert (smoke["runs"] / name / "checkpoints" / "best_model.pt").is_file(), name
+        # the worker's output went to the run's log, line by line
+        assert (smoke["runs"] / "logs" / f"{name}.log").read_text().count("epoch ") >= 2, name
+    for stems in STEMS.values():
+        for stem in stems:
+            assert (out / stem).is_file() and (out / stem).stat().st_size > 0, stem
+
+
+@pytest.mark.parametrize("name", list(STEMS))
+def test_script_smoke_reuses_the_runs_and_writes_its_outputs(smoke, name, tmp_path, capsys):
+    capsys.readouterr()
+    argv = ["--smoke", "--runs-dir", str(smoke["runs"]), "--out", str(tmp_path)]
+    assert smoke["scripts"][name].main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reusing finished run" in printed and "] training " not in printed
+    for stem in STEMS[name]:
+        path = tmp_path / stem
+        assert path.is_file() and path.stat().st_size > 0, stem
+
+
+def test_method_table_contents(smoke):
+    raw = pd.read_csv(smoke["out"] / "table_methods.csv")
+    assert list(raw["run"]) == ["fgsm", "rs-fgsm", "pgd3", "fgsm+", "apart"]
+    for col in ("final_clean", "final_pgd", "final_cw", "best_clean", "best_pgd", "best_cw"):
+        assert raw[col].between(0, 1).all(), col
+    # the adversary never helps: PGD / CW accuracy at most the clean accuracy
+    assert (raw["final_pgd"] <= raw["final_clean"]).all() and (raw["final_cw"] <= raw["final_clean"]).all()
+    assert (raw["final_epoch"] == 2).all()
+    assert "CW" in (smoke["out"] / "table_methods.md").read_text()
+    assert "\\toprule" in (smoke["out"] / "table_methods.tex").read_text()
+    ablation = pd.read_csv(smoke["out"] / "table_ablation.csv")
+    assert list(ablation["run"]) == ["apart", "fgsm+", "apart-no-init", "apart-no-step"]
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(smoke):
+    C = smoke["scripts"]["common"]
+    path = smoke["runs"] / "fgsm"
+    val = C.pgd_curve(C.metrics(path), "val")
+    state = torch.load(path / "checkpoints" / "best_model.pt", weights_only=True)
+    assert state["epoch"] == int(val.idxmax())
+    cached = json.loads((path / C.EVAL_CACHE).read_text())
+    assert {k.split("|")[0] for k in cached} == {"final", "best"}
+
+
+def test_cost_table_ratio(smoke):
+    raw = pd.read_csv(smoke["out"] / "table_cost.csv")
+    pgd10 = raw[raw["run"] == "cost-pgd10"].iloc[0]
+    assert pgd10["passes_forward"] == 11 and pgd10["cost_vs_pgd10"] == pytest.approx(1.0)
+    apart = raw[raw["run"] == "cost-apart"].iloc[0]
+    assert apart["passes_vs_pgd10"] == pytest.approx(4 / 22)
+    assert "APART / PGD-10 measured cost" in (smoke["out"] / "table_cost.md").read_text()
+
+
+def test_reuse_rule(scripts, tmp_path, capsys):
+    C = scripts["common"]
+    setting = C.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
+    spec = C.catalog(setting)["long-apart"]
+    path = C.run_dir(setting, "long-apart")
+    assert C.run_state(path, C.config_for(setting, spec))[0] == "missing"
+    C.train_run(setting, "long-apart")
+    assert C.run_state(path, C.config_for(setting, spec))[0] == "finished"
+    # threads do not count; any other field does
+    assert C.run_state(path, C.make_run_config(setting, **{**spec.overrides, "threads": 2}))[0] == "finished"
+    state, why = C.run_state(path, C.make_run_config(setting, **{**spec.overrides, "lr": 0.001}))
+    assert state == "different" and "lr" in why
+    capsys.readouterr()
+    C.train_run(setting, "long-apart")
+    assert "reusing finished run" in capsys.readouterr().out
