@@ -51,6 +51,7 @@ from robustdrop.attacks import PGD, cw_margin_loss
 from robustdrop.data import ImageData, load_dataset, make_synthetic, probe_indices
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import Hook, TrackConfig, autocast_for, evaluate, make_config, resolve_device
+from robustdrop.formatting import format_eps, latex_table, markdown_table
 from robustdrop.store import RunStore, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -629,11 +630,6 @@ def passes_per_step(df: pd.DataFrame) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 # Captions, output
 # --------------------------------------------------------------------------------------------
-def eps_text(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
 def dataset_text(cfg: TrackConfig | dict[str, Any]) -> str:
     name = cfg["dataset"] if isinstance(cfg, dict) else cfg.dataset
     return {"cifar10-jpeg": "CIFAR-10 (JPEG copy)", "cifar10": "CIFAR-10", "synthetic": "synthetic (smoke)"}.get(
@@ -649,7 +645,7 @@ def model_text(cfg: TrackConfig) -> str:
 
 
 def describe(cfg: TrackConfig, *, epochs: bool = True) -> str:
-    text = (f"{model_text(cfg)} on {dataset_text(cfg)}, ε={eps_text(cfg.epsilon)}, {cfg.optimizer.upper()} "
+    text = (f"{model_text(cfg)} on {dataset_text(cfg)}, ε={format_eps(cfg.epsilon)}, {cfg.optimizer.upper()} "
             f"{cfg.schedule} LR to {cfg.lr:g}")
     return text + (f", {cfg.epochs} epochs" if epochs else "") + f", seed {cfg.seed}"
 
@@ -688,56 +684,16 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def pct(x: float | None, digits: int = 1) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.{digits}f}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join("" if v is None else str(v).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "ε": r"$\varepsilon$", "×": r"$\times$",
-        "−": "-", "≤": r"$\le$", "≈": r"$\approx$"}
-
-
-def tex_escape(text: str) -> str:
-    return "".join(_TEX.get(c, c) for c in str(text))
-
-
-def latex_table(df: pd.DataFrame, caption: str) -> str:
-    def numeric(col: str) -> bool:
-        vals = [str(v) for v in df[col] if str(v) not in ("", "None", "nan")]
-        return bool(vals) and all(_is_number(v) for v in vals)
-
-    spec = "".join("r" if numeric(c) else "l" for c in df.columns)
-    lines = ["% requires \\usepackage{booktabs}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(tex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
-    for row in df.itertuples(index=False):
-        lines.append(" & ".join(tex_escape("" if v is None else v) for v in row) + r" \\")
-    lines += [r"\bottomrule", f"\\multicolumn{{{len(df.columns)}}}{{p{{0.95\\linewidth}}}}{{\\footnotesize "
-              f"{tex_escape(caption)}}} \\\\", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s.rstrip("×"))
-    except ValueError:
-        return False
-    return True
+def frame_markdown(df: pd.DataFrame) -> str:
+    return markdown_table(list(df.columns), df.itertuples(index=False))
 
 
 def write_table(df: pd.DataFrame, raw: pd.DataFrame, out: Path, stem: str, title: str, notes: Sequence[str]) -> None:
     """``<stem>.md`` (title, table, notes), ``.tex`` (booktabs) from the display frame ``df``,
     and ``.csv`` from ``raw`` (unrounded numbers, accuracies as fractions)."""
     note = " ".join(notes)
-    write_text(out / f"{stem}.md", f"# {title}\n\n{markdown_table(df)}\n{note}\n")
-    write_text(out / f"{stem}.tex", latex_table(df, f"{title}. {note}"))
+    write_text(out / f"{stem}.md", f"# {title}\n\n{frame_markdown(df)}\n{note}\n")
+    write_text(out / f"{stem}.tex", latex_table(list(df.columns), df.itertuples(index=False), f"{title}. {note}"))
     write_text(out / f"{stem}.csv", raw.to_csv(index=False))
 
 

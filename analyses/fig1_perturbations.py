@@ -17,6 +17,7 @@ from pathlib import Path
 import common as C
 import numpy as np
 
+from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import perturbations_figure
 from robustdrop.store import RunStore
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for e in epochs:
         role = "best before onset" if e == best else ("onset" if e == onset else "last")
         a = auto.get(e, np.nan)
-        lines.append(f"| {e} | {role} | {C.pct(pgd.get(e, np.nan))} | {'' if np.isnan(a) else f'{a:.3f}'} |")
+        lines.append(f"| {e} | {role} | {format_pct(pgd.get(e, np.nan))} | {fixed(a, 3)} |")
     C.write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
     return 0
 

@@ -24,6 +24,7 @@ import common as C
 import numpy as np
 import pandas as pd
 
+from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import collapse_figure
 
 RUNS = ["fgsm", "fgsm+", "apart"]
@@ -75,10 +76,6 @@ def zoom(ax: Any) -> None:
         ax.set_ylabel("accuracy (axis fitted to the data)")
 
 
-def _f(x: float, digits: int = 2) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     setting = C.parse_setting(__doc__, argv)
     C.ensure_runs(setting, needed(setting))
@@ -88,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref_df = C.metrics(ref)
     ref_pgd = C.pgd_curve(ref_df)
     ref_clean = C.curve(ref_df, source="eval", metric="acc", attack="none", split="probe")
-    ref_text = (f"reference: {ref.name} (final probe clean {C.pct(ref_clean.iloc[-1])}%, "
-                f"PGD {C.pct(ref_pgd.iloc[-1])}%)")
+    ref_text = (f"reference: {ref.name} (final probe clean {format_pct(ref_clean.iloc[-1])}%, "
+                f"PGD {format_pct(ref_pgd.iloc[-1])}%)")
 
     fig = collapse_figure(paths, reference_free=True)
     zoom(fig.axes[0])
@@ -116,16 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {C.pct(r['peak_pgd'])} ({r['peak_epoch']}) | {C.pct(r['final_pgd'])} | "
-            f"{C.pct(r['final_test_pgd'])} (n={r['final_test_n']}) | {r['onset'] if r['onset'] is not None else '—'} | "
-            f"{C.pct(r['ref_fgsm_best'])} / {C.pct(r['ref_fgsm_onset'])} / {C.pct(r['ref_fgsm_last'])} | "
-            f"{C.pct(r['ref_noise_onset'])} / {C.pct(r['ref_noise_last'])} (mean {C.pct(r['ref_noise_mean'])}) | "
-            f"{_f(r['ratio_best'])} / {_f(r['ratio_onset'])} / {_f(r['ratio_last'])} | {r['seconds']:.0f} |")
+            f"| {r['run']} | {format_pct(r['peak_pgd'])} ({r['peak_epoch']}) | {format_pct(r['final_pgd'])} | "
+            f"{format_pct(r['final_test_pgd'])} (n={r['final_test_n']}) | {r['onset'] if r['onset'] is not None else '—'} | "
+            f"{format_pct(r['ref_fgsm_best'])} / {format_pct(r['ref_fgsm_onset'])} / {format_pct(r['ref_fgsm_last'])} | "
+            f"{format_pct(r['ref_noise_onset'])} / {format_pct(r['ref_noise_last'])} (mean {format_pct(r['ref_noise_mean'])}) | "
+            f"{fixed(r['ratio_best'])} / {fixed(r['ratio_onset'])} / {fixed(r['ratio_last'])} | {r['seconds']:.0f} |")
     C.write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
     for r in rows:
-        print(f"{r['run']}: peak PGD {C.pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {C.pct(r['final_pgd'])}%, "
-              f"onset {r['onset']}, ref FGSM {C.pct(r['ref_fgsm_best'])}→{C.pct(r['ref_fgsm_last'])}% "
-              f"vs noise {C.pct(r['ref_noise_mean'])}%")
+        print(f"{r['run']}: peak PGD {format_pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {format_pct(r['final_pgd'])}%, "
+              f"onset {r['onset']}, ref FGSM {format_pct(r['ref_fgsm_best'])}→{format_pct(r['ref_fgsm_last'])}% "
+              f"vs noise {format_pct(r['ref_noise_mean'])}%")
     return 0
 
 

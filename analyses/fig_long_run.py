@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import common as C
 
+from robustdrop.formatting import format_pct
 from robustdrop.plots import apart_figure, curves_figure
 from robustdrop.store import RunStore
 
@@ -60,13 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in range(math.ceil(cycles)):
             part = pgd[(pgd.index > c * cfg.cycle_epochs) & (pgd.index <= (c + 1) * cfg.cycle_epochs)]
             if len(part):
-                peaks.append(f"{C.pct(part.max())} ({int(part.idxmax())})")
+                peaks.append(f"{format_pct(part.max())} ({int(part.idxmax())})")
         test = C.pgd_curve(df, "test")
         best_e = int(pgd.idxmax())
-        lines.append(f"| {n} | {', '.join(peaks)} | {C.pct(pgd.max())} ({best_e}) | {C.pct(pgd.iloc[-1])} | "
-                     f"{C.pct(pgd.max() - pgd.iloc[-1])} | {C.pct(test.iloc[-1]) if len(test) else ''} | "
+        lines.append(f"| {n} | {', '.join(peaks)} | {format_pct(pgd.max())} ({best_e}) | {format_pct(pgd.iloc[-1])} | "
+                     f"{format_pct(pgd.max() - pgd.iloc[-1])} | {format_pct(test.iloc[-1]) if len(test) else ''} | "
                      f"{C.run_seconds(paths[n]):.0f} |")
-        print(f"{n}: best PGD {C.pct(pgd.max())}% @ {best_e}, final {C.pct(pgd.iloc[-1])}%")
+        print(f"{n}: best PGD {format_pct(pgd.max())}% @ {best_e}, final {format_pct(pgd.iloc[-1])}%")
     C.write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
     return 0
 

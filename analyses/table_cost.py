@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import common as C
 import pandas as pd
 
+from robustdrop.formatting import fixed, format_ratio
 from robustdrop.store import RunStore
 
 FULL_RUN = {"cost-fgsm": "fgsm", "cost-rs-fgsm": "rs-fgsm", "cost-fgsm+": "fgsm+", "cost-apart": "apart"}
@@ -70,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pass ratio vs PGD-10": f"{r.passes_vs_pgd10:.2f}",
         "train s/epoch": f"{r.train_s_per_epoch:.2f}",
         "s per 1k examples": f"{r.s_per_1k_examples:.3f}",
-        "cost vs PGD-10": f"{r.cost_vs_pgd10:.2f}×",
-        "full run: train s/epoch": "" if math.isnan(r.full_run_train_s_per_epoch) else f"{r.full_run_train_s_per_epoch:.1f}",
-        "full run: s per 1k examples": "" if math.isnan(r.full_run_s_per_1k_examples) else f"{r.full_run_s_per_1k_examples:.3f}",
+        "cost vs PGD-10": format_ratio(r.cost_vs_pgd10),
+        "full run: train s/epoch": fixed(r.full_run_train_s_per_epoch, 1),
+        "full run: s per 1k examples": fixed(r.full_run_s_per_1k_examples, 3),
     } for r in table.itertuples()])
     cfg0 = RunStore.open(C.run_dir(setting, names[0])).read_json(RunStore.CONFIG)
     env = C.environment()
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trained two at a time, so only indicative).",
     ]
     C.write_table(shown, table, setting.out, "table_cost", "Training cost per method", notes)
-    print(C.markdown_table(shown))
+    print(C.frame_markdown(shown))
     print(f"APART / PGD-10 cost: {ratio:.2f} (passes: {pass_ratio:.2f})")
     return 0
 

@@ -23,6 +23,7 @@ from typing import Any
 import common as C
 import pandas as pd
 
+from robustdrop.formatting import format_pct
 from robustdrop.store import RunStore
 
 
@@ -63,13 +64,13 @@ def display(rows: list[dict[str, Any]], steps: int) -> pd.DataFrame:
     for r in rows:
         out.append({
             "run": r["run"], "training": r["what"],
-            "final ep.": r["final_epoch"], "final clean %": C.pct(r["final_clean"], 2),
-            f"final {k} %": C.pct(r["final_pgd"], 2), f"final {cw} %": C.pct(r["final_cw"], 2),
-            "best ep.": r["best_epoch"], "best clean %": C.pct(r["best_clean"], 2),
-            f"best {k} %": C.pct(r["best_pgd"], 2), f"best {cw} %": C.pct(r["best_cw"], 2),
+            "final ep.": r["final_epoch"], "final clean %": format_pct(r["final_clean"], 2),
+            f"final {k} %": format_pct(r["final_pgd"], 2), f"final {cw} %": format_pct(r["final_cw"], 2),
+            "best ep.": r["best_epoch"], "best clean %": format_pct(r["best_clean"], 2),
+            f"best {k} %": format_pct(r["best_pgd"], 2), f"best {cw} %": format_pct(r["best_cw"], 2),
             "onset ep.": "" if r["onset_epoch"] is None else r["onset_epoch"],
             "train s/epoch": f"{r['train_s_per_epoch']:.1f}",
-            f"final {k} % (run log, full test)": C.pct(r["log_final_test_pgd"], 2),
+            f"final {k} % (run log, full test)": format_pct(r["log_final_test_pgd"], 2),
         })
     return pd.DataFrame(out)
 
@@ -102,7 +103,7 @@ def write(setting: C.Setting, names: Sequence[str], stem: str, title: str) -> pd
     steps = int(C.preset_config(setting).eval_pgd_steps)
     shown = display(rows, steps)
     C.write_table(shown, pd.DataFrame(rows), setting.out, stem, title, notes(setting, rows, names))
-    print(C.markdown_table(shown))
+    print(C.frame_markdown(shown))
     return shown
 
 

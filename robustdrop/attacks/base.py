@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustdrop.formatting import format_eps
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -28,10 +30,10 @@ class AttackSpec:
     def describe(self) -> str:
         if self.attack == "none":
             return "clean"
-        eps = f"ε={self.epsilon * 255:.3g}/255"
+        eps = f"ε={format_eps(self.epsilon)}"
         if self.steps <= 1:
             return f"{self.attack} ({eps})"
-        return f"{self.attack}-{self.steps} ({eps}, step {self.step_size * 255:.3g}/255, {self.restarts} restart(s))"
+        return f"{self.attack}-{self.steps} ({eps}, step {format_eps(self.step_size)}, {self.restarts} restart(s))"
 
 
 CLEAN = AttackSpec("none")

@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps
 from robustdrop.store import RunStore
 
 PathLike = str | os.PathLike
@@ -196,18 +197,6 @@ def fractional_epochs(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # Attack spec strings
 # --------------------------------------------------------------------------------------------
-def format_eps(x: float | None) -> str:
-    """``8/255`` for multiples of 1/255, else a short decimal."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "?"
-    k = float(x) * 255.0
-    if round(k) > 0 and abs(k - round(k)) < 1e-3:
-        return f"{round(k)}/255"
-    if float(x) == 0:
-        return "0"
-    return f"{float(x):.4g}"
-
-
 _ATTACK_NAMES = {
     "fgsm": "FGSM",
     "rs-fgsm": "RS-FGSM",

@@ -11,11 +11,11 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps
 from robustdrop.plots._common import (
     PathLike,
     array_epochs,
     check_epochs,
-    format_eps,
     new_figure,
     open_run,
     save_figure,

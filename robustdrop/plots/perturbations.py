@@ -11,12 +11,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps
 from robustdrop.plots._common import (
     PathLike,
     Run,
     array_epochs,
     check_epochs,
-    format_eps,
     new_figure,
     open_run,
     save_figure,

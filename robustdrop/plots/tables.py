@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps, format_pct, format_ratio, is_missing, latex_table, markdown_table
 from robustdrop.plots._common import (
     PathLike,
     Run,
     attack_text,
     config_name,
-    format_eps,
     modal_spec,
     open_run,
     open_runs,
@@ -227,14 +227,14 @@ def compare(runs: Sequence[PathLike] | PathLike) -> pd.DataFrame:
 # Formatting
 # --------------------------------------------------------------------------------------------
 def _cell(col: str, value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return ""
     if col in _ACC:
-        return f"{100.0 * float(value):.2f}"
+        return format_pct(value, 2)
     if col in _INT:
         return str(int(value))
     if col == "cost_vs_pgd10":
-        return f"{float(value):.2f}×"
+        return format_ratio(value)
     if col in ("s_per_epoch", "train_s_per_epoch"):
         return f"{float(value):.1f}"
     if col == "passes_per_step":
@@ -275,45 +275,12 @@ def _terminal(df: pd.DataFrame) -> str:
 
 def _markdown(df: pd.DataFrame) -> str:
     headers, cells, notes = _display(df)
-
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    out = ["| " + " | ".join(map(esc, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(map(esc, row)) + " |" for row in cells]
-    return "\n".join(out) + "\n\n" + "; ".join(notes) + ".\n"
-
-
-_LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "ε": r"$\varepsilon$", "×": r"$\times$", "−": "-",
-}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+    return markdown_table(headers, cells) + "\n" + "; ".join(notes) + ".\n"
 
 
 def _latex(df: pd.DataFrame) -> str:
     headers, cells, notes = _display(df)
-    numeric = [all(_is_number(r[j]) for r in cells if r[j]) and any(r[j] for r in cells) for j in range(len(headers))]
-    spec = "".join("r" if n else "l" for n in numeric)
-    out = [f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
-           " & ".join(latex_escape(h) for h in headers) + r" \\", r"\midrule"]
-    out += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in cells]
-    out += [r"\bottomrule",
-            f"\\multicolumn{{{len(headers)}}}{{l}}{{\\footnotesize {latex_escape('; '.join(notes))}.}} \\\\",
-            r"\end{tabular}"]
-    return "% requires \\usepackage{booktabs}\n" + "\n".join(out) + "\n"
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s.rstrip("×"))
-    except ValueError:
-        return False
-    return True
+    return latex_table(headers, cells, "; ".join(notes) + ".")
 
 
 def format_table(df: pd.DataFrame, fmt: str = "terminal") -> str:
@@ -333,10 +300,6 @@ def format_table(df: pd.DataFrame, fmt: str = "terminal") -> str:
 # --------------------------------------------------------------------------------------------
 # RobustBench model-info JSON
 # --------------------------------------------------------------------------------------------
-def _pct(x: float) -> str | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * float(x):.2f}"
-
-
 def robustbench_json(run: PathLike) -> dict[str, Any]:
     """The run's final numbers in RobustBench's ``model_info`` shape.
 
@@ -361,10 +324,10 @@ def robustbench_json(run: PathLike) -> dict[str, Any]:
         "venue": None,
         "architecture": row["model"],
         "eps": format_eps(float(eps_value)) if isinstance(eps_value, (int, float, np.floating)) else None,
-        "clean_acc": _pct(row["final_clean"]),
+        "clean_acc": format_pct(row["final_clean"], 2) or None,
         "reported": None,
         "autoattack_acc": None,
-        "robustdrop_pgd_acc": _pct(row["final_pgd"]),
+        "robustdrop_pgd_acc": format_pct(row["final_pgd"], 2) or None,
         "robustdrop_pgd_attack": row["pgd_attack"],
         "robustdrop_eval": row["final_eval"],
         "robustdrop_dataset": dataset,
