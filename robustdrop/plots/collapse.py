@@ -11,19 +11,17 @@ from matplotlib.ticker import MaxNLocator
 
 from robustdrop.plots._common import (
     Curve,
-    PathLike,
-    Run,
     add_notes,
     figure_legend,
     mark_onsets,
     new_figure,
-    open_runs,
     paper_table,
     pick_curve,
     run_palette,
     save_figure,
     style,
 )
+from robustdrop.plots.runs import PathLike, Run, open_runs
 
 PAPER_FIG2 = "digitized from the paper's Fig. 2"
 

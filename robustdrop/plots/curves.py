@@ -13,21 +13,17 @@ from matplotlib.ticker import MaxNLocator
 
 from robustdrop.errors import RobustdropError
 from robustdrop.plots._common import (
-    PathLike,
     add_notes,
     figure_legend,
-    fractional_epochs,
     mark_onsets,
     new_figure,
-    open_run,
-    open_runs,
     paper_table,
     pick_curve,
     run_palette,
     save_figure,
-    select,
     style,
 )
+from robustdrop.plots.runs import PathLike, fractional_epochs, open_run, open_runs, select
 
 PAPER_E4 = "digitized from the paper's PGD-10 vs APART figure"
 

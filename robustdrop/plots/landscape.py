@@ -12,15 +12,8 @@ from matplotlib.figure import Figure
 
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import format_eps
-from robustdrop.plots._common import (
-    PathLike,
-    array_epochs,
-    check_epochs,
-    new_figure,
-    open_run,
-    save_figure,
-    style,
-)
+from robustdrop.plots._common import new_figure, save_figure, style
+from robustdrop.plots.runs import PathLike, array_epochs, check_epochs, open_run
 
 KIND = "landscape"
 

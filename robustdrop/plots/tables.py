@@ -14,10 +14,10 @@ import pandas as pd
 
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import format_eps, format_pct, format_ratio, is_missing, latex_table, markdown_table
-from robustdrop.plots._common import (
+from robustdrop.plots._common import attack_text
+from robustdrop.plots.runs import (
     PathLike,
     Run,
-    attack_text,
     config_name,
     modal_spec,
     open_run,
