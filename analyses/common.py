@@ -576,58 +576,6 @@ def evaluate_run(setting: Setting, name: str) -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading runs
-# --------------------------------------------------------------------------------------------
-def metrics(path: Path) -> pd.DataFrame:
-    return RunStore.open(path).metrics()
-
-
-def curve(df: pd.DataFrame, *, source: str, metric: str, attack: str, split: str) -> pd.Series:
-    """Per-epoch values (last logged per epoch), index = epoch."""
-    rows = df[(df["source"] == source) & (df["metric"] == metric) & (df["attack"] == attack) & (df["split"] == split)]
-    if rows.empty:
-        return pd.Series(dtype="float64")
-    s = rows.sort_values(["epoch", "step"]).groupby("epoch")["value"].last()
-    s.index = s.index.astype(int)
-    return s.astype("float64")
-
-
-def pgd_curve(df: pd.DataFrame, split: str = "probe") -> pd.Series:
-    return curve(df, source="eval", metric="acc", attack="pgd", split=split)
-
-
-def onset_epoch(path: Path) -> int | None:
-    events = RunStore.open(path).events("collapse_onset")
-    return int(events[0]["epoch"]) if events else None
-
-
-def run_seconds(path: Path) -> float:
-    """The run's measured compute time: the sum of its epochs' train + eval + diagnostics seconds."""
-    df = metrics(path)
-    rows = df[(df["split"] == "train") & df["metric"].isin(["time_train_s", "time_eval_s", "time_diag_s"])]
-    return float(rows["value"].sum())
-
-
-def train_s_per_epoch(df: pd.DataFrame, *, skip_first: bool = False) -> float:
-    """Median train seconds per epoch (median: robust to the load of a shared machine)."""
-    s = curve(df, source="train", metric="time_train_s", attack="none", split="train")
-    if skip_first and len(s) > 1:
-        s = s[s.index > s.index.min()]
-    return float(s.median()) if len(s) else math.nan
-
-
-def examples_per_epoch(df: pd.DataFrame) -> int:
-    rows = df[(df["split"] == "train") & (df["metric"] == "acc") & (df["source"] == "train")]
-    return int(rows["n"].iloc[-1]) if len(rows) else 0
-
-
-def passes_per_step(df: pd.DataFrame) -> tuple[float, float]:
-    f = df[(df["source"] == "cost") & (df["metric"] == "passes_forward")]["value"]
-    b = df[(df["source"] == "cost") & (df["metric"] == "passes_backward")]["value"]
-    return (float(f.iloc[-1]) if len(f) else math.nan, float(b.iloc[-1]) if len(b) else math.nan)
-
-
-# --------------------------------------------------------------------------------------------
 # Captions, output
 # --------------------------------------------------------------------------------------------
 def dataset_text(cfg: TrackConfig | dict[str, Any]) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import common as C
 import numpy as np
 
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import perturbations_figure
-from robustdrop.store import RunStore
+from robustdrop.plots.runs import Run, array_epochs, eval_curve, metric_curve, open_run
 
 RUN = "fgsm"
 
@@ -28,12 +27,11 @@ def needed(setting: C.Setting) -> list[str]:
     return [RUN]
 
 
-def pick_epochs(path: Path) -> tuple[list[int], int | None, int | None]:
+def pick_epochs(run: Run) -> tuple[list[int], int | None, int | None]:
     """(epochs to show, onset, best epoch before the onset) from the run's probe PGD curve."""
-    df = C.metrics(path)
-    pgd = C.pgd_curve(df)
-    onset = C.onset_epoch(path)
-    stored = sorted(int(n.split("_")[1]) for n in RunStore.open(path).list_arrays("snapshots") if n.startswith("epoch_"))
+    pgd = eval_curve(run.metrics)
+    onset = run.onset_epoch()
+    stored = list(array_epochs(run, "snapshots"))
     before = pgd[pgd.index < onset] if onset is not None else pgd
     before = before[before.index.isin(stored)]
     best = int(before.idxmax()) if len(before) else None
@@ -46,16 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = C.parse_setting(__doc__, argv)
     paths = C.ensure_runs(setting, needed(setting))
     path = paths[RUN]
-    epochs, onset, best = pick_epochs(path)
+    run = open_run(path)
+    epochs, onset, best = pick_epochs(run)
     fig = perturbations_figure(path, epochs)
     old = fig.get_suptitle()
-    cfg = C.TrackConfig.from_dict(RunStore.open(path).read_json(RunStore.CONFIG))
+    cfg = C.TrackConfig.from_dict(run.config)
     fig.suptitle(f"{old}\n{C.setting_caption(setting, cfg)}", fontsize="medium")
     C.save(fig, setting.out, "fig1_perturbations")
 
-    df = C.metrics(path)
-    pgd = C.pgd_curve(df)
-    auto = C.curve(df, source="snapshots", metric="delta_autocorr", attack="fgsm", split="probe")
+    pgd = eval_curve(run.metrics)
+    auto = metric_curve(run.metrics, source="snapshots", metric="delta_autocorr", attack="fgsm", split="probe")
     lines = [
         "# Figure 1: FGSM perturbations before and after the collapse", "",
         f"Run `{path.name}` ({C.setting_caption(setting, cfg)}).", "",

@@ -26,6 +26,7 @@ import pandas as pd
 
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import collapse_figure
+from robustdrop.plots.runs import eval_curve, metric_curve, open_run, run_seconds
 
 RUNS = ["fgsm", "fgsm+", "apart"]
 
@@ -40,17 +41,18 @@ def _at(s: pd.Series, epoch: int | None) -> float:
 
 def summarize(path: Path) -> dict[str, Any]:
     """The numbers of one run that the figure shows (probe split unless said)."""
-    df = C.metrics(path)
-    pgd = C.pgd_curve(df)
-    onset = C.onset_epoch(path)
+    run = open_run(path)
+    df = run.metrics
+    pgd = eval_curve(df)
+    onset = run.onset_epoch()
     before = pgd[pgd.index < onset] if onset is not None else pgd
     best = int(before.idxmax()) if len(before) else None
     peak = int(pgd.idxmax()) if len(pgd) else None
     last = int(pgd.index.max()) if len(pgd) else None
-    ref = C.curve(df, source="strength-ref", metric="ref_acc", attack="fgsm", split="probe")
-    noise = C.curve(df, source="strength-ref", metric="ref_acc", attack="noise-sign", split="probe")
-    ratio = C.curve(df, source="strength", metric="strength_ratio", attack="fgsm", split="probe")
-    test_pgd = C.pgd_curve(df, "test")
+    ref = metric_curve(df, source="strength-ref", metric="ref_acc", attack="fgsm", split="probe")
+    noise = metric_curve(df, source="strength-ref", metric="ref_acc", attack="noise-sign", split="probe")
+    ratio = metric_curve(df, source="strength", metric="strength_ratio", attack="fgsm", split="probe")
+    test_pgd = eval_curve(df, split="test")
     return {
         "run": path.name, "onset": onset, "peak_epoch": peak, "peak_pgd": _at(pgd, peak),
         "best_before_onset": best, "final_epoch": last, "final_pgd": _at(pgd, last),
@@ -62,7 +64,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "ref_noise_mean": float(noise.mean()) if len(noise) else math.nan,
         "ref_noise_onset": _at(noise, onset), "ref_noise_last": _at(noise, last),
         "ratio_best": _at(ratio, best), "ratio_onset": _at(ratio, onset), "ratio_last": _at(ratio, last),
-        "seconds": C.run_seconds(path),
+        "seconds": run_seconds(df),
     }
 
 
@@ -82,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [C.run_dir(setting, n) for n in RUNS]
     ref = C.run_dir(setting, C.ref_name(setting))
     caption = C.setting_caption(setting)
-    ref_df = C.metrics(ref)
-    ref_pgd = C.pgd_curve(ref_df)
-    ref_clean = C.curve(ref_df, source="eval", metric="acc", attack="none", split="probe")
+    ref_df = open_run(ref).metrics
+    ref_pgd = eval_curve(ref_df)
+    ref_clean = eval_curve(ref_df, "none")
     ref_text = (f"reference: {ref.name} (final probe clean {format_pct(ref_clean.iloc[-1])}%, "
                 f"PGD {format_pct(ref_pgd.iloc[-1])}%)")
 

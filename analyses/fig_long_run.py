@@ -23,7 +23,7 @@ import common as C
 
 from robustdrop.formatting import format_pct
 from robustdrop.plots import apart_figure, curves_figure
-from robustdrop.store import RunStore
+from robustdrop.plots.runs import eval_curve, open_run, run_seconds
 
 
 def needed(setting: C.Setting) -> list[str]:
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = C.parse_setting(__doc__, argv)
     paths = C.ensure_runs(setting, needed(setting))
     names = needed(setting)
-    cfg = C.TrackConfig.from_dict(RunStore.open(paths[names[0]]).read_json(RunStore.CONFIG))
+    cfg = C.TrackConfig.from_dict(open_run(paths[names[0]]).config)
     cycles = cfg.epochs / cfg.cycle_epochs
     subset = f"seeded train subset of {cfg.train_subset} examples" if cfg.train_subset else "full training set"
     scaled = (f"SCALED DOWN: {cfg.epochs} epochs = {cycles:g} cycles of {cfg.cycle_epochs} epochs, {subset}, "
@@ -55,18 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
              "| run | peak per cycle (epoch) | best (epoch) | final | drop | final test PGD | compute s |",
              "|---|---|---|---|---|---|---|"]
     for n in names:
-        df = C.metrics(paths[n])
-        pgd = C.pgd_curve(df)
+        df = open_run(paths[n]).metrics
+        pgd = eval_curve(df)
         peaks = []
         for c in range(math.ceil(cycles)):
             part = pgd[(pgd.index > c * cfg.cycle_epochs) & (pgd.index <= (c + 1) * cfg.cycle_epochs)]
             if len(part):
                 peaks.append(f"{format_pct(part.max())} ({int(part.idxmax())})")
-        test = C.pgd_curve(df, "test")
+        test = eval_curve(df, split="test")
         best_e = int(pgd.idxmax())
         lines.append(f"| {n} | {', '.join(peaks)} | {format_pct(pgd.max())} ({best_e}) | {format_pct(pgd.iloc[-1])} | "
                      f"{format_pct(pgd.max() - pgd.iloc[-1])} | {format_pct(test.iloc[-1]) if len(test) else ''} | "
-                     f"{C.run_seconds(paths[n]):.0f} |")
+                     f"{run_seconds(df):.0f} |")
         print(f"{n}: best PGD {format_pct(pgd.max())}% @ {best_e}, final {format_pct(pgd.iloc[-1])}%")
     C.write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
     return 0

@@ -27,6 +27,8 @@ import table_ablation
 import table_cost
 import table_methods
 
+from robustdrop.plots.runs import open_run, run_seconds
+
 SCRIPTS = [fig2_strength, fig1_perturbations, fig_long_run, table_methods, table_ablation, table_cost]
 TABLES = [table_methods, table_ablation]
 
@@ -94,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         script_times[name] = time.perf_counter() - start
     total = time.perf_counter() - t0
 
-    run_seconds = {}
+    compute_s = {}
     for n in training_order(setting) + C.cost_run_names():
         path = C.run_dir(setting, n)
         if (path / "metrics.parquet").is_file():
-            run_seconds[n] = round(C.run_seconds(path), 1)
+            compute_s[n] = round(run_seconds(open_run(path).metrics), 1)
     record = {
         "command": "python analyses/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scale": setting.tag, "started_utc": started, "wall_s": round(total, 1), "phase1_wall_s": round(phase1, 1),
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": C.environment(),
         "task_wall_s": {k: round(v, 1) for k, v in task_times.items()},
         "script_wall_s": {k: round(v, 1) for k, v in script_times.items()},
-        "run_compute_s": run_seconds,
+        "run_compute_s": compute_s,
         "failed": failed,
     }
     C.write_text(setting.out / "run_all.json", json.dumps(record, indent=2) + "\n")

@@ -22,6 +22,7 @@ import common as C
 import pandas as pd
 
 from robustdrop.formatting import fixed, format_ratio
+from robustdrop.plots.runs import examples_per_epoch, open_run, passes_per_step, train_seconds_per_epoch
 from robustdrop.store import RunStore
 
 FULL_RUN = {"cost-fgsm": "fgsm", "cost-rs-fgsm": "rs-fgsm", "cost-fgsm+": "fgsm+", "cost-apart": "apart"}
@@ -39,17 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = []
     for name in names:
         path = C.run_dir(setting, name)
-        df = C.metrics(path)
-        cfg = RunStore.open(path).read_json(RunStore.CONFIG)
-        fwd, bwd = C.passes_per_step(df)
-        per_epoch = C.train_s_per_epoch(df, skip_first=True)
-        n = C.examples_per_epoch(df)
+        run = open_run(path)
+        df, cfg = run.metrics, run.config
+        fwd, bwd = passes_per_step(df)
+        per_epoch = train_seconds_per_epoch(df, skip_first=True)
+        n = examples_per_epoch(df)
         full = full_runs.get(name) or ""
         full_path = C.run_dir(setting, full) if full else None
         full_s = full_n = math.nan
         if full_path is not None and (full_path / RunStore.CONFIG).is_file():
-            full_df = C.metrics(full_path)
-            full_s, full_n = C.train_s_per_epoch(full_df), C.examples_per_epoch(full_df)
+            full_df = open_run(full_path).metrics
+            full_s, full_n = train_seconds_per_epoch(full_df), examples_per_epoch(full_df)
         raw.append({"run": name, "method": cfg["method"], "pgd_steps": cfg["pgd_steps"] if cfg["method"] == "pgd" else 0,
                     "passes_forward": fwd, "passes_backward": bwd, "train_examples": n,
                     "train_s_per_epoch": per_epoch, "s_per_1k_examples": 1000 * per_epoch / n if n else math.nan,
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "full run: train s/epoch": fixed(r.full_run_train_s_per_epoch, 1),
         "full run: s per 1k examples": fixed(r.full_run_s_per_1k_examples, 3),
     } for r in table.itertuples()])
-    cfg0 = RunStore.open(C.run_dir(setting, names[0])).read_json(RunStore.CONFIG)
+    cfg0 = open_run(C.run_dir(setting, names[0])).config
     env = C.environment()
     hw = (f"GPU {env['cuda']}" if setting.device != "cpu" and env["cuda"] else
           f"CPU ({env['cpus']} cores, shared with other jobs), {setting.threads or 'default'} torch thread(s)")

@@ -24,7 +24,7 @@ import common as C
 import pandas as pd
 
 from robustdrop.formatting import format_pct
-from robustdrop.store import RunStore
+from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
 
 
 def needed(setting: C.Setting) -> list[str]:
@@ -37,9 +37,9 @@ def table_rows(setting: C.Setting, names: Sequence[str]) -> list[dict[str, Any]]
     for name in names:
         path = C.run_dir(setting, name)
         ev = C.evaluate_run(setting, name)  # cached by the eval task
-        df = C.metrics(path)
-        cfg = RunStore.open(path).read_json(RunStore.CONFIG)
-        test = C.pgd_curve(df, "test")
+        run = open_run(path)
+        df, cfg = run.metrics, run.config
+        test = eval_curve(df, split="test")
         test_n = df[(df["source"] == "eval") & (df["split"] == "test") & (df["attack"] == "pgd")]["n"]
         rows.append({
             "run": name, "method": cfg["method"], "what": cat[name].what,
@@ -47,8 +47,8 @@ def table_rows(setting: C.Setting, names: Sequence[str]) -> list[dict[str, Any]]
             "final_cw": ev["final"]["cw"],
             "best_epoch": ev["best"]["epoch"], "best_clean": ev["best"]["clean"], "best_pgd": ev["best"]["pgd"],
             "best_cw": ev["best"]["cw"],
-            "onset_epoch": C.onset_epoch(path),
-            "train_s_per_epoch": C.train_s_per_epoch(df),
+            "onset_epoch": run.onset_epoch(),
+            "train_s_per_epoch": train_seconds_per_epoch(df),
             "log_final_test_pgd": float(test.iloc[-1]) if len(test) else math.nan,
             "log_final_test_n": int(test_n.iloc[-1]) if len(test_n) else 0,
             "eval_n": ev["final"]["n"], "pgd_attack": ev["final"]["pgd_attack"], "cw_attack": ev["final"]["cw_attack"],

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from robustdrop.attacks import PGD, cw_margin_loss
+from robustdrop.plots.runs import eval_curve, open_run
 
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
@@ -138,7 +139,7 @@ def test_method_table_contents(smoke):
 def test_best_checkpoint_is_the_best_validation_epoch(smoke):
     C = smoke["scripts"]["common"]
     path = smoke["runs"] / "fgsm"
-    val = C.pgd_curve(C.metrics(path), "val")
+    val = eval_curve(open_run(path).metrics, split="val")
     state = torch.load(path / "checkpoints" / "best_model.pt", weights_only=True)
     assert state["epoch"] == int(val.idxmax())
     cached = json.loads((path / C.EVAL_CACHE).read_text())

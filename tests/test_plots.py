@@ -6,6 +6,7 @@ import argparse
 import ast
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ from robustdrop.plots import (
 from robustdrop.plots._common import paper_table
 from robustdrop.plots.cli import add_plot_parsers
 from robustdrop.plots.landscape import contour_epochs
+from robustdrop.plots.runs import (
+    eval_curve,
+    examples_per_epoch,
+    passes_per_step,
+    run_seconds,
+    seconds_per_epoch,
+    train_seconds_per_epoch,
+)
+from robustdrop.store import metric_row
 
 try:
     from tests.helpers_runs import (
@@ -245,6 +255,29 @@ def test_compare_best_final_onset_and_cost(runs):
     assert df.attrs["pgd10_run"] == "pgd10"
     assert (df["method"].tolist(), df["model"].iloc[0], df["dataset"].iloc[0]) == (
         ["fgsm", "pgd", "apart"], "preactresnet18", "cifar10")
+
+
+def test_per_run_numbers_median_train_time_mean_epoch_time_mean_passes():
+    rows = []
+    for epoch, (train, evals, fwd) in enumerate([(30.0, 0.0, 2), (10.0, 6.0, 2), (11.0, 0.0, 4), (12.0, 6.0, 2)], 1):
+        rows += [metric_row(epoch, 10 * epoch, "train", "time_train_s", train),
+                 metric_row(epoch, 10 * epoch, "train", "time_eval_s", evals),
+                 metric_row(epoch, 10 * epoch, "train", "time_diag_s", 1.0),
+                 metric_row(epoch, 10 * epoch, "train", "passes_forward", fwd, source="cost"),
+                 metric_row(epoch, 10 * epoch, "train", "passes_backward", 2, source="cost"),
+                 metric_row(epoch, 10 * epoch, "train", "acc", 0.5, attack="fgsm", n=640)]
+    df = pd.DataFrame(rows)
+    # training time: the median ignores the warm-up epoch; skip_first drops it outright
+    assert train_seconds_per_epoch(df) == pytest.approx(11.5)
+    assert train_seconds_per_epoch(df, skip_first=True) == pytest.approx(11.0)
+    # epoch time: the mean, so evaluations every other epoch count
+    assert seconds_per_epoch(df) == pytest.approx((30 + 16 + 11 + 18) / 4)
+    assert run_seconds(df) == pytest.approx(63 + 12 + 4)
+    assert passes_per_step(df) == (pytest.approx(2.5), pytest.approx(2.0))
+    assert examples_per_epoch(df) == 640
+    empty = df[df["metric"] == "acc"]
+    assert math.isnan(train_seconds_per_epoch(empty)) and math.isnan(seconds_per_epoch(empty))
+    assert all(math.isnan(x) for x in passes_per_step(empty)) and eval_curve(empty).empty
 
 
 def test_compare_without_pgd10_has_no_cost_ratio(runs):

@@ -56,6 +56,11 @@ class Run:
         """Epochs of the ``collapse_onset`` events, in the order they were logged."""
         return [int(e["epoch"]) for e in self.store.events("collapse_onset")]
 
+    def onset_epoch(self) -> int | None:
+        """Epoch of the first ``collapse_onset`` event; ``None`` when the detector never fired."""
+        onsets = self.onset_epochs()
+        return onsets[0] if onsets else None
+
     @property
     def label(self) -> str:
         method = self.method
@@ -205,3 +210,69 @@ def check_epochs(run: Run, kind: str, requested: Sequence[int], available: Seque
         raise RobustdropError(
             f"no {kind} for epoch(s) {', '.join(map(str, missing))} in {run.path}; available epochs: {avail}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run numbers shared by figures, tables and the analyses
+# --------------------------------------------------------------------------------------------
+def metric_curve(df: pd.DataFrame, *, source: str, metric: str, attack: str, split: str) -> pd.Series:
+    """Per-epoch values of one measurement (the last logged in each epoch), index = epoch; empty
+    when it was not logged."""
+    return per_epoch(select(df, source=source, metric=metric, attack=attack, split=split))
+
+
+def eval_curve(df: pd.DataFrame, attack: str = "pgd", split: str = "probe") -> pd.Series:
+    """The run's own per-epoch evaluation accuracy under ``attack`` (``none``, ``fgsm``, ``pgd``) on ``split``."""
+    return metric_curve(df, source="eval", metric="acc", attack=attack, split=split)
+
+
+def _epoch_seconds(df: pd.DataFrame, part: str) -> pd.Series:
+    """``time_<part>_s`` per training epoch (epoch 0, before training, left out)."""
+    s = metric_curve(df, source="train", metric=f"time_{part}_s", attack="none", split="train")
+    return s[s.index >= 1]
+
+
+def train_seconds_per_epoch(df: pd.DataFrame, *, skip_first: bool = False) -> float:
+    """Median seconds of an epoch's training steps (``time_train_s``); NaN when not logged.
+
+    The median, not the mean: every epoch trains the same number of steps, so epochs differ only
+    by noise (the load of a shared machine, the first epoch's warm-up), which the median ignores.
+    ``skip_first`` leaves the first epoch out entirely (warm-up of a short timing run).
+    """
+    s = _epoch_seconds(df, "train")
+    if skip_first and len(s) > 1:
+        s = s[s.index > s.index.min()]
+    return float(s.median()) if len(s) else math.nan
+
+
+def seconds_per_epoch(df: pd.DataFrame) -> float:
+    """Mean wall seconds of an epoch's training plus evaluation; NaN when not logged.
+
+    The mean, not the median: evaluations may run every few epochs only, and their cost belongs
+    in the average epoch.
+    """
+    train = _epoch_seconds(df, "train")
+    if not len(train):
+        return math.nan
+    return float(train.add(_epoch_seconds(df, "eval").reindex(train.index).fillna(0.0)).mean())
+
+
+def run_seconds(df: pd.DataFrame) -> float:
+    """The run's measured compute time: the sum of its epochs' train + eval + diagnostics seconds."""
+    return float(sum(_epoch_seconds(df, part).sum() for part in ("train", "eval", "diag")))
+
+
+def passes_per_step(df: pd.DataFrame) -> tuple[float, float]:
+    """(forward, backward) passes per training step (``source=cost``), averaged over the epochs
+    that logged them; NaN where not logged."""
+    def mean(metric: str) -> float:
+        values = select(df, source="cost", metric=metric)["value"]
+        return float(values.mean()) if len(values) else math.nan
+
+    return mean("passes_forward"), mean("passes_backward")
+
+
+def examples_per_epoch(df: pd.DataFrame) -> int:
+    """Training examples per epoch (``n`` of the last training-accuracy row); 0 when not logged."""
+    rows = select(df, source="train", metric="acc", split="train")
+    return int(rows.sort_values(["epoch", "step"], kind="stable")["n"].iloc[-1]) if len(rows) else 0

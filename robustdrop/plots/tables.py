@@ -22,9 +22,12 @@ from robustdrop.plots.runs import (
     modal_spec,
     open_run,
     open_runs,
+    passes_per_step,
     per_epoch,
     restrict_to_spec,
+    seconds_per_epoch,
     select,
+    train_seconds_per_epoch,
 )
 from robustdrop.store import atomic_write_text
 
@@ -96,12 +99,6 @@ def _model(cfg: dict[str, Any]) -> str | None:
     return config_name(cfg.get("model")) or config_name(cfg.get("arch"))
 
 
-def _mean_per_epoch(df: pd.DataFrame, metric: str) -> pd.Series:
-    rows = select(df, metric=metric, split="train")
-    s = per_epoch(rows)
-    return s[s.index >= 1] if (s.index >= 1).any() else s
-
-
 def _find_steps(obj: Any) -> list[int]:
     """Every integer under a key that mentions 'steps' in a (nested) config."""
     found: list[int] = []
@@ -153,17 +150,6 @@ def _summary(run: Run) -> dict[str, Any]:
     best = _at_epoch(evals, best_epoch)
     final = _at_epoch(evals, final_epoch)
 
-    train_t = _mean_per_epoch(df, "time_train_s")
-    eval_t = _mean_per_epoch(df, "time_eval_s")
-    if len(train_t):
-        total = train_t.add(eval_t.reindex(train_t.index).fillna(0.0))
-        s_per_epoch, train_s = float(total.mean()), float(train_t.mean())
-    else:
-        s_per_epoch = train_s = math.nan
-    fwd = select(df, source="cost", metric="passes_forward")["value"]
-    bwd = select(df, source="cost", metric="passes_backward")["value"]
-    passes = float(fwd.mean() + bwd.mean()) if len(fwd) and len(bwd) else math.nan
-    onsets = run.onset_epochs()
     epochs_run = int(df["epoch"].max()) if len(df) else 0
 
     return {
@@ -185,10 +171,10 @@ def _summary(run: Run) -> dict[str, Any]:
         "final_pgd": final["pgd"],
         "fgsm_attack": attack_text("fgsm", specs["fgsm"]) if specs["fgsm"] else None,
         "pgd_attack": attack_text("pgd", specs["pgd"]) if specs["pgd"] else None,
-        "onset_epoch": onsets[0] if onsets else None,
-        "s_per_epoch": s_per_epoch,
-        "train_s_per_epoch": train_s,
-        "passes_per_step": passes,
+        "onset_epoch": run.onset_epoch(),
+        "s_per_epoch": seconds_per_epoch(df),
+        "train_s_per_epoch": train_seconds_per_epoch(df),
+        "passes_per_step": sum(passes_per_step(df)),
         "cost_vs_pgd10": math.nan,
         "_pgd10": is_pgd10(run),
     }
@@ -204,9 +190,12 @@ def compare(runs: Sequence[PathLike] | PathLike) -> pd.DataFrame:
     * ``fgsm_attack`` / ``pgd_attack``: the attack spec the numbers were measured with (the spec
       most of the run's evaluation rows carry).
     * ``onset_epoch``: first ``collapse_onset`` event, else empty.
-    * ``s_per_epoch``: mean of ``time_train_s + time_eval_s`` over epochs; ``passes_per_step``:
-      ``passes_forward + passes_backward`` (``source=cost``); ``cost_vs_pgd10``: train seconds per
-      epoch relative to the first PGD-10 run among those compared (``df.attrs['pgd10_run']``).
+    * ``s_per_epoch``: mean of ``time_train_s + time_eval_s`` over epochs
+      (:func:`~robustdrop.plots.runs.seconds_per_epoch`); ``train_s_per_epoch``: median of
+      ``time_train_s`` (:func:`~robustdrop.plots.runs.train_seconds_per_epoch`);
+      ``passes_per_step``: ``passes_forward + passes_backward`` (``source=cost``);
+      ``cost_vs_pgd10``: ``train_s_per_epoch`` relative to the first PGD-10 run among those
+      compared (``df.attrs['pgd10_run']``).
     Accuracies are fractions in [0, 1].
     """
     opened = open_runs(runs)
