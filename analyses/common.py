@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import torch
@@ -52,6 +51,7 @@ from robustdrop.data import ImageData, load_dataset, make_synthetic, probe_indic
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import Hook, TrackConfig, autocast_for, evaluate, make_config, resolve_device
 from robustdrop.formatting import format_eps, latex_table, markdown_table
+from robustdrop.plots import save_figure
 from robustdrop.store import RunStore, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -609,12 +609,8 @@ def setting_caption(setting: Setting, cfg: TrackConfig | None = None, *, epochs:
 
 
 def save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    """Write ``<out>/<stem>.png`` and ``.pdf``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    with mpl.rc_context({"pdf.fonttype": 42, "savefig.dpi": 150}):
-        for p in paths:
-            fig.savefig(p)
+    """Write ``<out>/<stem>.png`` and ``.pdf`` (:func:`robustdrop.plots.save_figure`) and say so."""
+    paths = save_figure(fig, out, stem)
     for p in paths:
         print(f"wrote {p}", flush=True)
     return paths

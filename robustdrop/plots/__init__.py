@@ -6,6 +6,7 @@ seaborn's ``whitegrid`` style, and written as PNG and PDF. Each ``plot_*`` funct
 paths it wrote; each ``*_figure`` function builds the same figure without writing it.
 """
 
+from robustdrop.plots._common import save_figure
 from robustdrop.plots.collapse import collapse_figure, plot_collapse
 from robustdrop.plots.curves import apart_figure, curves_figure, plot_apart, plot_curves
 from robustdrop.plots.landscape import landscape_figure, plot_landscape
@@ -23,5 +24,5 @@ __all__ = [
     "COLUMNS", "FORMATS",
     "apart_figure", "collapse_figure", "compare", "curves_figure", "format_table",
     "landscape_figure", "perturbations_figure", "plot_apart", "plot_collapse", "plot_curves",
-    "plot_landscape", "plot_perturbations", "robustbench_json", "write_robustbench_json",
+    "plot_landscape", "plot_perturbations", "robustbench_json", "save_figure", "write_robustbench_json",
 ]
