@@ -28,8 +28,6 @@ import contextlib
 import json
 import math
 import multiprocessing
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -639,9 +636,3 @@ def write_table(df: pd.DataFrame, raw: pd.DataFrame, out: Path, stem: str, title
     write_text(out / f"{stem}.md", f"# {title}\n\n{frame_markdown(df)}\n{note}\n")
     write_text(out / f"{stem}.tex", latex_table(list(df.columns), df.itertuples(index=False), f"{title}. {note}"))
     write_text(out / f"{stem}.csv", raw.to_csv(index=False))
-
-
-def environment() -> dict[str, Any]:
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "numpy": np.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -27,6 +27,7 @@ import table_ablation
 import table_cost
 import table_methods
 
+from robustdrop.environment import environment
 from robustdrop.plots.runs import open_run, run_seconds
 
 SCRIPTS = [fig2_strength, fig1_perturbations, fig_long_run, table_methods, table_ablation, table_cost]
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python analyses/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scale": setting.tag, "started_utc": started, "wall_s": round(total, 1), "phase1_wall_s": round(phase1, 1),
         "jobs": setting.jobs, "threads": setting.threads, "seed": setting.seed, "eval_n": setting.eval_n,
-        "environment": C.environment(),
+        "environment": environment(),
         "task_wall_s": {k: round(v, 1) for k, v in task_times.items()},
         "script_wall_s": {k: round(v, 1) for k, v in script_times.items()},
         "run_compute_s": compute_s,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import common as C
 import pandas as pd
 
+from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_ratio
 from robustdrop.plots.runs import examples_per_epoch, open_run, passes_per_step, train_seconds_per_epoch
 from robustdrop.store import RunStore
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "full run: s per 1k examples": fixed(r.full_run_s_per_1k_examples, 3),
     } for r in table.itertuples()])
     cfg0 = open_run(C.run_dir(setting, names[0])).config
-    env = C.environment()
+    env = environment()
     hw = (f"GPU {env['cuda']}" if setting.device != "cpu" and env["cuda"] else
           f"CPU ({env['cpus']} cores, shared with other jobs), {setting.threads or 'default'} torch thread(s)")
     notes = [

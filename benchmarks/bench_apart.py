@@ -27,6 +27,7 @@ import torch
 from robustdrop import make_config
 from robustdrop.data import TrainLoader, make_synthetic
 from robustdrop.engine import autocast_for
+from robustdrop.environment import device_name
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
@@ -88,7 +89,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> dict[str, list[floa
     width = args.width if args.width is not None else defaults["width"]
     n = args.n if args.n is not None else defaults["n"]
     data = make_synthetic(n_train=n, n_test=1, seed=0)
-    print(f"\n== {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+    print(f"\n== {device} ({device_name(device)}, "
           f"{torch.get_num_threads()} threads): {args.model} width {width}, {n} examples, batch {args.batch_size}, "
           f"{-(-n // args.batch_size)} steps/epoch, repeats {args.repeats}", flush=True)
     times: dict[str, list[float]] = {m: [] for m in args.methods}

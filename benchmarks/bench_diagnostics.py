@@ -29,10 +29,10 @@ import time
 
 import torch
 
-from robustdrop import __version__
 from robustdrop.api import track
 from robustdrop.data import ImageData, load_dataset
 from robustdrop.engine import make_config, resolve_device
+from robustdrop.environment import device_name, versions
 
 
 def subset(data: ImageData, n_train: int, n_test: int, seed: int) -> ImageData:
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(epochs=args.epochs, probe_size=args.probe_size, test_every=0, seed=args.seed, device=args.device,
                 threads=args.threads)
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"robustdrop {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+    v = versions()
+    print(f"robustdrop {v['robustdrop']}, torch {v['torch']}, python {v['python']}, "
           f"{platform.system()} {platform.machine()}")
-    print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}")
+    print(f"device: {device} ({device_name(device)}), torch threads: {torch.get_num_threads()}")
     print(f"settings: quick preset values (val 1000 held out of training), {len(data.train_y)} training examples, "
           f"{args.epochs} epochs, probe {args.probe_size}, test {len(data.test_y)}, seed {args.seed}, "
           f"reference: {args.reference or 'none'}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from robustdrop.api import track
 from robustdrop.data import TrainLoader, load_dataset
 from robustdrop.engine import autocast_for, make_config, resolve_device
+from robustdrop.environment import device_name
 from robustdrop.models import create_model
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    name = device_name(device) + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
     print(f"device: {device} ({name}); torch {torch.__version__}; {args.train_subset} examples/epoch, "
           f"batch {args.batch_size}, median of {args.repeats} epochs")
     print(f"{'model':<28} {'engine s/epoch':>15} {'bare s/epoch':>13} {'ratio':>7}")
