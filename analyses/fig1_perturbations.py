@@ -13,9 +13,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import common as C
 import numpy as np
+from lib.outputs import setting_caption, write_figure, write_text
+from lib.setting import Setting, parse_setting
+from lib.tasks import ensure_runs
 
+from robustdrop.engine import TrackConfig
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import perturbations_figure
 from robustdrop.plots.runs import Run, array_epochs, eval_curve, metric_curve, open_run
@@ -23,7 +26,7 @@ from robustdrop.plots.runs import Run, array_epochs, eval_curve, metric_curve, o
 RUN = "fgsm"
 
 
-def needed(setting: C.Setting) -> list[str]:
+def needed(setting: Setting) -> list[str]:
     return [RUN]
 
 
@@ -41,22 +44,22 @@ def pick_epochs(run: Run) -> tuple[list[int], int | None, int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
-    paths = C.ensure_runs(setting, needed(setting))
+    setting = parse_setting(__doc__, argv)
+    paths = ensure_runs(setting, needed(setting))
     path = paths[RUN]
     run = open_run(path)
     epochs, onset, best = pick_epochs(run)
     fig = perturbations_figure(path, epochs)
     old = fig.get_suptitle()
-    cfg = C.TrackConfig.from_dict(run.config)
-    fig.suptitle(f"{old}\n{C.setting_caption(setting, cfg)}", fontsize="medium")
-    C.save(fig, setting.out, "fig1_perturbations")
+    cfg = TrackConfig.from_dict(run.config)
+    fig.suptitle(f"{old}\n{setting_caption(setting, cfg)}", fontsize="medium")
+    write_figure(fig, setting.out, "fig1_perturbations")
 
     pgd = eval_curve(run.metrics)
     auto = metric_curve(run.metrics, source="snapshots", metric="delta_autocorr", attack="fgsm", split="probe")
     lines = [
         "# Figure 1: FGSM perturbations before and after the collapse", "",
-        f"Run `{path.name}` ({C.setting_caption(setting, cfg)}).", "",
+        f"Run `{path.name}` ({setting_caption(setting, cfg)}).", "",
         f"Collapse onset (event `collapse_onset`): {onset if onset is not None else 'none detected'}; "
         f"best probe PGD epoch before it: {best}.", "",
         "| epoch | role | probe PGD acc % | δ autocorrelation (snapshots) |", "|---|---|---|---|",
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         role = "best before onset" if e == best else ("onset" if e == onset else "last")
         a = auto.get(e, np.nan)
         lines.append(f"| {e} | {role} | {format_pct(pgd.get(e, np.nan))} | {fixed(a, 3)} |")
-    C.write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Figure 2 (paper.md E2, §3): robustness and perturbation strength per epoch, and the collapse onset.
 
 Trains the reference model first (PGD-k on the same data, model and ε; k = 10 at paper scale, fewer
-at quick scale, see ``common.KNOBS``), then FGSM, FGSM+ and APART runs of the scale's preset with
+at quick scale, see ``lib.setting.KNOBS``), then FGSM, FGSM+ and APART runs of the scale's preset with
 ``reference=<reference run>``, so every epoch logs the reference's accuracy on the FGSM δ of the
 current model (the paper's strength measure) and on random-sign / uniform noise of the same size.
 
@@ -20,9 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common as C
 import numpy as np
 import pandas as pd
+from lib.catalog import ref_name, run_dir
+from lib.outputs import add_caption, setting_caption, write_figure, write_text
+from lib.setting import Setting, parse_setting
+from lib.tasks import ensure_runs
 
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import collapse_figure
@@ -31,8 +34,8 @@ from robustdrop.plots.runs import eval_curve, metric_curve, open_run, run_second
 RUNS = ["fgsm", "fgsm+", "apart"]
 
 
-def needed(setting: C.Setting) -> list[str]:
-    return [C.ref_name(setting), *RUNS]
+def needed(setting: Setting) -> list[str]:
+    return [ref_name(setting), *RUNS]
 
 
 def _at(s: pd.Series, epoch: int | None) -> float:
@@ -79,11 +82,11 @@ def zoom(ax: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
-    C.ensure_runs(setting, needed(setting))
-    paths = [C.run_dir(setting, n) for n in RUNS]
-    ref = C.run_dir(setting, C.ref_name(setting))
-    caption = C.setting_caption(setting)
+    setting = parse_setting(__doc__, argv)
+    ensure_runs(setting, needed(setting))
+    paths = [run_dir(setting, n) for n in RUNS]
+    ref = run_dir(setting, ref_name(setting))
+    caption = setting_caption(setting)
     ref_df = open_run(ref).metrics
     ref_pgd = eval_curve(ref_df)
     ref_clean = eval_curve(ref_df, "none")
@@ -92,14 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fig = collapse_figure(paths, reference_free=True)
     zoom(fig.axes[0])
-    C.add_caption(fig, f"{caption}\n{ref_text}")
-    C.save(fig, setting.out, "fig2_strength")
+    add_caption(fig, f"{caption}\n{ref_text}")
+    write_figure(fig, setting.out, "fig2_strength")
     paper = setting.scale == "paper" and not setting.smoke
     fig = collapse_figure(paths[0], paper=paper)
     if not paper:
         zoom(fig.axes[0])
-    C.add_caption(fig, f"{caption}\n{ref_text}")
-    C.save(fig, setting.out, "fig2_strength_fgsm")
+    add_caption(fig, f"{caption}\n{ref_text}")
+    write_figure(fig, setting.out, "fig2_strength_fgsm")
 
     rows = [summarize(p) for p in paths]
     lines = [
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{format_pct(r['ref_fgsm_best'])} / {format_pct(r['ref_fgsm_onset'])} / {format_pct(r['ref_fgsm_last'])} | "
             f"{format_pct(r['ref_noise_onset'])} / {format_pct(r['ref_noise_last'])} (mean {format_pct(r['ref_noise_mean'])}) | "
             f"{fixed(r['ratio_best'])} / {fixed(r['ratio_onset'])} / {fixed(r['ratio_last'])} | {r['seconds']:.0f} |")
-    C.write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
     for r in rows:
         print(f"{r['run']}: peak PGD {format_pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {format_pct(r['final_pgd'])}%, "
               f"onset {r['onset']}, ref FGSM {format_pct(r['ref_fgsm_best'])}→{format_pct(r['ref_fgsm_last'])}% "

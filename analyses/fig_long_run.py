@@ -3,7 +3,7 @@ repeating cyclic learning rate (the paper: 200 epochs, 30-epoch cycles, PGD-20 t
 
 At paper scale: 200 epochs, ``--schedule cyclic-repeat --cycle-epochs 30``, PGD-10 (step 2/255).
 At quick scale it is SCALED DOWN (said in the figure): a few short cycles on a seeded train subset
-(``common.KNOBS["quick"]``: ``long_cycle`` epochs per cycle, ``long_epochs`` epochs, ``long_subset``
+(``lib.setting.KNOBS["quick"]``: ``long_cycle`` epochs per cycle, ``long_epochs`` epochs, ``long_subset``
 examples), both methods evaluated every ``long_eval_every`` epochs.
 
 Writes ``<out>/fig_long_run.{png,pdf}`` (clean / FGSM / PGD accuracy per epoch; digitized paper
@@ -19,22 +19,26 @@ import math
 import sys
 from collections.abc import Sequence
 
-import common as C
+from lib.catalog import long_run_names
+from lib.outputs import add_caption, setting_caption, write_figure, write_text
+from lib.setting import Setting, parse_setting
+from lib.tasks import ensure_runs
 
+from robustdrop.engine import TrackConfig
 from robustdrop.formatting import format_pct
 from robustdrop.plots import apart_figure, curves_figure
 from robustdrop.plots.runs import eval_curve, open_run, run_seconds
 
 
-def needed(setting: C.Setting) -> list[str]:
-    return C.long_run_names(setting)
+def needed(setting: Setting) -> list[str]:
+    return long_run_names(setting)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
-    paths = C.ensure_runs(setting, needed(setting))
+    setting = parse_setting(__doc__, argv)
+    paths = ensure_runs(setting, needed(setting))
     names = needed(setting)
-    cfg = C.TrackConfig.from_dict(open_run(paths[names[0]]).config)
+    cfg = TrackConfig.from_dict(open_run(paths[names[0]]).config)
     cycles = cfg.epochs / cfg.cycle_epochs
     subset = f"seeded train subset of {cfg.train_subset} examples" if cfg.train_subset else "full training set"
     scaled = (f"SCALED DOWN: {cfg.epochs} epochs = {cycles:g} cycles of {cfg.cycle_epochs} epochs, {subset}, "
@@ -42,13 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "full CIFAR-10")
     if setting.scale == "paper" and not setting.smoke:
         scaled = f"{cfg.epochs} epochs, cycles of {cfg.cycle_epochs} epochs (cyclic-repeat), {subset}"
-    caption = f"{C.setting_caption(setting, cfg, epochs=False)}\n{scaled} — PGD-{cfg.pgd_steps} training vs APART"
+    caption = f"{setting_caption(setting, cfg, epochs=False)}\n{scaled} — PGD-{cfg.pgd_steps} training vs APART"
     fig = curves_figure([paths[n] for n in names], paper=setting.scale == "paper" and not setting.smoke)
-    C.add_caption(fig, caption)
-    C.save(fig, setting.out, "fig_long_run")
+    add_caption(fig, caption)
+    write_figure(fig, setting.out, "fig_long_run")
     fig = apart_figure(paths["long-apart"])
-    C.add_caption(fig, caption)
-    C.save(fig, setting.out, "fig_long_run_apart")
+    add_caption(fig, caption)
+    write_figure(fig, setting.out, "fig_long_run_apart")
 
     lines = ["# Long run: PGD-10 vs APART with a repeating cyclic LR", "", caption.replace("\n", ". ") + ".", "",
              "Probe PGD accuracy in % (the fixed probe subset of the test set); `drop` = best − final.", "",
@@ -68,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{format_pct(pgd.max() - pgd.iloc[-1])} | {format_pct(test.iloc[-1]) if len(test) else ''} | "
                      f"{run_seconds(df):.0f} |")
         print(f"{n}: best PGD {format_pct(pgd.max())}% @ {best_e}, final {format_pct(pgd.iloc[-1])}%")
-    C.write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
     return 0
 
 

@@ -19,13 +19,16 @@ import traceback
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-import common as C
 import fig1_perturbations
 import fig2_strength
 import fig_long_run
 import table_ablation
 import table_cost
 import table_methods
+from lib.catalog import catalog, cost_run_names, long_run_names, ref_name, run_dir
+from lib.outputs import write_text
+from lib.setting import Setting, build_parser, setting_from_args
+from lib.tasks import eval_tasks, execute, train_tasks
 
 from robustdrop.environment import environment
 from robustdrop.plots.runs import open_run, run_seconds
@@ -34,7 +37,7 @@ SCRIPTS = [fig2_strength, fig1_perturbations, fig_long_run, table_methods, table
 TABLES = [table_methods, table_ablation]
 
 
-def forwarded(args, setting: C.Setting) -> list[str]:
+def forwarded(args, setting: Setting) -> list[str]:
     """The scripts' arguments: the same, with the (possibly temporary) folders made explicit."""
     argv = ["--scale", setting.scale, "--runs-dir", str(setting.runs_dir), "--out", str(setting.out),
             "--threads", str(setting.threads), "--jobs", str(setting.jobs), "--device", setting.device,
@@ -46,7 +49,7 @@ def forwarded(args, setting: C.Setting) -> list[str]:
     return argv
 
 
-def training_order(setting: C.Setting) -> list[str]:
+def training_order(setting: Setting) -> list[str]:
     """Every run of phase 1 in the order the scheduler starts them: the reference first (Figure 2's
     runs wait for it), the runs that do not need it next (they fill the other process meanwhile),
     then Figure 2's runs, slowest first."""
@@ -57,9 +60,9 @@ def training_order(setting: C.Setting) -> list[str]:
         for n in script.needed(setting):
             if n not in names:
                 names.append(n)
-    cat = C.catalog(setting)
-    independent = [n for n in names if not cat[n].uses_reference and n != C.ref_name(setting)]
-    first = [C.ref_name(setting), *C.long_run_names(setting), "apart-no-init", "apart-no-step", "rs-fgsm"]
+    cat = catalog(setting)
+    independent = [n for n in names if not cat[n].uses_reference and n != ref_name(setting)]
+    first = [ref_name(setting), *long_run_names(setting), "apart-no-init", "apart-no-step", "rs-fgsm"]
     order: list[str] = []
     for n in [*first, *independent, "fgsm+", "apart", "fgsm", *names]:
         if n in names and n not in order:
@@ -68,8 +71,8 @@ def training_order(setting: C.Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = C.build_parser(__doc__, jobs=2).parse_args(argv)
-    setting = C.setting_from_args(args)
+    args = build_parser(__doc__, jobs=2).parse_args(argv)
+    setting = setting_from_args(args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     print(f"run_all: scale {setting.tag}, runs in {setting.runs_dir}, figures in {setting.out}, "
@@ -78,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     evals: list[str] = []
     for script in TABLES:
         evals += [n for n in script.needed(setting) if n not in evals]
-    tasks = C.train_tasks(setting, training_order(setting)) + C.eval_tasks(setting, evals)
-    task_times = C.execute(setting, tasks)
+    tasks = train_tasks(setting, training_order(setting)) + eval_tasks(setting, evals)
+    task_times = execute(setting, tasks)
     phase1 = time.perf_counter() - t0
     print(f"run_all: phase 1 (trainings and evaluations) took {phase1:.0f}s", flush=True)
 
@@ -98,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = time.perf_counter() - t0
 
     compute_s = {}
-    for n in training_order(setting) + C.cost_run_names():
-        path = C.run_dir(setting, n)
+    for n in training_order(setting) + cost_run_names():
+        path = run_dir(setting, n)
         if (path / "metrics.parquet").is_file():
             compute_s[n] = round(run_seconds(open_run(path).metrics), 1)
     record = {
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_compute_s": compute_s,
         "failed": failed,
     }
-    C.write_text(setting.out / "run_all.json", json.dumps(record, indent=2) + "\n")
+    write_text(setting.out / "run_all.json", json.dumps(record, indent=2) + "\n")
     print(f"run_all: done in {total:.0f}s ({total / 60:.1f} min)" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import common as C
 import table_methods
+from lib.setting import Setting, parse_setting
+from lib.tasks import ensure_runs
 
 
-def needed(setting: C.Setting) -> list[str]:
+def needed(setting: Setting) -> list[str]:
     return ["apart", "fgsm+", "apart-no-init", "apart-no-step"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv)
     names = needed(setting)
-    C.ensure_runs(setting, names, evaluate_=names)
+    ensure_runs(setting, names, evaluate_=names)
     table_methods.write(setting, names, "table_ablation",
                         "APART ablations: final and best clean / PGD / CW-loss PGD test accuracy")
     return 0

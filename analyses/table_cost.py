@@ -1,7 +1,7 @@
 """The cost table (paper.md E7, §6.8): forward/backward passes per training step, measured train
 seconds per epoch, cost relative to PGD-10, and the APART / PGD-10 ratio (the paper: ≈1/4).
 
-The times come from dedicated timing runs (``cost-*`` in ``common.catalog``): every method on the
+The times come from dedicated timing runs (``cost-*`` in ``lib.catalog``): every method on the
 same seeded train subset, same batch size and threads, no diagnostics, trained ONE AFTER ANOTHER
 (never in parallel, whatever ``--jobs`` says), the first epoch left out as warm-up; the per-epoch
 median of ``time_train_s`` is used. Where the method table's full runs exist in the runs dir, their
@@ -18,8 +18,11 @@ import math
 import sys
 from collections.abc import Sequence
 
-import common as C
 import pandas as pd
+from lib.catalog import cost_run_names, ref_name, run_dir
+from lib.outputs import frame_markdown, setting_caption, write_table
+from lib.setting import Setting, parse_setting
+from lib.tasks import ensure_runs
 
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_ratio
@@ -29,25 +32,25 @@ from robustdrop.store import RunStore
 FULL_RUN = {"cost-fgsm": "fgsm", "cost-rs-fgsm": "rs-fgsm", "cost-fgsm+": "fgsm+", "cost-apart": "apart"}
 
 
-def needed(setting: C.Setting) -> list[str]:
-    return C.cost_run_names()
+def needed(setting: Setting) -> list[str]:
+    return cost_run_names()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv)
     names = needed(setting)
-    C.ensure_runs(setting, names, jobs=1)  # timings: one run at a time
-    full_runs = {**FULL_RUN, "cost-pgd10": C.ref_name(setting) if setting.knobs["ref_steps"] == 10 else ""}
+    ensure_runs(setting, names, jobs=1)  # timings: one run at a time
+    full_runs = {**FULL_RUN, "cost-pgd10": ref_name(setting) if setting.knobs["ref_steps"] == 10 else ""}
     raw = []
     for name in names:
-        path = C.run_dir(setting, name)
+        path = run_dir(setting, name)
         run = open_run(path)
         df, cfg = run.metrics, run.config
         fwd, bwd = passes_per_step(df)
         per_epoch = train_seconds_per_epoch(df, skip_first=True)
         n = examples_per_epoch(df)
         full = full_runs.get(name) or ""
-        full_path = C.run_dir(setting, full) if full else None
+        full_path = run_dir(setting, full) if full else None
         full_s = full_n = math.nan
         if full_path is not None and (full_path / RunStore.CONFIG).is_file():
             full_df = open_run(full_path).metrics
@@ -77,12 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "full run: train s/epoch": fixed(r.full_run_train_s_per_epoch, 1),
         "full run: s per 1k examples": fixed(r.full_run_s_per_1k_examples, 3),
     } for r in table.itertuples()])
-    cfg0 = open_run(C.run_dir(setting, names[0])).config
+    cfg0 = open_run(run_dir(setting, names[0])).config
     env = environment()
     hw = (f"GPU {env['cuda']}" if setting.device != "cpu" and env["cuda"] else
           f"CPU ({env['cpus']} cores, shared with other jobs), {setting.threads or 'default'} torch thread(s)")
     notes = [
-        f"{C.setting_caption(setting)}.",
+        f"{setting_caption(setting)}.",
         f"APART / PGD-10 measured cost: {ratio:.2f} (pass-count bound {pass_ratio:.2f}); the paper: about 1/4.",
         f"Timing runs: {int(table['train_examples'].iloc[0])} training examples per epoch (seeded subset), batch "
         f"{cfg0['batch_size']}, {cfg0['epochs']} epochs each, no diagnostics, run one after another; train s/epoch = "
@@ -91,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "full run = the method table's run of the same method on the full training set (median over its epochs; "
         "trained two at a time, so only indicative).",
     ]
-    C.write_table(shown, table, setting.out, "table_cost", "Training cost per method", notes)
-    print(C.frame_markdown(shown))
+    write_table(shown, table, setting.out, "table_cost", "Training cost per method", notes)
+    print(frame_markdown(shown))
     print(f"APART / PGD-10 cost: {ratio:.2f} (passes: {pass_ratio:.2f})")
     return 0
 

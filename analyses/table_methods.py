@@ -1,11 +1,11 @@
 """The method table (paper.md E5, §5): FGSM, RS-FGSM, PGD, FGSM+ and APART.
 
 For each run, its FINAL checkpoint (last epoch) and its BEST one (the epoch with the highest
-validation PGD accuracy, kept by ``common.KeepBest``) are loaded and evaluated on the test set
+validation PGD accuracy, kept by ``lib.training.KeepBest``) are loaded and evaluated on the test set
 (``--eval-n`` examples, seeded and class-balanced; all at paper scale): clean, PGD-20 (the run's
 evaluation spec) and CW-loss PGD-20 (the same PGD maximizing max_{j≠y} z_j − z_y), plus the
 collapse onset and the median train seconds per epoch. The PGD row is PGD-10 at paper scale and
-PGD-k with fewer steps at quick scale (``common.KNOBS``; said in the table). The FGSM, FGSM+ and
+PGD-k with fewer steps at quick scale (``lib.setting.KNOBS``; said in the table). The FGSM, FGSM+ and
 APART runs are the ones of Figure 2.
 
 Writes ``<out>/table_methods.{md,csv,tex}``.
@@ -20,23 +20,27 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import common as C
 import pandas as pd
+from lib.catalog import catalog, preset_config, ref_name, run_dir
+from lib.evaluation import evaluate_run
+from lib.outputs import frame_markdown, setting_caption, write_table
+from lib.setting import KNOBS, Setting, parse_setting
+from lib.tasks import ensure_runs
 
 from robustdrop.formatting import format_pct
 from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
 
 
-def needed(setting: C.Setting) -> list[str]:
-    return ["fgsm", "rs-fgsm", C.ref_name(setting), "fgsm+", "apart"]
+def needed(setting: Setting) -> list[str]:
+    return ["fgsm", "rs-fgsm", ref_name(setting), "fgsm+", "apart"]
 
 
-def table_rows(setting: C.Setting, names: Sequence[str]) -> list[dict[str, Any]]:
-    cat = C.catalog(setting)
+def table_rows(setting: Setting, names: Sequence[str]) -> list[dict[str, Any]]:
+    cat = catalog(setting)
     rows = []
     for name in names:
-        path = C.run_dir(setting, name)
-        ev = C.evaluate_run(setting, name)  # cached by the eval task
+        path = run_dir(setting, name)
+        ev = evaluate_run(setting, name)  # cached by the eval task
         run = open_run(path)
         df, cfg = run.metrics, run.config
         test = eval_curve(df, split="test")
@@ -75,13 +79,13 @@ def display(rows: list[dict[str, Any]], steps: int) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def notes(setting: C.Setting, rows: list[dict[str, Any]], names: Sequence[str]) -> list[str]:
+def notes(setting: Setting, rows: list[dict[str, Any]], names: Sequence[str]) -> list[str]:
     r0 = rows[0]
     n = r0["eval_n"]
     where = "the full test set" if setting.eval_n <= 0 else f"a seeded class-balanced subset of {n} test images"
-    cfg = C.preset_config(setting)
+    cfg = preset_config(setting)
     out = [
-        f"{C.setting_caption(setting)}.",
+        f"{setting_caption(setting)}.",
         f"Accuracies in % on {where} (n={n}), white-box: {r0['pgd_attack']}; CW = the same PGD maximizing the "
         "CW margin max_{j≠y} z_j − z_y.",
         f"final = the last epoch's checkpoint; best = the checkpoint of the epoch with the highest validation PGD "
@@ -92,25 +96,25 @@ def notes(setting: C.Setting, rows: list[dict[str, Any]], names: Sequence[str]) 
            "controlled timings." if setting.scale == "quick" else "on the GPU of the run."),
         f"The last column is the run's own final-epoch evaluation on the test set (n={r0['log_final_test_n']}).",
     ]
-    if setting.scale == "quick" and not setting.smoke and C.ref_name(setting) in names:
-        out.append(f"The PGD row is PGD-{C.KNOBS['quick']['ref_steps']} (step 2.5ε/{C.KNOBS['quick']['ref_steps']}), "
+    if setting.scale == "quick" and not setting.smoke and ref_name(setting) in names:
+        out.append(f"The PGD row is PGD-{KNOBS['quick']['ref_steps']} (step 2.5ε/{KNOBS['quick']['ref_steps']}), "
                    "not the paper's PGD-10: fewer steps to fit the CPU budget; it is also Figure 2's reference model.")
     return out
 
 
-def write(setting: C.Setting, names: Sequence[str], stem: str, title: str) -> pd.DataFrame:
+def write(setting: Setting, names: Sequence[str], stem: str, title: str) -> pd.DataFrame:
     rows = table_rows(setting, names)
-    steps = int(C.preset_config(setting).eval_pgd_steps)
+    steps = int(preset_config(setting).eval_pgd_steps)
     shown = display(rows, steps)
-    C.write_table(shown, pd.DataFrame(rows), setting.out, stem, title, notes(setting, rows, names))
-    print(C.frame_markdown(shown))
+    write_table(shown, pd.DataFrame(rows), setting.out, stem, title, notes(setting, rows, names))
+    print(frame_markdown(shown))
     return shown
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = C.parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv)
     names = needed(setting)
-    C.ensure_runs(setting, names, evaluate_=names)
+    ensure_runs(setting, names, evaluate_=names)
     write(setting, names, "table_methods", "Methods: final and best clean / PGD / CW-loss PGD test accuracy")
     return 0
 

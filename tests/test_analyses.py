@@ -22,8 +22,8 @@ ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 def scripts():
     sys.path.insert(0, str(ANALYSES))
     try:
-        names = ["common", "fig1_perturbations", "fig2_strength", "fig_long_run", "table_methods", "table_ablation",
-                 "table_cost", "run_all"]
+        names = ["lib.setting", "lib.catalog", "lib.training", "lib.evaluation", "fig1_perturbations",
+                 "fig2_strength", "fig_long_run", "table_methods", "table_ablation", "table_cost", "run_all"]
         yield {n: importlib.import_module(n) for n in names}
     finally:
         sys.path.remove(str(ANALYSES))
@@ -99,9 +99,9 @@ def test_run_all_smoke_trains_evaluates_and_writes_everything(smoke):
     out = smoke["out"]
     record = json.loads((out / "run_all.json").read_text())
     assert record["failed"] == [] and record["scale"] == "quick smoke" and record["jobs"] == 2
-    C = smoke["scripts"]["common"]
-    setting = C.Setting(smoke=True, runs_dir=smoke["runs"])
-    for name in C.catalog(setting):
+    lib = smoke["scripts"]
+    setting = lib["lib.setting"].Setting(smoke=True, runs_dir=smoke["runs"])
+    for name in lib["lib.catalog"].catalog(setting):
         assert (smoke["runs"] / name / "checkpoints" / "best_model.pt").is_file(), name
         # the worker's output went to the run's log, line by line
         assert (smoke["runs"] / "logs" / f"{name}.log").read_text().count("epoch ") >= 2, name
@@ -137,12 +137,11 @@ def test_method_table_contents(smoke):
 
 
 def test_best_checkpoint_is_the_best_validation_epoch(smoke):
-    C = smoke["scripts"]["common"]
     path = smoke["runs"] / "fgsm"
     val = eval_curve(open_run(path).metrics, split="val")
     state = torch.load(path / "checkpoints" / "best_model.pt", weights_only=True)
     assert state["epoch"] == int(val.idxmax())
-    cached = json.loads((path / C.EVAL_CACHE).read_text())
+    cached = json.loads((path / smoke["scripts"]["lib.evaluation"].EVAL_CACHE).read_text())
     assert {k.split("|")[0] for k in cached} == {"final", "best"}
 
 
@@ -156,17 +155,18 @@ def test_cost_table_ratio(smoke):
 
 
 def test_reuse_rule(scripts, tmp_path, capsys):
-    C = scripts["common"]
-    setting = C.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
-    spec = C.catalog(setting)["long-apart"]
-    path = C.run_dir(setting, "long-apart")
-    assert C.run_state(path, C.config_for(setting, spec))[0] == "missing"
-    C.train_run(setting, "long-apart")
-    assert C.run_state(path, C.config_for(setting, spec))[0] == "finished"
+    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
+    setting = setting_mod.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
+    spec = catalog_mod.catalog(setting)["long-apart"]
+    path = catalog_mod.run_dir(setting, "long-apart")
+    assert training.run_state(path, catalog_mod.config_for(setting, spec))[0] == "missing"
+    training.train_run(setting, "long-apart")
+    assert training.run_state(path, catalog_mod.config_for(setting, spec))[0] == "finished"
     # threads do not count; any other field does
-    assert C.run_state(path, C.make_run_config(setting, **{**spec.overrides, "threads": 2}))[0] == "finished"
-    state, why = C.run_state(path, C.make_run_config(setting, **{**spec.overrides, "lr": 0.001}))
+    config = catalog_mod.make_run_config
+    assert training.run_state(path, config(setting, **{**spec.overrides, "threads": 2}))[0] == "finished"
+    state, why = training.run_state(path, config(setting, **{**spec.overrides, "lr": 0.001}))
     assert state == "different" and "lr" in why
     capsys.readouterr()
-    C.train_run(setting, "long-apart")
+    training.train_run(setting, "long-apart")
     assert "reusing finished run" in capsys.readouterr().out

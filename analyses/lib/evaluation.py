@@ -1,0 +1,81 @@
+"""The tables' test-set evaluation of a run's final and best checkpoints: clean, PGD-k and
+CW-loss PGD-k accuracy, cached in ``<run>/analyses_eval.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib.catalog import load_data, run_dir
+from lib.setting import Setting
+from lib.training import BEST_CHECKPOINT
+from robustdrop.attacks import PGD, cw_margin_loss
+from robustdrop.data import ImageData, probe_indices
+from robustdrop.diagnostics import build_reference, find_reference
+from robustdrop.engine import autocast_for, evaluate, resolve_device
+from robustdrop.store import RunStore, atomic_write_text
+
+EVAL_CACHE = "analyses_eval.json"
+
+
+def checkpoint_file(path: Path, which: str) -> Path:
+    """The checkpoint of run ``path`` that the ``final`` row (``result.pt``, else ``last.pt``) or
+    the ``best`` row (:class:`~lib.training.KeepBest`'s ``best_model.pt``) evaluates."""
+    ckpt = path / "checkpoints"
+    if which == "best":
+        return ckpt / f"{BEST_CHECKPOINT}.pt"
+    return ckpt / "result.pt" if (ckpt / "result.pt").is_file() else ckpt / "last.pt"
+
+
+def eval_attacks(cfg: dict[str, Any]) -> dict[str, PGD | None]:
+    eps = float(cfg["epsilon"])
+    kw = dict(steps=int(cfg["eval_pgd_steps"]), step_size=float(cfg["eval_pgd_step_size"]),
+              restarts=int(cfg["eval_restarts"]))
+    return {"clean": None, "pgd": PGD(eps, **kw), "cw": PGD(eps, loss_fn=cw_margin_loss, **kw)}
+
+
+def evaluate_run(setting: Setting, name: str) -> dict[str, dict[str, Any]]:
+    """Clean / PGD-k / CW-loss PGD-k accuracy of the run's final and best checkpoints on ``eval_n``
+    test examples (seeded, class-balanced; all when 0), cached in ``<run>/analyses_eval.json``."""
+    path = run_dir(setting, name)
+    cache_file = path / EVAL_CACHE
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cfg = RunStore.open(path).read_json(RunStore.CONFIG)
+    out: dict[str, dict[str, Any]] = {}
+    data: ImageData | None = None
+    for which in ("final", "best"):
+        ckpt = checkpoint_file(path, which)
+        attacks = eval_attacks(cfg)
+        spec = attacks["pgd"].spec().describe()
+        stat = ckpt.stat()
+        key = f"{which}|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|n={setting.eval_n}|seed={setting.seed}|{spec}"
+        if key in cache:
+            out[which] = cache[key]
+            continue
+        source = find_reference(ckpt)
+        if data is None:
+            data = load_data(setting, cfg)
+        device = resolve_device(setting.device)
+        model = build_reference(source, num_classes=data.num_classes, image_shape=data.image_shape, device=device)
+        n_all = len(data.test_y)
+        n = n_all if setting.eval_n <= 0 else min(setting.eval_n, n_all)
+        idx = probe_indices(data.test_y, n, setting.seed + 1) if n < n_all else torch.arange(n_all)
+        start = time.perf_counter()
+        results = evaluate(model, data.test_x[idx], data.test_y[idx], list(attacks.values()), split="test",
+                           batch_size=int(cfg.get("eval_batch_size", 500)), device=device,
+                           generator=torch.Generator(device=device).manual_seed(setting.seed),
+                           autocast=autocast_for(device, bool(cfg.get("amp", True))))
+        secs = time.perf_counter() - start
+        row = {"epoch": source.epoch, "n": n, "checkpoint": ckpt.name, "seconds": secs,
+               "pgd_attack": spec, "cw_attack": spec.replace("pgd", "CW-loss pgd", 1)}
+        row.update({k: r.acc for k, r in zip(attacks, results)})
+        print(f"{name} {which} (epoch {source.epoch}, n={n}): clean {row['clean']:.4f} "
+              f"PGD {row['pgd']:.4f} CW {row['cw']:.4f} ({secs:.0f}s)", flush=True)
+        cache[key] = row
+        out[which] = row
+        atomic_write_text(cache_file, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    return out

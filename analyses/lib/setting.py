@@ -1,0 +1,124 @@
+"""The command line every analysis script shares, the scales, and the :class:`Setting` it parses to.
+
+Scales (``--scale``):
+
+* ``quick`` (default): ``make_config("quick", ...)``: its data, model, ε, schedule and epochs; the
+  expensive runs are scaled down where said (:data:`KNOBS`).
+* ``paper``: ``make_config("paper", dataset="cifar10", data_dir=--data-dir, ...)``: the paper's
+  settings (PreActResNet18, CIFAR-10, ε=8/255, PGD-10 referee, 200-epoch long runs); needs a GPU.
+* ``--smoke``: the same code path in seconds: 2 epochs on a tiny synthetic data set
+  (``robustdrop.data.make_synthetic``), the scale's model (a 1/16-width PreActResNet18 for
+  ``paper``), written into a temporary runs dir and out dir unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SCALES = ("quick", "paper")
+
+# Scale knobs of the runs that are not plain preset runs. ``ref_steps``: PGD steps of the
+# reference / PGD row (step 2.5ε/k); ``long_*``: the long-run figure (E4); ``cost_*``: the timing
+# runs of table_cost; ``eval_n``: test examples of the tables' evaluation (0 = the whole test set).
+KNOBS: dict[str, dict[str, Any]] = {
+    "quick": dict(ref_steps=3, long_steps=10, long_subset=5000, long_cycle=6, long_epochs=24, long_eval_every=2,
+                  long_test_every=None, cost_subset=8192, cost_epochs=3, eval_n=2000),
+    "paper": dict(ref_steps=10, long_steps=10, long_subset=0, long_cycle=30, long_epochs=200, long_eval_every=2,
+                  long_test_every=2, cost_subset=10000, cost_epochs=3, eval_n=0),
+}
+QUICK_EVAL_BATCH = 128
+SMOKE_KNOBS = dict(long_subset=0, long_cycle=1, long_epochs=2, long_eval_every=1, long_test_every=None,
+                   cost_subset=0, cost_epochs=2, eval_n=64)
+# Tiny synthetic data and settings of --smoke (everything else comes from the scale's preset).
+SMOKE_DATA = dict(n_train=320, n_test=128, num_classes=10, size=32, channels=3, seed=0)
+SMOKE_CONFIG: dict[str, dict[str, Any]] = {
+    "quick": dict(dataset="synthetic", epochs=2, val_size=64, probe_size=64, batch_size=64, eval_batch_size=128,
+                  test_every=0, diagnostics=["default", "strength:n=64"]),
+    "paper": dict(dataset="synthetic", epochs=2, val_size=64, probe_size=64, batch_size=64, eval_batch_size=256,
+                  test_every=0, width=1 / 16, diagnostics=["default", "strength:n=64"]),
+}
+
+
+@dataclass
+class Setting:
+    """Where and how the analyses run (the parsed command line)."""
+
+    scale: str = "quick"
+    smoke: bool = False
+    runs_dir: Path = field(default_factory=lambda: REPO / "runs" / "analyses" / "quick")
+    out: Path = field(default_factory=lambda: REPO / "figures")
+    data_dir: str | None = None
+    threads: int = 1
+    jobs: int = 1
+    device: str = "auto"
+    seed: int = 0
+    eval_n: int = 2000
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        k = dict(KNOBS[self.scale])
+        if self.smoke:
+            k.update(SMOKE_KNOBS)
+        k["eval_n"] = self.eval_n
+        return k
+
+    @property
+    def tag(self) -> str:
+        return f"{self.scale}{' smoke' if self.smoke else ''}"
+
+
+def build_parser(description: str, *, jobs: int = 1) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=SCALES, default="quick",
+                   help="quick: the quick preset on the embedded CIFAR-10 (JPEG copy), CPU; paper: the paper's "
+                        "settings on CIFAR-10 (--data-dir), GPU (default: quick)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long version on tiny synthetic data, 2 epochs (same code path; writes into a "
+                        "temporary folder unless --runs-dir/--out are given)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="where the runs live and are reused (default: runs/analyses/<scale>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where figures and tables are written (default: figures/, figures/paper/ for --scale paper)")
+    p.add_argument("--data-dir", default=None, help="--scale paper: folder with CIFAR-10's cifar-10-batches-py")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per training process (default: 1 on quick/smoke, torch's default on paper)")
+    p.add_argument("--jobs", type=int, default=jobs, help=f"trainings run in parallel processes (default: {jobs})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="test examples of the tables' final/best evaluation, a seeded class-balanced subset "
+                        "(0 = all; default: 2000 on quick, all on paper, 64 with --smoke)")
+    return p
+
+
+def setting_from_args(args: argparse.Namespace) -> Setting:
+    scale, smoke = args.scale, bool(args.smoke)
+    if args.runs_dir is not None:
+        runs_dir = Path(args.runs_dir)
+    elif smoke:
+        runs_dir = Path(tempfile.mkdtemp(prefix=f"robustdrop-smoke-{scale}-"))
+    else:
+        runs_dir = REPO / "runs" / "analyses" / scale
+    if args.out is not None:
+        out = Path(args.out)
+    elif smoke:
+        out = runs_dir / "figures"
+    else:
+        out = REPO / "figures" / ("paper" if scale == "paper" else "")
+    threads = args.threads if args.threads is not None else (0 if scale == "paper" and not smoke else 1)
+    if args.eval_n is not None:
+        eval_n = args.eval_n
+    else:
+        eval_n = SMOKE_KNOBS["eval_n"] if smoke else KNOBS[scale]["eval_n"]
+    return Setting(scale=scale, smoke=smoke, runs_dir=runs_dir, out=out, data_dir=args.data_dir, threads=threads,
+                   jobs=max(1, int(args.jobs)), device=args.device, seed=args.seed, eval_n=eval_n)
+
+
+def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1) -> Setting:
+    return setting_from_args(build_parser(description, jobs=jobs).parse_args(argv))

@@ -1,0 +1,122 @@
+"""Training one catalog run, or reusing / resuming it, with the :class:`KeepBest` hook.
+
+Reuse rule: a run directory whose ``config.json`` equals the config the script would use
+(``threads`` and the folder of ``reference`` are not compared) and whose ``checkpoints/last.pt``
+says ``finished`` is reused; one that stopped early is resumed; anything else is trained anew
+(the old directory is replaced). Every run gets the :class:`KeepBest` hook, which keeps the model
+of the epoch with the best validation PGD accuracy in ``checkpoints/best_model.pt`` for the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lib.catalog import catalog, config_for, data_for, run_dir
+from lib.setting import Setting
+
+from robustdrop.api import resume, track
+from robustdrop.engine import Hook, TrackConfig
+from robustdrop.store import RunStore
+
+BEST_CHECKPOINT = "best_model"  # checkpoints/best_model.pt, written by KeepBest
+
+
+class KeepBest(Hook):
+    """Keeps the model weights of the epoch with the highest validation PGD accuracy (probe PGD
+    when the run has no validation split) in ``checkpoints/best_model.pt``, with the config, so
+    :func:`robustdrop.diagnostics.find_reference` can load it. Ties keep the first epoch, the
+    same rule as :func:`robustdrop.plots.compare`'s ``best_*`` columns."""
+
+    name = "analyses-keep-best"
+
+    def __init__(self) -> None:
+        super().__init__(every_n_epochs=1)
+        self.best = -math.inf
+        self.epoch: int | None = None
+
+    def on_epoch_end(self, run: Any, epoch: int) -> None:
+        result = run.eval_results.get(("val", "pgd")) or run.eval_results.get(("probe", "pgd"))
+        if result is None or not result.acc > self.best:
+            return
+        self.best, self.epoch = float(result.acc), int(epoch)
+        run.store.save_checkpoint(BEST_CHECKPOINT, {
+            "format": "robustdrop-analyses-best-1",
+            "config": run.config.to_dict(),
+            "epoch": int(epoch),
+            "model": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
+            "selected_by": f"{result.split} {result.spec.describe()}",
+            "value": float(result.acc),
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state.get("best", -math.inf))
+        self.epoch = state.get("epoch")
+
+
+def _normalized(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(cfg)
+    cfg.pop("threads", None)
+    if cfg.get("reference"):
+        cfg["reference"] = Path(cfg["reference"]).name
+    return cfg
+
+
+def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
+    """``(state, why)`` with state ``missing`` | ``different`` | ``partial`` | ``finished``."""
+    config_file = path / RunStore.CONFIG
+    if not config_file.is_file():
+        return "missing", "no run yet"
+    try:
+        stored = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "different", "unreadable config.json"
+    want = _normalized(cfg.to_dict())
+    have = _normalized(stored)
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        return "different", f"config differs in {diff}"
+    last = path / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return "different", "no checkpoint"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a torn or foreign file: train again
+        return "different", f"unreadable checkpoint ({type(exc).__name__})"
+    if not state.get("finished"):
+        return "partial", f"stopped after epoch {state.get('epoch')}"
+    if not (path / "checkpoints" / f"{BEST_CHECKPOINT}.pt").is_file():
+        return "different", "made without the analyses' best-model hook"
+    return "finished", "finished"
+
+
+def train_run(setting: Setting, name: str) -> Path:
+    """Reuse, resume or train the catalog run ``name``; returns its directory."""
+    spec = catalog(setting)[name]
+    cfg = config_for(setting, spec)
+    path = run_dir(setting, name)
+    state, why = run_state(path, cfg)
+    if state == "finished":
+        print(f"reusing finished run {path}", flush=True)
+        return path
+    start = time.perf_counter()
+    if state == "partial":
+        print(f"resuming {path} ({why})", flush=True)
+        resume(path, hooks=[KeepBest()], progress=False, data=data_for(setting))
+    else:
+        if state == "different":
+            print(f"training {path} anew: {why}", flush=True)
+        else:
+            print(f"training {path}: {spec.what} ({cfg.method}, {cfg.epochs} epochs"
+                  + (f", train subset {cfg.train_subset}" if cfg.train_subset else "") + ")", flush=True)
+        track(cfg, runs_dir=setting.runs_dir, name=name, overwrite=True, hooks=[KeepBest()], progress=False,
+              data=data_for(setting))
+    print(f"done {path} in {time.perf_counter() - start:.0f}s", flush=True)
+    return path
