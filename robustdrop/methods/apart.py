@@ -101,6 +101,11 @@ def find_perturbation_points(model: nn.Module) -> list[PerturbationPoint]:
             if module is not model and isinstance(module, ACTIVATIONS)]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (bf16 under autocast; float64 models stay float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class _PointHooks:
     """Installs APART's hooks on the perturbation points for the duration of one pass only."""
 
@@ -338,7 +343,7 @@ class Apart(TrainingMethod):
         # Pass 1: gradients at the initialization point (no model gradients are accumulated).
         x0 = x0.detach().requires_grad_(True)
         with model_mode(model, self.bn_train), torch.enable_grad(), self.hooks.record() as recorded:
-            loss0 = F.cross_entropy(model(x0).float(), y)
+            loss0 = F.cross_entropy(_upcast(model(x0)), y)
         inputs = [x0] + [t for t in recorded if t is not None]
         grads = torch.autograd.grad(loss0, inputs, allow_unused=True)
         grad_x = grads[0]
@@ -359,7 +364,7 @@ class Apart(TrainingMethod):
         # Pass 2 (forward) with the layer-wise perturbations.
         with self.hooks.perturb(self.psi["alpha_b"] if self.layerwise else None, signs):
             logits = model(x1)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(_upcast(logits), y)
         return {"loss": loss, "logits": logits, "x1": x1, "delta": delta}
 
     # -- one step -------------------------------------------------------------------------------
