@@ -36,7 +36,7 @@ class TrackConfig:
     augment: bool = opt(True, "random crop (pad 4) + horizontal flip, batched on the device")
     pad_value: float = opt(0.0, "value of the crop padding (APART's code pads with 0.5)")
     # -- model ----------------------------------------------------------------------------
-    model: str = opt("preactresnet18", "preactresnet18 | cnn1 | smallcnn")
+    model: str = opt("preactresnet18", "preactresnet18 | preactresnet18-apart | cnn1 | smallcnn")
     width: float | None = opt(None, "width knob: multiplier for preactresnet18, filters for cnn1/smallcnn")
     # -- training method ------------------------------------------------------------------
     method: str = opt("fgsm", "training method", choices=METHODS)

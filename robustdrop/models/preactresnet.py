@@ -1,4 +1,5 @@
-"""PreActResNet-18 as in the APART / fast_adversarial code (inputs in [0, 1], no normalisation)."""
+"""PreActResNet-18 as in the fast_adversarial code (inputs in [0, 1], no normalisation), and the
+APART authors' variant whose projection shortcut takes the block's raw input (paper.md §4.3-5)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ class PreActBlock(nn.Module):
     ``conv1`` receives the block's pre-activated input ``relu(bn1(h))``; APART's layer-wise
     perturbation is added exactly there (a forward pre-hook on ``conv1``), so the block needs no
     special flags.
+
+    Args:
+        raw_shortcut: the projection shortcut takes the un-activated input ``h`` (the APART
+            authors' ``models/preresnet.py``) instead of ``relu(bn1(h))`` (canonical).
     """
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, *, raw_shortcut: bool = False):
         super().__init__()
+        self.raw_shortcut = raw_shortcut
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -31,16 +37,21 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        # The projection shortcut takes the activated input (canonical PreActResNet).
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        # Canonical PreActResNet: the projection shortcut takes the activated input.
+        if self.shortcut is None:
+            shortcut = x
+        else:
+            shortcut = self.shortcut(x if self.raw_shortcut else out)
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks: list[int], *, num_classes: int, in_channels: int, width: float, image_size: int):
+    def __init__(self, num_blocks: list[int], *, num_classes: int, in_channels: int, width: float, image_size: int,
+                 raw_shortcut: bool = False):
         super().__init__()
+        self.raw_shortcut = raw_shortcut
         widths = [max(1, round(w * width)) for w in (64, 128, 256, 512)]
         self.in_planes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -55,7 +66,7 @@ class PreActResNet(nn.Module):
     def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
         blocks = []
         for s in [stride] + [1] * (n - 1):
-            blocks.append(PreActBlock(self.in_planes, planes, s))
+            blocks.append(PreActBlock(self.in_planes, planes, s, raw_shortcut=self.raw_shortcut))
             self.in_planes = planes
         return nn.Sequential(*blocks)
 
@@ -71,3 +82,13 @@ class PreActResNet(nn.Module):
 def preactresnet18(*, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
     """PreActResNet-18: PreActBlock x [2, 2, 2, 2], widths 64-128-256-512 times ``width``."""
     return PreActResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
+
+
+@register_model("preactresnet18-apart")
+def preactresnet18_apart(*, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                         width: float = 1.0) -> nn.Module:
+    """PreActResNet-18 of the APART authors' code (``models/preresnet.py``, their ``preact20``): the
+    projection shortcuts take the block's un-activated input (paper.md §4.3-5). Same parameters
+    and state-dict keys as ``preactresnet18``."""
+    return PreActResNet([2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels, width=width,
+                        image_size=image_size, raw_shortcut=True)
