@@ -315,6 +315,24 @@ def test_train_loader_covers_epoch_and_is_deterministic(synthetic_data: ImageDat
     assert len(TrainLoader(d.train_x, d.train_y, 100, device="cpu", drop_last=True)) == 5
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_loader_pad_value_is_exact(synthetic_data: ImageData, channels_last):
+    """The APART authors pad with 0.5, which uint8 cannot hold (128/255 = 0.50196): the float
+    batch gets exactly 0.5 on padding pixels and the image pixels unchanged."""
+    d = synthetic_data
+    loader = TrainLoader(d.train_x, d.train_y, 64, device="cpu", pad=4, pad_value=0.5, channels_last=channels_last)
+    b = next(iter(loader.epoch(torch.Generator().manual_seed(5))))
+    ones = torch.ones(len(b.index), 1, 32, 32, dtype=torch.uint8)
+    from_pad = apply_crop_flip(pad_images(ones * 0, 4, 1.0), b.crop)[:, 0].bool()  # 1 where padding
+    assert from_pad.any() and not from_pad.all()
+    images = apply_crop_flip(pad_images(d.train_x[b.index], 4), b.crop).float() / 255
+    assert (b.x.permute(1, 0, 2, 3)[:, from_pad] == 0.5).all()
+    assert torch.equal(b.x.permute(1, 0, 2, 3)[:, ~from_pad], images.permute(1, 0, 2, 3)[:, ~from_pad])
+    # A representable value (0) takes the plain uint8 path.
+    plain = TrainLoader(d.train_x, d.train_y, 64, device="cpu", pad=4, pad_value=0.0)
+    assert not plain._fill_pad and loader._fill_pad
+
+
 def test_train_loader_no_augment_and_channels_last(synthetic_data: ImageData):
     d = synthetic_data
     loader = TrainLoader(d.train_x, d.train_y, 64, device="cpu", augment=False, channels_last=True)

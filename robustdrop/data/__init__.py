@@ -3,7 +3,14 @@
 May import only :mod:`robustdrop.errors` (see ``docs/architecture.md``).
 """
 
-from robustdrop.data.augment import CropFlip, apply_crop_flip, invert_crop_flip, pad_images, sample_crop_flip
+from robustdrop.data.augment import (
+    CropFlip,
+    apply_crop_flip,
+    invert_crop_flip,
+    pad_images,
+    padding_mask,
+    sample_crop_flip,
+)
 from robustdrop.data.datasets import (
     CIFAR10_CLASSES,
     CIFAR10_JPEG_SHA256,
@@ -32,6 +39,7 @@ __all__ = [
     "load_dataset",
     "make_synthetic",
     "pad_images",
+    "padding_mask",
     "probe_indices",
     "sample_crop_flip",
     "split_validation",

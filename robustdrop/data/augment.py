@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CropFlip", "apply_crop_flip", "invert_crop_flip", "pad_images", "sample_crop_flip"]
+__all__ = ["CropFlip", "apply_crop_flip", "invert_crop_flip", "pad_images", "padding_mask", "sample_crop_flip"]
 
 
 @dataclass
@@ -97,6 +97,22 @@ def _window_index(params: CropFlip, hp: int, wp: int, device: torch.device) -> t
     cols = left[:, None] + torch.where(flip[:, None], w - 1 - j, j)  # (B, W)
     index = rows[:, :, None] * wp + cols[:, None, :]  # (B, H, W)
     return index.reshape(index.shape[0], h * w), h, w
+
+
+def padding_mask(params: CropFlip, h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(B, H, W)`` bool: which output pixels of :func:`apply_crop_flip` come from the padding.
+
+    Lets a loader that stores uint8 images write a padding colour that uint8 cannot hold (0.5)
+    exactly into the float batch.
+    """
+    device = params.top.device if device is None else torch.device(device)
+    p = params.pad
+    rows = params.top.to(device)[:, None] + torch.arange(h, device=device)  # (B, H), padded frame
+    j = torch.arange(w, device=device)
+    cols = params.left.to(device)[:, None] + torch.where(params.flip.to(device)[:, None], w - 1 - j, j)  # (B, W)
+    row_pad = (rows < p) | (rows >= p + h)
+    col_pad = (cols < p) | (cols >= p + w)
+    return row_pad[:, :, None] | col_pad[:, None, :]
 
 
 def apply_crop_flip(x_padded: torch.Tensor, params: CropFlip) -> torch.Tensor:

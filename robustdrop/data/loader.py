@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustdrop.data.augment import CropFlip, apply_crop_flip, pad_images, sample_crop_flip
+from robustdrop.data.augment import CropFlip, apply_crop_flip, pad_images, padding_mask, sample_crop_flip
 
 __all__ = ["Batch", "TrainLoader", "iterate_eval", "probe_indices", "split_validation"]
 
@@ -53,7 +53,8 @@ class TrainLoader:
         device: where the data and the batches live.
         augment: random crop (after padding by ``pad`` with ``pad_value``) + horizontal flip.
         pad: padding of the random crop; 0 means flips only.
-        pad_value: padding colour in ``[0, 1]`` (stored as ``round(255 * pad_value)``).
+        pad_value: padding colour in ``[0, 1]``. Stored as ``round(255 * pad_value)``; a value
+            that uint8 cannot hold (the APART authors' 0.5) is written exactly into the float batch.
         drop_last: drop the last, smaller batch.
         channels_last: return ``x`` in ``torch.channels_last`` memory format.
     """
@@ -88,6 +89,8 @@ class TrainLoader:
         if self.augment and self.pad > 0:
             images = pad_images(images, self.pad, self.pad_value)
         self.images = images.contiguous()  # uint8, padded when augmenting
+        stored = torch.tensor(round(self.pad_value * 255), dtype=torch.float32) / 255
+        self._fill_pad = self.augment and self.pad > 0 and bool(stored != torch.tensor(self.pad_value))
         self.labels = labels.to(device=self.device, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -122,9 +125,11 @@ class TrainLoader:
             if params is not None:
                 crop = params[sl]
                 xb = apply_crop_flip(xb, crop)
-            yield Batch(
-                x=_to_float(xb, self.channels_last), y=self.labels.index_select(0, index), index=index, crop=crop
-            )
+            x = _to_float(xb, self.channels_last)
+            if self._fill_pad:
+                h, w = x.shape[-2:]
+                x.masked_fill_(padding_mask(crop, h, w)[:, None], self.pad_value)
+            yield Batch(x=x, y=self.labels.index_select(0, index), index=index, crop=crop)
 
 
 def iterate_eval(
