@@ -58,6 +58,46 @@ def test_schedule_state_roundtrip():
     assert t.current() == s.current()
 
 
+@pytest.mark.parametrize("kind,peak_at,steps", [("cyclic", 0.5, 391 * 3), ("cyclic", 0.4, 101)])
+def test_cycled_momentum_equals_torch_cyclic_lr(kind, peak_at, steps):
+    """LR and momentum of every step equal PyTorch's CyclicLR(cycle_momentum=True), which the APART
+    authors' train.py used for both optimizers (base 0.8, max 0.9 by default)."""
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    up = steps * peak_at
+    ref = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0, max_lr=0.2, step_size_up=up, step_size_down=steps - up)
+    ours = Schedule(kind, 0.2, steps, peak_at=peak_at, momentum=(0.8, 0.9))
+    mine = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0, momentum=0.0)
+    for _ in range(steps):
+        lr = ours.apply(mine)
+        assert lr == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        assert mine.param_groups[0]["momentum"] == pytest.approx(opt.param_groups[0]["momentum"], abs=1e-12)
+        opt.step()
+        ref.step()
+        ours.step()
+
+
+def test_momentum_cycling_needs_sgd_and_a_cycle():
+    with pytest.raises(RobustdropError, match="--optimizer sgd"):
+        make_config(cycle_momentum=True, optimizer="adam")
+    with pytest.raises(RobustdropError, match="--schedule cyclic"):
+        make_config(cycle_momentum=True, schedule="piecewise")
+    with pytest.raises(RobustdropError, match="--base-momentum"):
+        make_config(base_momentum=0.95, max_momentum=0.9)
+    with pytest.raises(RobustdropError, match="cyclic"):
+        Schedule("constant", 0.1, 10, momentum=(0.8, 0.9))
+    assert make_config(cycle_momentum=True).cycle_momentum
+
+
+def test_eval_epsilon():
+    assert make_config().eval_epsilon is None
+    assert make_config(eval_epsilon=8 / 255, epsilon=0.031).eval_epsilon == pytest.approx(8 / 255)
+    with pytest.raises(RobustdropError, match="--eval-epsilon"):
+        make_config(eval_epsilon=0.0)
+
+
 def _run_cli(args, capsys):
     code = main(args)
     return code, capsys.readouterr()

@@ -68,8 +68,14 @@ class CrashAt(Hook):
             raise KeyboardInterrupt
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(synthetic_data, tmp_path):
-    cfg = small_config(epochs=4, method="rs-fgsm")
+@pytest.mark.parametrize("overrides", [
+    {},
+    # SGD with CyclicLR-style momentum cycling (the APART authors' recipe): the momentum at each
+    # step follows from the schedule's position, which the checkpoint carries.
+    {"optimizer": "sgd", "lr": 0.02, "cycle_momentum": True, "base_momentum": 0.8, "max_momentum": 0.95},
+], ids=["adam", "sgd-cycle-momentum"])
+def test_resume_after_interruption_equals_uninterrupted_run(synthetic_data, tmp_path, overrides):
+    cfg = small_config(epochs=4, method="rs-fgsm", **overrides)
     straight = track(cfg, runs_dir=tmp_path, name="straight", data=synthetic_data, progress=False)
     steps_per_epoch = 448 // 64
     with pytest.raises(KeyboardInterrupt):
@@ -80,6 +86,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(synthetic_data, tmp_
     resumed = resume(tmp_path / "killed", data=synthetic_data, progress=False)
     pd.testing.assert_frame_equal(comparable(straight), comparable(RunStore.open(resumed.path)))
     assert [e["kind"] for e in resumed.events()] == ["resume"]
+    if overrides.get("cycle_momentum"):
+        m = straight.metrics()
+        momentum = m[m.metric == "momentum"].value.tolist()
+        # The last step (6, 13, 20, 27) of each epoch in a 28-step triangle that peaks at 0.4·28 steps.
+        scale = [s / (0.4 * 28) if s <= 0.4 * 28 else (1 - s / 28) / 0.6 for s in (6, 13, 20, 27)]
+        assert momentum == pytest.approx([0.95 - 0.15 * x for x in scale])
 
 
 def test_resume_of_finished_run_does_nothing(synthetic_data, tmp_path, capsys):

@@ -52,8 +52,9 @@ class TrackConfig:
     learned_init: bool = opt(True, "APART: learn the per-example initialization (--no-learned-init ablates it)")
     learned_step: bool = opt(True, "APART: learn the input step size α (--no-learned-step ablates it)")
     layerwise: bool = opt(True, "APART: layer-wise perturbations (--no-layerwise ablates them; fgsm+ has none)")
-    apart_psi_cycle_momentum: bool = opt(True, "APART: cycle ψ's SGD momentum 0.9 -> 0.8 -> 0.9 inversely to its LR, "
-                                               "as the authors' CyclicLR (--no-...: fixed --momentum)")
+    apart_psi_cycle_momentum: bool = opt(True, "APART: cycle ψ's SGD momentum --max-momentum -> --base-momentum -> "
+                                               "--max-momentum inversely to its cyclic LR, as the authors' CyclicLR "
+                                               "(--no-...: fixed --momentum)")
     apart_omega_device: str = opt("device", "APART: where Ω lives: device (the training device) | cpu (host memory)",
                                   choices=("device", "cpu"))
     # -- optimisation ---------------------------------------------------------------------
@@ -62,6 +63,11 @@ class TrackConfig:
     optimizer: str = opt("sgd", "optimizer of the model", choices=OPTIMIZERS)
     lr: float = opt(0.2, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
+    cycle_momentum: bool = opt(False, "cycle the model's SGD momentum inversely to the cyclic LR, --max-momentum at "
+                                      "LR 0 to --base-momentum at the peak (PyTorch CyclicLR's cycle_momentum, as "
+                                      "the APART authors); replaces --momentum")
+    base_momentum: float = opt(0.8, "cycled momentum at the LR peak (--cycle-momentum, --apart-psi-cycle-momentum)")
+    max_momentum: float = opt(0.9, "cycled momentum at LR 0 (--cycle-momentum, --apart-psi-cycle-momentum)")
     weight_decay: float = opt(5e-4, "weight decay")
     schedule: str = opt("cyclic", "cyclic | cyclic-repeat | piecewise | constant",
                         choices=("cyclic", "cyclic-repeat", "piecewise", "constant"))
@@ -73,6 +79,8 @@ class TrackConfig:
     probe_size: int = opt(1000, "fixed, seeded, class-balanced subset of the test set evaluated every epoch")
     eval_every: int = opt(1, "evaluate the probe (and validation) set every N epochs")
     test_every: int = opt(10, "evaluate the full test set every K epochs and at the end (0 = only at the end)")
+    eval_epsilon: float | None = opt(None, "L-inf radius of the evaluation attacks, e.g. 8/255 (default: --epsilon)",
+                                     fraction=True)
     eval_pgd_steps: int = opt(20, "PGD steps of the evaluation attack")
     eval_pgd_step_size: float = opt(2 / 255, "PGD step of the evaluation attack, e.g. 2/255", fraction=True)
     eval_restarts: int = opt(1, "PGD restarts of the evaluation attack")
@@ -104,6 +112,8 @@ class TrackConfig:
         """Raise :class:`RobustdropError` on values that cannot work; returns ``self``."""
         if not (0 < self.epsilon <= 1) or math.isnan(self.epsilon):
             raise RobustdropError(f"--epsilon must be in (0, 1] (e.g. 8/255), got {self.epsilon}")
+        if self.eval_epsilon is not None and (not 0 < self.eval_epsilon <= 1 or math.isnan(self.eval_epsilon)):
+            raise RobustdropError(f"--eval-epsilon must be in (0, 1] (e.g. 8/255), got {self.eval_epsilon}")
         if self.alpha is not None and not self.alpha > 0:
             raise RobustdropError(f"--alpha must be positive, got {self.alpha}")
         if self.method not in METHODS:
@@ -120,6 +130,12 @@ class TrackConfig:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lr < 0 or self.weight_decay < 0:
             raise RobustdropError("--lr and --weight-decay must be >= 0")
+        if not 0 <= self.base_momentum <= self.max_momentum < 1:
+            raise RobustdropError(f"need 0 <= --base-momentum <= --max-momentum < 1, got {self.base_momentum} "
+                                  f"and {self.max_momentum}")
+        if self.cycle_momentum and (self.optimizer != "sgd" or self.schedule not in ("cyclic", "cyclic-repeat")):
+            raise RobustdropError("--cycle-momentum cycles SGD's momentum with a cyclic LR; use --optimizer sgd and "
+                                  "--schedule cyclic (or cyclic-repeat), or drop --cycle-momentum")
         return self
 
 

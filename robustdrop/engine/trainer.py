@@ -50,6 +50,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_optimizer(config: TrackConfig, model: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The model's optimizer and its LR schedule over ``config.epochs`` epochs. With
+    ``--cycle-momentum`` the schedule's ``apply`` also sets SGD's momentum (CyclicLR's cycle_momentum)."""
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = Schedule.from_config(config, config.lr, steps_per_epoch * config.epochs, steps_per_epoch,
+                                    cycle_momentum=config.cycle_momentum)
+    return optimizer, schedule
+
+
 def default_run_name(config: TrackConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{config.method}-{config.model}-eps{config.epsilon * 255:.3g}-{stamp}"
@@ -197,22 +210,16 @@ class Trainer(RunContext):
                                   image_size=height, width=cfg.width).to(self.device)
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = len(self.loader)
         total = steps_per_epoch * cfg.epochs
-        self.schedule = Schedule(cfg.schedule, cfg.lr, total, peak_at=cfg.lr_peak_at,
-                                 cycle_steps=cfg.cycle_epochs * steps_per_epoch, milestones=tuple(cfg.lr_milestones),
-                                 gamma=cfg.lr_gamma)
+        self.optimizer, self.schedule = make_optimizer(cfg, self.model, steps_per_epoch)
         self.method = create_method(cfg)
         self.method.setup(self.model, MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total,
                                                     steps_per_epoch, self.device))
+        eval_eps = cfg.epsilon if cfg.eval_epsilon is None else cfg.eval_epsilon
         self.eval_attacks: list[Attack | None] = [
-            None, FGSM(cfg.epsilon),
-            PGD(cfg.epsilon, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
+            None, FGSM(eval_eps),
+            PGD(eval_eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
         ]
         self.epoch, self.step = 0, 0
 
@@ -407,6 +414,9 @@ class Trainer(RunContext):
             metric_row(self.epoch, self.step, "train", "acc", acc, n=seen, **spec),
             metric_row(self.epoch, self.step, "train", "lr", lr),
         ]
+        if self.config.cycle_momentum:  # the momentum of the epoch's last step, like lr
+            rows.append(metric_row(self.epoch, self.step, "train", "momentum",
+                                   self.optimizer.param_groups[0]["momentum"]))
         rows += [metric_row(self.epoch, self.step, "train", f"time_{k}_s", v) for k, v in times.items()]
         rows += [
             metric_row(self.epoch, self.step, "train", "passes_forward", self.method.forward_passes, source="cost"),

@@ -34,7 +34,7 @@ from robustdrop.data import Batch, CropFlip, apply_crop_flip, invert_crop_flip
 from robustdrop.errors import RobustdropError
 from robustdrop.methods.base import MethodContext, StepOutput, TrainingMethod
 from robustdrop.methods.registry import register_method
-from robustdrop.schedules import Schedule
+from robustdrop.schedules import CYCLIC, Schedule
 
 __all__ = [
     "OMEGA_PAD", "Apart", "PerturbationPoint", "find_perturbation_points", "omega_from_compact", "omega_to_compact",
@@ -43,9 +43,6 @@ __all__ = [
 OMEGA_PAD = 4  # Ω is kept in the frame padded by this many pixels (the trainer's crop padding)
 OMEGA_INIT_STD = 1e-3  # Ω = 0.001·N(0, 1) (authors' code)
 RATIO_EPS = 1e-7  # the ω update's α / (α_ω + 1e-7)
-# CyclicLR's defaults, which the authors' run used for both optimizers (paper.md §4.2):
-# momentum 0.9 at LR = 0 and 0.8 at the LR peak, linear in between.
-CYCLE_MOMENTUM_MAX, CYCLE_MOMENTUM_BASE = 0.9, 0.8
 # Attributes whose presence marks a module with a `conv1` as a residual block (PreActResNet /
 # CIFAR ResNet code: `shortcut`; torchvision ResNet: `downsample`; WideResNet code: `convShortcut`).
 RESIDUAL_MARKERS = ("shortcut", "downsample", "convShortcut")
@@ -265,15 +262,14 @@ class Apart(TrainingMethod):
             self.psi["alpha_omega"] = nn.Parameter(torch.tensor(float(cfg.apart_alpha_omega_init), device=self.device))
         if self.layerwise:
             self.psi["alpha_b"] = nn.Parameter(torch.zeros(len(self.points), device=self.device))
-        self.cycle_momentum = bool(getattr(cfg, "apart_psi_cycle_momentum", True)) and cfg.schedule in (
-            "cyclic", "cyclic-repeat")
-        momentum = CYCLE_MOMENTUM_MAX if self.cycle_momentum else float(cfg.momentum)
-        self.psi_optimizer = (torch.optim.SGD(list(self.psi.values()), lr=0.0, momentum=momentum,
+        # ψ's momentum is cycled like the authors' CyclicLR (paper.md §4.2) where the schedule has a
+        # cycle; the schedule's apply() sets it, the same code as the model's --cycle-momentum.
+        cycle_momentum = bool(cfg.apart_psi_cycle_momentum) and cfg.schedule in CYCLIC
+        self.psi_optimizer = (torch.optim.SGD(list(self.psi.values()), lr=0.0, momentum=float(cfg.momentum),
                                               weight_decay=float(cfg.apart_psi_weight_decay))
                               if self.psi else None)
-        self.psi_schedule = Schedule(cfg.schedule, cfg.apart_psi_lr, ctx.total_steps, peak_at=cfg.lr_peak_at,
-                                     cycle_steps=cfg.cycle_epochs * ctx.steps_per_epoch,
-                                     milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma)
+        self.psi_schedule = Schedule.from_config(cfg, cfg.apart_psi_lr, ctx.total_steps, ctx.steps_per_epoch,
+                                                 cycle_momentum=cycle_momentum)
 
         # Ω: per-example initialization in the padded frame, 0.001·N(0, 1) from the global CPU RNG
         # (the same numbers on CPU and CUDA).
@@ -371,12 +367,6 @@ class Apart(TrainingMethod):
     def train_step(self, model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> StepOutput:
         lr_psi = self.psi_schedule.apply(self.psi_optimizer) if self.psi_optimizer is not None else \
             self.psi_schedule.current()
-        if self.cycle_momentum and self.psi_optimizer is not None:
-            peak = self.psi_schedule.peak
-            frac = lr_psi / peak if peak > 0 else 0.0
-            momentum = CYCLE_MOMENTUM_MAX - (CYCLE_MOMENTUM_MAX - CYCLE_MOMENTUM_BASE) * frac
-            for group in self.psi_optimizer.param_groups:
-                group["momentum"] = momentum
         rows, w = self.read_omega(batch) if self.learned_init else (None, None)
 
         out = self.objective(model, batch, w)
