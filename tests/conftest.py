@@ -4,11 +4,13 @@
   10 classes, 3x32x32), deterministic.
 * ``cifar10_jpeg``: the embedded CIFAR-10 JPEG copy, decoded once per test session into a
   session-private cache directory (``cifar10_jpeg_cache_dir``). Treat both as read-only.
+* ``one_thread``: one torch thread for the test (tiny models are fastest so on a shared CPU).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from robustdrop.data import ImageData, load_dataset, make_synthetic
 
@@ -26,3 +28,11 @@ def cifar10_jpeg_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def cifar10_jpeg(cifar10_jpeg_cache_dir) -> ImageData:
     return load_dataset("cifar10-jpeg", cache_dir=str(cifar10_jpeg_cache_dir))
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,15 +31,8 @@ from robustdrop.models import create_model
 
 CPU = torch.device("cpu")
 N_TRAIN, BATCH, EPOCHS = 12, 8, 2  # 2 steps per epoch (8 + 4 examples), every example seen twice
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(width=0.125, batch_size=BATCH, epochs=EPOCHS, device="cpu", diagnostics=["none"], threads=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
