@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from lib.setting import QUICK_EVAL_BATCH, SMOKE_CONFIG, SMOKE_DATA, Setting
-
 from robustdrop.data import ImageData, load_dataset, make_synthetic
 from robustdrop.engine import TrackConfig, make_config
 

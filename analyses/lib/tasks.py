@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from lib.catalog import catalog, ref_name, run_dir
 from lib.evaluation import evaluate_run
 from lib.setting import Setting

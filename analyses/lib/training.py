@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from lib.catalog import catalog, config_for, data_for, run_dir
 from lib.setting import Setting
-
 from robustdrop.api import resume, track
 from robustdrop.engine import Hook, TrackConfig
 from robustdrop.store import RunStore
