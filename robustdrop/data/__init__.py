@@ -1,6 +1,6 @@
 """Datasets as uint8 tensors, batched crop/flip on the device, epoch batching.
 
-May import only :mod:`robustdrop.errors` (see ``docs/architecture.md``).
+May import only :mod:`robustdrop.errors` and :mod:`robustdrop._files` (see ``docs/architecture.md``).
 """
 
 from robustdrop.data.augment import (

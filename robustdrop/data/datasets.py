@@ -20,7 +20,6 @@ import io
 import os
 import re
 import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from robustdrop._files import atomic_write
 from robustdrop.errors import RobustdropError
 
 __all__ = [
@@ -225,7 +225,7 @@ def _cache_load(path: Path) -> ImageData | None:
 
 
 def _cache_save(path: Path, data: ImageData) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + ``os.replace``); warn on failure."""
+    """Write ``data`` to ``path`` atomically (:func:`~robustdrop._files.atomic_write`); warn on failure."""
     payload = {
         "format": _CACHE_FORMAT,
         "name": data.name,
@@ -235,24 +235,13 @@ def _cache_save(path: Path, data: ImageData) -> None:
         "test_x": data.test_x.contiguous(),
         "test_y": data.test_y.contiguous(),
     }
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:
-        warnings.warn(f"could not write dataset cache {path} ({exc}); the next load will decode again", stacklevel=3)
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except RobustdropError as exc:
+        warnings.warn(
+            f"could not write dataset cache {path} ({exc.__cause__ or exc}); the next load will decode again",
+            stacklevel=3,
+        )
 
 
 def _cached(path: Path, build: Callable[[], ImageData]) -> ImageData:

@@ -1,8 +1,8 @@
 """The run directory: the one place a run's results are written to and read from.
 
-Every write is atomic (write to a temporary file in the same folder, then ``os.replace``), so a
-killed process never leaves a torn file behind. Metrics are kept as a tidy table (one row per
-epoch/step/split/metric/attack spec) and written as Parquet plus an identical CSV.
+Every write is atomic (:mod:`robustdrop._files`: a temporary file in the same folder, then
+``os.replace``), so a killed process never leaves a torn file behind. Metrics are kept as a tidy
+table (one row per epoch/step/split/metric/attack spec) and written as Parquet plus an identical CSV.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from robustdrop._files import atomic_write_bytes, atomic_write_text
 from robustdrop.errors import RobustdropError
 
 METRIC_COLUMNS = [
@@ -52,25 +52,6 @@ def metric_row(
         "value": float(value), "attack": attack, "epsilon": float(epsilon), "steps": int(steps),
         "step_size": float(step_size), "restarts": int(restarts), "n": int(n), "source": source,
     }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
