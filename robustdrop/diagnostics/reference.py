@@ -32,7 +32,7 @@ from robustdrop.diagnostics.base import Diagnostic
 from robustdrop.diagnostics.measures import Mean, losses, take
 from robustdrop.errors import RobustdropError
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, load_checkpoint_file
+from robustdrop.store import RunStore, load_checkpoint_file, result_checkpoint
 
 if TYPE_CHECKING:
     from robustdrop.engine import RunContext
@@ -62,7 +62,7 @@ def find_reference(path: str | Path) -> ReferenceSource:
     if path.is_dir():
         store = RunStore.open(path)  # raises if there is no config.json
         config = store.read_json(RunStore.CONFIG)
-        checkpoint = next((store.checkpoint_path(n) for n in ("result", "last") if store.checkpoint_path(n).is_file()), None)
+        checkpoint = result_checkpoint(path)
         if checkpoint is None:
             raise RobustdropError(f"reference run {path} has no checkpoints/result.pt or checkpoints/last.pt; "
                                   "let it finish at least one epoch or give a checkpoint file")

@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,10 +31,9 @@ from robustdrop.errors import RobustdropError
 from robustdrop.methods import MethodContext, TrainingMethod, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
-from robustdrop.store import RunStore, metric_row
+from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore, load_checkpoint_file, metric_row
 
 CHECKPOINT_FORMAT = "robustdrop-checkpoint-1"
-_KEEP_ROLLING = 3  # epoch checkpoints kept for --on-collapse rollback
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,17 +242,13 @@ class Trainer(RunContext):
             "num_events": self.store.num_events,
         }
 
-    def _save_checkpoint(self, finished: bool = False) -> None:
-        state = self._state(finished)
-        self.store.save_checkpoint("last", state)
+    def _checkpoint_saver(self) -> CheckpointSaver:
         cfg = self.config
-        keep = cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0
-        if keep or cfg.on_collapse == "rollback":
-            self.store.save_checkpoint(f"epoch_{self.epoch:04d}", state)
-        if cfg.on_collapse == "rollback" and not keep:
-            stale = self.epoch - _KEEP_ROLLING
-            if stale > 0 and not (cfg.checkpoint_every and stale % cfg.checkpoint_every == 0):
-                self.store.checkpoint_path(f"epoch_{stale:04d}").unlink(missing_ok=True)
+        return CheckpointSaver(self.store, every=cfg.checkpoint_every,
+                               rolling=KEEP_ROLLING if cfg.on_collapse == "rollback" else 0)
+
+    def _save_checkpoint(self, finished: bool = False) -> None:
+        self._checkpoint_saver().save(self._state(finished), self.epoch)
 
     def _load_checkpoint(self) -> bool:
         """Restore from ``last.pt``; returns whether the run had already finished."""
@@ -435,18 +429,16 @@ class Trainer(RunContext):
         self.store.log_event("stop", epoch=self.epoch, step=self.step, reason=reason)
         if rollback is None:
             return
-        candidates = [int(p.stem.split("_")[1]) for p in (self.store.path / "checkpoints").glob("epoch_*.pt")]
-        candidates = [e for e in candidates if e <= rollback]
-        source = self.store.checkpoint_path(f"epoch_{max(candidates):04d}") if candidates else None
-        if source is None and self.epoch - 1 <= rollback and self.store.checkpoint_path("last").is_file():
-            source = self.store.checkpoint_path("last")  # still the previous epoch's state
+        # last.pt still holds the previous epoch: this epoch is saved after the stop is handled.
+        saver = self._checkpoint_saver()
+        source = saver.rollback_source(rollback, last_epoch=self.epoch - 1)
         if source is None:
             self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
             return
-        shutil.copyfile(source, self.store.checkpoint_path("result"))
-        to_epoch = int(self.store.load_checkpoint(source.stem)["epoch"])
+        result = saver.keep_as_result(source)
+        to_epoch = int(load_checkpoint_file(result)["epoch"])
         self.store.log_event("rollback", epoch=self.epoch, step=self.step, to_epoch=to_epoch,
-                             checkpoint="checkpoints/result.pt")
+                             checkpoint=f"checkpoints/{result.name}")
 
     def _print_summary(self, times: dict[str, float]) -> None:
         loss, acc, _, lr = self._train_stats

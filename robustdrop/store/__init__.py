@@ -1,9 +1,19 @@
 """Run directory: config, manifest, tidy metrics, events, arrays and checkpoints."""
 
 from robustdrop._files import atomic_write_bytes, atomic_write_text
+from robustdrop.store.checkpoints import (
+    KEEP_ROLLING,
+    LAST,
+    RESULT,
+    CheckpointSaver,
+    epoch_checkpoint_name,
+    parse_epoch,
+    result_checkpoint,
+)
 from robustdrop.store.run_store import METRIC_COLUMNS, RunStore, load_checkpoint_file, metric_row
 
 __all__ = [
-    "METRIC_COLUMNS", "RunStore", "atomic_write_bytes", "atomic_write_text",
-    "load_checkpoint_file", "metric_row",
+    "KEEP_ROLLING", "LAST", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunStore", "atomic_write_bytes",
+    "atomic_write_text", "epoch_checkpoint_name", "load_checkpoint_file", "metric_row", "parse_epoch",
+    "result_checkpoint",
 ]

@@ -1,0 +1,119 @@
+"""Checkpoint policy: which checkpoints a run keeps and which one is its result.
+
+A run directory holds, in ``checkpoints/``:
+
+* ``last.pt``: always, the state after the newest finished epoch (what ``--resume`` continues);
+* ``epoch_XXXX.pt``: every ``checkpoint_every`` epochs (kept for good), plus a rolling window of
+  the most recent epochs while ``--on-collapse rollback`` may need to go back;
+* ``result.pt``: only after a rollback, the checkpoint chosen as the run's result.
+
+"The run's result" is ``result.pt`` when there is one, else ``last.pt``
+(:func:`result_checkpoint`). The pattern is timm's ``CheckpointSaver``: one small object owns
+the file names and the retention rule, the training loop only says "save this epoch".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from robustdrop._files import atomic_write
+from robustdrop.store.run_store import RunStore
+
+__all__ = [
+    "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "parse_epoch",
+    "result_checkpoint",
+]
+
+LAST = "last"
+RESULT = "result"
+KEEP_ROLLING = 3  # recent epoch checkpoints kept for --on-collapse rollback
+_EPOCH_NAME = re.compile(r"epoch_(\d+)")
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """``epoch_XXXX``: the checkpoint name (without ``.pt``) of ``epoch``."""
+    return f"epoch_{int(epoch):04d}"
+
+
+def parse_epoch(name: str | os.PathLike) -> int | None:
+    """The epoch of an ``epoch_XXXX`` checkpoint name or path (``.pt`` optional), else None."""
+    stem = Path(name).name.removesuffix(".pt")
+    match = _EPOCH_NAME.fullmatch(stem)
+    return int(match.group(1)) if match else None
+
+
+def result_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The run's result: ``checkpoints/result.pt`` if present, else ``checkpoints/last.pt``;
+    None when the run has neither (it has not finished an epoch)."""
+    store = RunStore(Path(run_dir))
+    for name in (RESULT, LAST):
+        path = store.checkpoint_path(name)
+        if path.is_file():
+            return path
+    return None
+
+
+class CheckpointSaver:
+    """Saves a run's checkpoints by the policy in the module docstring.
+
+    Args:
+        store: the run directory.
+        every: keep ``epoch_XXXX.pt`` for good every ``every`` epochs (0 = never).
+        rolling: also keep the ``rolling`` most recent epochs (0 = none; :data:`KEEP_ROLLING`
+            under ``--on-collapse rollback``).
+
+    Examples:
+        >>> saver = CheckpointSaver(store, every=10, rolling=KEEP_ROLLING)
+        >>> saver.save(state, epoch=4)  # last.pt, epoch_0004.pt; epoch_0001.pt removed
+        >>> saver.rollback_source(2, last_epoch=4)  # checkpoints/epoch_0002.pt
+    """
+
+    def __init__(self, store: RunStore, *, every: int = 0, rolling: int = 0):
+        if every < 0 or rolling < 0:
+            raise ValueError(f"every and rolling must be >= 0, got {every}, {rolling}")
+        self.store = store
+        self.every = int(every)
+        self.rolling = int(rolling)
+
+    def is_permanent(self, epoch: int) -> bool:
+        """Whether ``epoch_XXXX.pt`` of ``epoch`` is kept for good."""
+        return self.every > 0 and epoch % self.every == 0
+
+    def save(self, state: dict[str, Any], epoch: int) -> None:
+        """Write ``last.pt`` and, by the policy, ``epoch_XXXX.pt``; drop the epoch that left the
+        rolling window (unless it is a permanent one)."""
+        self.store.save_checkpoint(LAST, state)
+        if self.is_permanent(epoch) or self.rolling:
+            self.store.save_checkpoint(epoch_checkpoint_name(epoch), state)
+        stale = epoch - self.rolling
+        if self.rolling and stale > 0 and not self.is_permanent(stale):
+            self.store.checkpoint_path(epoch_checkpoint_name(stale)).unlink(missing_ok=True)
+
+    def epochs(self) -> list[int]:
+        """Epochs that have an ``epoch_XXXX.pt`` on disk, ascending."""
+        folder = self.store.checkpoint_path(LAST).parent
+        found = (parse_epoch(p) for p in folder.glob("epoch_*.pt")) if folder.is_dir() else ()
+        return sorted(e for e in found if e is not None)
+
+    def rollback_source(self, to_epoch: int, *, last_epoch: int) -> Path | None:
+        """The checkpoint to keep as the result when rolling back to ``to_epoch``: the newest
+        ``epoch_XXXX.pt`` at or before it, else ``last.pt`` if it holds ``last_epoch <= to_epoch``;
+        None when neither exists."""
+        candidates = [e for e in self.epochs() if e <= to_epoch]
+        if candidates:
+            return self.store.checkpoint_path(epoch_checkpoint_name(max(candidates)))
+        last = self.store.checkpoint_path(LAST)
+        if last_epoch <= to_epoch and last.is_file():
+            return last
+        return None
+
+    def keep_as_result(self, source: Path) -> Path:
+        """Copy ``source`` to ``result.pt`` (atomically; the run's result from now on); returns its path."""
+        target = self.store.checkpoint_path(RESULT)
+        with open(source, "rb") as src:
+            atomic_write(target, lambda f: shutil.copyfileobj(src, f))
+        return target
