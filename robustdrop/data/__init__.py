@@ -1,5 +1,9 @@
 """Datasets as uint8 tensors, batched crop/flip on the device, epoch batching.
 
+``datasets`` (the :func:`load_dataset` dispatcher) over three loaders (``cifar10_jpeg``, ``folder``,
+``torchvision_data``) built from ``image_data`` (the container), ``cache``, ``decode`` and ``trees``
+(folder layout and tar reading); ``synthetic`` makes test data; ``augment`` and ``loader`` feed training.
+
 May import only :mod:`robustdrop.errors` and :mod:`robustdrop._files` (see ``docs/architecture.md``).
 """
 
@@ -11,17 +15,12 @@ from robustdrop.data.augment import (
     padding_mask,
     sample_crop_flip,
 )
-from robustdrop.data.datasets import (
-    CIFAR10_CLASSES,
-    CIFAR10_JPEG_SHA256,
-    DATASET_SPECS,
-    ImageData,
-    default_cache_dir,
-    embedded_archive_path,
-    load_dataset,
-    make_synthetic,
-)
+from robustdrop.data.cache import default_cache_dir
+from robustdrop.data.cifar10_jpeg import CIFAR10_CLASSES, CIFAR10_JPEG_SHA256, embedded_archive_path
+from robustdrop.data.datasets import DATASET_SPECS, load_dataset
+from robustdrop.data.image_data import ImageData
 from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation
+from robustdrop.data.synthetic import make_synthetic
 
 __all__ = [
     "CIFAR10_CLASSES",
