@@ -4,7 +4,6 @@ recorded series and on real small runs (one that collapses, one PGD run that doe
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import math
@@ -61,17 +60,11 @@ def fake_run(tmp_path, model: nn.Module, images_u8: torch.Tensor, labels: torch.
     values = dict(epsilon=EPS, eval_batch_size=32, eval_pgd_steps=5, eval_pgd_step_size=EPS / 4, device="cpu",
                   diagnostics=["none"])
     values.update(cfg)
-    run = RunContext()
-    run.config = make_config(**values)
-    run.store = RunStore.create(tmp_path, "fake", overwrite=True)
-    run.model = model.eval()
-    run.method = create_method(run.config)
-    run.device = torch.device("cpu")
-    run.probe = (images_u8, labels)
-    run.data = ImageData("fake", images_u8, labels, images_u8, labels, [f"c{i}" for i in range(int(labels.max()) + 1)])
-    run.epoch, run.step, run.eval_results = 1, 10, {}
-    run._autocast = contextlib.nullcontext
-    run._channels_last = False
+    config = make_config(**values)
+    data = ImageData("fake", images_u8, labels, images_u8, labels, [f"c{i}" for i in range(int(labels.max()) + 1)])
+    run = RunContext(config=config, store=RunStore.create(tmp_path, "fake", overwrite=True), model=model.eval(),
+                     method=create_method(config), device=torch.device("cpu"), data=data, train_images=images_u8,
+                     probe=(images_u8, labels), epoch=1, step=10)
     return run
 
 

@@ -60,9 +60,8 @@ class StrengthDiagnostic(Diagnostic):
     def on_run_start(self, run: RunContext) -> None:
         self._train = Mean()
         # Sample at least once per epoch even when an epoch has fewer steps than train_every.
-        steps = len(getattr(run, "loader", ()) or ())
-        if self.train_every > 0 and steps:
-            self.every_n_steps = min(self.train_every, steps)
+        if self.train_every > 0 and run.steps_per_epoch:
+            self.every_n_steps = min(self.train_every, run.steps_per_epoch)
 
     # -- training perturbations -----------------------------------------------------------------
     def on_train_step(self, run: RunContext, batch: Batch, out: StepOutput) -> None:

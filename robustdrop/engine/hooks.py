@@ -9,22 +9,99 @@ The :class:`~robustdrop.engine.trainer.Trainer` emits four events to every hook:
 * ``on_epoch_end(run, epoch)`` — after the epoch's evaluation, on the epochs the cadence selects;
 * ``on_run_end(run)`` — once, when training ends (or stops early).
 
-``run`` is the :class:`RunContext` (the trainer's public face): model, probe set, store, device,
-the epoch's evaluation numbers, and ``request_stop``. Hooks run with the model in eval mode
-and with every global random state saved and restored around them, so a hook can not change the
-training; they must still take their own randomness from :meth:`RunContext.generator` and must
-not touch parameter gradients.
+``run`` is the :class:`RunContext`: everything a hook may use of the run, declared in one place.
+The trainer builds it and keeps ``epoch`` and ``step`` current; hooks read it and never reach
+into the trainer. Hooks run with the model in eval mode and with every global random state saved
+and restored around them, so a hook can not change the training; they must still take their own
+randomness from :meth:`RunContext.generator` and must not touch parameter gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from robustdrop.data import iterate_eval
+from robustdrop.store import metric_row
+
 if TYPE_CHECKING:
-    from robustdrop.data import Batch
-    from robustdrop.engine.trainer import RunContext
-    from robustdrop.methods import StepOutput
+    from torch import nn
+
+    from robustdrop.attacks import AttackSpec
+    from robustdrop.data import Batch, ImageData
+    from robustdrop.engine.config import TrackConfig
+    from robustdrop.engine.evaluate import EvalResult
+    from robustdrop.methods import StepOutput, TrainingMethod
+    from robustdrop.store import RunStore
+
+
+@dataclass(eq=False)
+class RunContext:
+    """What hooks see of a run. The trainer owns it; hooks treat every attribute as read-only.
+
+    Attributes:
+        config: the resolved :class:`~robustdrop.engine.TrackConfig`.
+        store: the :class:`~robustdrop.store.RunStore` every hook writes through.
+        model: the model being trained (hooks see it in eval mode).
+        method: the :class:`~robustdrop.methods.TrainingMethod`.
+        device: torch device of the model and of ``probe``.
+        data: the :class:`~robustdrop.data.ImageData` (CPU).
+        train_images: the uint8 ``(N, C, H, W)`` training tensor actually trained on (CPU).
+        probe: ``(images uint8 (N, C, H, W), labels (N,))`` on ``device``: the fixed probe set.
+        steps_per_epoch: optimizer steps in one epoch.
+        epoch: the current (1-based) epoch, 0 before training; ``step``: optimizer steps taken.
+        eval_results: the epoch's evaluation, ``{(split, attack): EvalResult}`` (empty between evals).
+        autocast_factory: makes the run's autocast context (use :meth:`autocast`).
+        channels_last: whether batches are channels_last (use :meth:`probe_batches`).
+        stop_request: ``(reason, rollback_to_epoch)`` once a hook called :meth:`request_stop`.
+    """
+
+    config: TrackConfig
+    store: RunStore
+    model: nn.Module
+    method: TrainingMethod
+    device: torch.device
+    data: ImageData
+    train_images: torch.Tensor
+    probe: tuple[torch.Tensor, torch.Tensor]
+    steps_per_epoch: int = 0
+    epoch: int = 0
+    step: int = 0
+    eval_results: dict[tuple[str, str], EvalResult] = field(default_factory=dict)
+    autocast_factory: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    channels_last: bool = False
+    stop_request: tuple[str, int | None] | None = None
+
+    def generator(self, name: str, epoch: int | None = None) -> torch.Generator:
+        """A generator on ``device`` seeded by (run seed, ``name``, ``epoch``): reproducible and
+        independent of the training's random state."""
+        key = f"{self.config.seed}/{name}/{self.epoch if epoch is None else epoch}"
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(key.encode()))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast context (bf16 on CUDA with ``amp``, a no-op elsewhere)."""
+        return self.autocast_factory()
+
+    def probe_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The probe set as float batches in [0, 1], fixed order."""
+        images, labels = self.probe
+        yield from iterate_eval(images, labels, batch_size or self.config.eval_batch_size, self.device,
+                                channels_last=self.channels_last)
+
+    def log(self, source: str, split: str, metric: str, value: float, *, spec: AttackSpec | None = None, n: int = 0) -> None:
+        """Append one metric row for the current epoch/step."""
+        cols = spec.as_columns() if spec is not None else {}
+        self.store.log_metrics([metric_row(self.epoch, self.step, split, metric, value, n=n, source=source, **cols)])
+
+    def request_stop(self, reason: str, *, rollback_to_epoch: int | None = None) -> None:
+        """Stop after this epoch; with ``rollback_to_epoch``, keep the newest checkpoint at or before
+        that epoch as the run's result (``checkpoints/result.pt``)."""
+        self.stop_request = (reason, rollback_to_epoch)
 
 
 class Hook:

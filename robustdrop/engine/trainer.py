@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -22,13 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import robustdrop
-from robustdrop.attacks import FGSM, PGD, Attack, AttackSpec
-from robustdrop.data import ImageData, TrainLoader, iterate_eval, load_dataset, probe_indices, split_validation
+from robustdrop.attacks import FGSM, PGD, Attack
+from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import TrackConfig
-from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate
-from robustdrop.engine.hooks import Hook
+from robustdrop.engine.evaluate import autocast_for, evaluate
+from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.errors import RobustdropError
-from robustdrop.methods import MethodContext, TrainingMethod, create_method
+from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
 from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore, load_checkpoint_file, metric_row
@@ -91,60 +90,11 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-class RunContext:
-    """What hooks see of a run. Attributes are read-only by convention.
-
-    Attributes:
-        config: the resolved :class:`TrackConfig`.
-        store: the :class:`RunStore` every hook writes through.
-        model: the model being trained (hooks run it in eval mode).
-        method: the :class:`TrainingMethod`.
-        device: torch device.
-        epoch: the current (1-based) epoch; ``step``: optimizer steps taken so far.
-        probe: ``(images uint8 (N, C, H, W), labels (N,))`` on ``device``: the fixed probe set.
-        data: the :class:`ImageData` (CPU); ``train_images`` the uint8 training tensor actually used.
-        eval_results: the epoch's evaluation, ``{(split, attack): EvalResult}`` (empty between evals).
-    """
-
-    config: TrackConfig
-    store: RunStore
-    model: nn.Module
-    method: TrainingMethod
-    device: torch.device
-    epoch: int = 0
-    step: int = 0
-    probe: tuple[torch.Tensor, torch.Tensor]
-    data: ImageData
-    eval_results: dict[tuple[str, str], EvalResult]
-
-    def generator(self, name: str, epoch: int | None = None) -> torch.Generator:
-        """A generator on ``device`` seeded by (run seed, ``name``, ``epoch``): reproducible and
-        independent of the training's random state."""
-        key = f"{self.config.seed}/{name}/{self.epoch if epoch is None else epoch}"
-        return torch.Generator(device=self.device).manual_seed(zlib.crc32(key.encode()))
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self._autocast()
-
-    def probe_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The probe set as float batches in [0, 1], fixed order."""
-        images, labels = self.probe
-        yield from iterate_eval(images, labels, batch_size or self.config.eval_batch_size, self.device,
-                                channels_last=self._channels_last)
-
-    def log(self, source: str, split: str, metric: str, value: float, *, spec: AttackSpec | None = None, n: int = 0) -> None:
-        """Append one metric row for the current epoch/step."""
-        cols = spec.as_columns() if spec is not None else {}
-        self.store.log_metrics([metric_row(self.epoch, self.step, split, metric, value, n=n, source=source, **cols)])
-
-    def request_stop(self, reason: str, *, rollback_to_epoch: int | None = None) -> None:
-        """Stop after this epoch; with ``rollback_to_epoch``, keep the newest checkpoint at or before
-        that epoch as the run's result (``checkpoints/result.pt``)."""
-        self._stop = (reason, rollback_to_epoch)
-
-
-class Trainer(RunContext):
+class Trainer:
     """Runs one training run into a :class:`RunStore`.
+
+    Hooks receive :attr:`run`, the :class:`RunContext` the trainer builds in ``_prepare`` and keeps
+    current (``epoch``, ``step``, ``eval_results``); the trainer itself is never handed to a hook.
 
     Args:
         config: the resolved config.
@@ -162,8 +112,20 @@ class Trainer(RunContext):
         self.resume = resume
         self.progress = progress
         self.data = data
-        self._stop: tuple[str, int | None] | None = None
-        self.eval_results = {}
+        self.run: RunContext | None = None
+
+    # The loop's counters and a hook's stop request live on the RunContext; read-only here.
+    @property
+    def epoch(self) -> int:
+        return self.run.epoch
+
+    @property
+    def step(self) -> int:
+        return self.run.step
+
+    @property
+    def _stop(self) -> tuple[str, int | None] | None:
+        return self.run.stop_request
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -219,7 +181,10 @@ class Trainer(RunContext):
             None, FGSM(eval_eps),
             PGD(eval_eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
         ]
-        self.epoch, self.step = 0, 0
+        self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method, device=self.device,
+                              data=data, train_images=self.train_images, probe=self.probe,
+                              steps_per_epoch=steps_per_epoch, autocast_factory=self._autocast,
+                              channels_last=self._channels_last)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -272,7 +237,7 @@ class Trainer(RunContext):
                 hook.load_state_dict(state["hooks"][hook.name])
         _set_rng_state(state["rng"])
         self.data_generator.set_state(state["data_generator"])
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.run.epoch, self.run.step = state["epoch"], state["step"]
         self.store.truncate_logs(state["num_metric_rows"], state["num_events"])
         self.store.log_event("resume", epoch=self.epoch, step=self.step)
         return bool(state["finished"])
@@ -300,7 +265,7 @@ class Trainer(RunContext):
         start = time.perf_counter()
         with self._hook_guard():
             for hook in hooks:
-                getattr(hook, event)(self, *args)
+                getattr(hook, event)(self.run, *args)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------
@@ -320,7 +285,7 @@ class Trainer(RunContext):
         self._emit("on_run_start")
         finished = False
         while self.epoch < cfg.epochs:
-            self.epoch += 1
+            self.run.epoch += 1
             times = self._train_epoch()
             last = self.epoch == cfg.epochs
             start = time.perf_counter()
@@ -356,7 +321,7 @@ class Trainer(RunContext):
             with self._autocast():
                 out = method.train_step(model, batch, self.optimizer)
             self.schedule.step()
-            self.step += 1
+            self.run.step += 1
             loss_sum += out.loss * len(batch.y)
             correct += (out.logits.argmax(1) == batch.y).sum()
             seen += len(batch.y)
@@ -384,7 +349,7 @@ class Trainer(RunContext):
 
     def _evaluate_epoch(self, last: bool) -> None:
         cfg = self.config
-        self.eval_results = {}
+        self.run.eval_results = {}
         sets = []
         if self.epoch % cfg.eval_every == 0 or last:
             sets.append(("probe", self.probe, self.eval_attacks))
@@ -394,10 +359,10 @@ class Trainer(RunContext):
             sets.append(("test", self.test, self.eval_attacks))
         for split, (images, labels), attacks in sets:
             results = evaluate(self.model, images, labels, attacks, split=split, batch_size=cfg.eval_batch_size,
-                               device=self.device, generator=self.generator(f"eval/{split}"),
+                               device=self.device, generator=self.run.generator(f"eval/{split}"),
                                autocast=self._autocast, channels_last=self._channels_last)
             for r in results:
-                self.eval_results[(split, r.spec.attack)] = r
+                self.run.eval_results[(split, r.spec.attack)] = r
 
     def _log_epoch(self, times: dict[str, float]) -> None:
         loss, acc, seen, lr = self._train_stats
@@ -418,7 +383,7 @@ class Trainer(RunContext):
         ]
         rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name, epsilon=self.config.epsilon)
                  for k, v in self.method.epoch_metrics().items()]
-        for r in self.eval_results.values():
+        for r in self.run.eval_results.values():
             cols = r.spec.as_columns()
             rows.append(metric_row(self.epoch, self.step, r.split, "acc", r.acc, n=r.n, source="eval", **cols))
             rows.append(metric_row(self.epoch, self.step, r.split, "loss", r.loss, n=r.n, source="eval", **cols))
@@ -444,7 +409,7 @@ class Trainer(RunContext):
         loss, acc, _, lr = self._train_stats
         parts = [f"epoch {self.epoch:>3}/{self.config.epochs}", f"train loss {loss:.3f} acc {acc:.3f} lr {lr:.3g}"]
         for split in ("probe", "val", "test"):
-            here = [r for (s, _), r in self.eval_results.items() if s == split]
+            here = [r for (s, _), r in self.run.eval_results.items() if s == split]
             if here:
                 accs = " ".join(f"{'clean' if r.spec.attack == 'none' else r.spec.attack}"
                                 f"{'' if r.spec.steps <= 1 else f'-{r.spec.steps}'} {r.acc:.3f}" for r in here)
