@@ -22,6 +22,7 @@ from robustdrop.diagnostics import (
     NAMES,
     OPTIONS,
     CollapseDetector,
+    CollapseDiagnostic,
     CollapseRule,
     LandscapeDiagnostic,
     SnapshotDiagnostic,
@@ -35,7 +36,7 @@ from robustdrop.diagnostics import (
     pick_snapshot_indices,
     select,
 )
-from robustdrop.engine import RunContext, make_config
+from robustdrop.engine import Hook, RunContext, make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.store import RunStore, metric_row
@@ -249,9 +250,9 @@ def test_landscape_runs_around_a_collapse_onset(tmp_path):
     run = fake_run(tmp_path, BinaryLinear(), images, labels, epochs=20)
     land = LandscapeDiagnostic(every=5, n=4, points=3, grid=3)
     assert all(land.wants_epoch(e) for e in range(1, 8))  # decides itself in on_epoch_end
-    run.store.log_event("collapse_onset", epoch=7, step=70, detected_epoch=7)
     for epoch in range(1, 11):
         run.epoch = epoch
+        run.metrics = {"collapse/onset": 7.0} if epoch == 7 else {}  # the detector fired at epoch 7
         land.on_epoch_end(run, epoch)
     assert run.store.list_arrays("landscape") == ["epoch_0005", "epoch_0007", "epoch_0008", "epoch_0010"]
 
@@ -393,6 +394,60 @@ def test_diagnostics_on_and_off_train_identically(tmp_path, small_data, referenc
     a = torch.load(off.checkpoint_path("last"), weights_only=True)["model"]
     b = torch.load(on.checkpoint_path("last"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the channel: run.metrics
+# ---------------------------------------------------------------------------------------------
+class Recorder(Hook):
+    """Copies the channel at every epoch end (it runs last, so it sees every hook's values)."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__(every_n_epochs=1)
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_epoch_end(self, run, epoch):
+        self.seen[epoch] = dict(run.metrics)
+
+
+def test_channel_holds_the_epochs_values_as_logged(tmp_path, small_data):
+    recorder = Recorder()
+    store = track(small_config(epochs=3, eval_every=2, val_size=64, diagnostics=["default", "strength:n=32"]),
+                  runs_dir=tmp_path, name="c", progress=False, data=small_data, hooks=[recorder])
+    seen = recorder.seen
+    # epoch 1 is not evaluated: no evaluation values, and nothing left over from another epoch
+    assert not any(k.startswith(("probe/", "val/", "collapse/")) for k in seen[1])
+    assert {"probe/acc/pgd", "probe/loss/fgsm", "probe/acc/none", "val/acc/pgd", "val/acc/none"} <= set(seen[2])
+    assert "val/acc/fgsm" not in seen[2] and "test/acc/pgd" in seen[3] and "test/acc/pgd" not in seen[2]
+    for epoch in (2, 3):
+        assert seen[epoch]["probe/acc/pgd"] == value(store, "eval", "acc", split="probe", attack="pgd", epoch=epoch)
+        assert seen[epoch]["collapse/collapse_score"] == value(store, "collapse", "collapse_score", epoch=epoch)
+    for epoch in (1, 2, 3):
+        assert seen[epoch]["train/loss"] == value(store, "train", "loss", split="train", epoch=epoch)
+        assert seen[epoch]["strength/strength_ratio"] == value(store, "strength", "strength_ratio", epoch=epoch)
+        assert seen[epoch]["strength/grad_alignment"] == value(store, "strength", "grad_alignment", epoch=epoch)
+
+
+def test_collapse_detector_reads_the_channel_only(tmp_path):
+    images, labels = mid_gray()
+    run = fake_run(tmp_path, BinaryLinear(), images, labels, epochs=20)
+    hook = CollapseDiagnostic()
+    onsets = {}
+    for e in range(1, len(COLLAPSING["pgd"]) + 1):
+        run.epoch = e
+        run.metrics = {"probe/acc/pgd": COLLAPSING["pgd"][e - 1], "probe/acc/fgsm": COLLAPSING["fgsm"][e - 1],
+                       "strength/strength_ratio": COLLAPSING["ratio"][e - 1]}
+        hook.on_epoch_end(run, e)
+        onsets[e] = run.metrics.get("collapse/onset")
+    assert {e: o for e, o in onsets.items() if o is not None} == {8: 8.0}
+    (event,) = run.store.events("collapse_onset")
+    assert event["epoch"] == 8 and event["signals"]["weak_fgsm"] and "misaligned" not in event["signals"]
+    assert list(event["signals"])[:3] == ["pgd_acc", "fgsm_acc", "strength_ratio"]
+    run.metrics = {"strength/strength_ratio": 0.1}  # no probe evaluation: no verdict
+    hook.on_epoch_end(run, 12)
+    assert len(rows(run.store, "collapse", "collapse_score")) == len(COLLAPSING["pgd"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,17 +40,17 @@ class KeepBest(Hook):
         self.epoch: int | None = None
 
     def on_epoch_end(self, run: Any, epoch: int) -> None:
-        result = run.eval_results.get(("val", "pgd")) or run.eval_results.get(("probe", "pgd"))
-        if result is None or not result.acc > self.best:
+        split = next((s for s in ("val", "probe") if f"{s}/acc/pgd" in run.metrics), None)
+        if split is None or not run.metrics[f"{split}/acc/pgd"] > self.best:
             return
-        self.best, self.epoch = float(result.acc), int(epoch)
+        self.best, self.epoch = float(run.metrics[f"{split}/acc/pgd"]), int(epoch)
         run.store.save_checkpoint(BEST_CHECKPOINT, {
             "format": "robustdrop-analyses-best-1",
             "config": run.config.to_dict(),
             "epoch": int(epoch),
             "model": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
-            "selected_by": f"{result.split} {result.spec.describe()}",
-            "value": float(result.acc),
+            "selected_by": f"{split} {run.eval_specs['pgd'].describe()}",
+            "value": self.best,
         })
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,12 +1,12 @@
-"""What every diagnostic shares: logging under its name, timing, and the signals it offers the
-collapse detector."""
+"""What every diagnostic shares: logging under its name, timing, and publishing values to the
+other hooks through ``run.metrics``."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,16 +20,11 @@ if TYPE_CHECKING:
 class Diagnostic(Hook):
     """A :class:`~robustdrop.engine.Hook` that logs with ``source`` = its name.
 
-    Subclasses call :meth:`timer` around their work (it logs ``time_s``) and may publish values
-    for the collapse detector with :meth:`publish` (read back with :meth:`signals`).
+    Subclasses call :meth:`timer` around their work (it logs ``time_s``) and share values with
+    the hooks after them (e.g. the collapse detector) with :meth:`publish`.
     """
 
     name = "diagnostic"
-
-    def __init__(self, **cadence: Any):
-        super().__init__(**cadence)
-        self._signals: dict[str, float] = {}
-        self._signals_epoch = -1
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, run: RunContext, metric: str, value: float, *, split: str = "probe",
@@ -45,12 +40,7 @@ class Diagnostic(Hook):
             torch.cuda.synchronize(run.device)
         self.log(run, "time_s", time.perf_counter() - start, split=split)
 
-    # -- signals for the collapse detector ------------------------------------------------------
-    def publish(self, epoch: int, **values: float) -> None:
-        if epoch != self._signals_epoch:
-            self._signals, self._signals_epoch = {}, epoch
-        self._signals.update({k: float(v) for k, v in values.items()})
-
-    def signals(self, epoch: int) -> dict[str, float]:
-        """Values this diagnostic measured at ``epoch`` (empty if it did not run then)."""
-        return dict(self._signals) if epoch == self._signals_epoch else {}
+    # -- sharing ----------------------------------------------------------------------------------
+    def publish(self, run: RunContext, **values: float) -> None:
+        """Put this epoch's ``values`` in the channel as ``run.metrics["<name>/<key>"]``."""
+        run.metrics.update({f"{self.name}/{k}": float(v) for k, v in values.items()})

@@ -1,8 +1,8 @@
 """``collapse``: an online detector of catastrophic overfitting (the robustness drop's onset).
 
-Every epoch with a probe evaluation it reads the probe accuracies (clean, FGSM, PGD) from
-``run.eval_results`` and the values the strength diagnostics measured in the same epoch (they
-run before it), and evaluates these signals:
+Every epoch with a probe evaluation it reads its :data:`INPUTS` from ``run.metrics``: the probe
+accuracies (clean, FGSM, PGD) the evaluation put there and the values the strength diagnostics
+published in the same epoch (they run before it), and evaluates these signals:
 
 * ``pgd_drop`` — PGD accuracy below ``drop`` × its running best, with the best at least ``floor``;
 * ``gap_widening`` — the FGSM−PGD accuracy gap is at least ``gap`` wider than at the best epoch
@@ -15,9 +15,10 @@ run before it), and evaluates these signals:
 **Rule.** The detector fires once, at the first epoch where ``pgd_drop`` holds together with at
 least one of the other signals, for ``patience`` consecutive epochs (default 1); the onset is the
 first epoch of that streak. Signals whose diagnostic did not run are left out. ``collapse_score``
-(logged every evaluated epoch) is the fraction of the available signals that are on.
+(logged every evaluated epoch, and published as ``collapse/collapse_score``) is the fraction of the
+available signals that are on.
 
-On firing it records the event ``collapse_onset`` (``signals``: every value and flag, ``action``,
+On firing it publishes ``collapse/onset`` (the onset epoch) for the hooks after it, records the event ``collapse_onset`` (``signals``: every value and flag, ``action``,
 ``detected_epoch``) and acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends
 the run after this epoch, ``rollback`` ends it and keeps the checkpoint of epoch onset−1 as
 ``checkpoints/result.pt``. The same rule runs offline on a recorded metrics table with
@@ -38,6 +39,31 @@ if TYPE_CHECKING:
     from robustdrop.engine import RunContext
 
 SIGNALS = ("pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned")
+
+
+@dataclass(frozen=True)
+class Input:
+    """A value the detector reads: ``run.metrics[channel]`` in a live run; in a recorded run the
+    ``split=probe`` row with this ``source``, ``metric`` and ``attack`` (``None``: any attack)."""
+
+    key: str
+    channel: str
+    source: str
+    metric: str
+    attack: str | None = None
+
+
+# The detector's inputs, in the order the detector's values (and the collapse_onset event) list them.
+INPUTS = (
+    Input("pgd_acc", "probe/acc/pgd", "eval", "acc", "pgd"),
+    Input("fgsm_acc", "probe/acc/fgsm", "eval", "acc", "fgsm"),
+    Input("clean_acc", "probe/acc/none", "eval", "acc", "none"),
+    Input("ref_acc_fgsm", "strength-ref/ref_acc_fgsm", "strength-ref", "ref_acc", "fgsm"),
+    Input("ref_acc_noise", "strength-ref/ref_acc_noise", "strength-ref", "ref_acc", "noise-sign"),
+    Input("strength_ratio", "strength/strength_ratio", "strength", "strength_ratio"),
+    Input("grad_alignment", "strength/grad_alignment", "strength", "grad_alignment"),
+)
+REQUIRED = INPUTS[0]  # pgd_acc: no verdict without it
 
 
 @dataclass(frozen=True)
@@ -74,10 +100,10 @@ def _clean(v: float) -> float | None:
 
 @dataclass
 class CollapseDetector:
-    """The detector's state machine; :meth:`update` takes one epoch's signal values.
+    """The detector's state machine; :meth:`update` takes one epoch's values.
 
-    ``values`` keys (missing = not measured): ``pgd_acc`` (required), ``fgsm_acc``, ``clean_acc``,
-    ``strength_ratio``, ``grad_alignment``, ``ref_acc_fgsm``, ``ref_acc_noise``.
+    ``values`` keys are the ``key`` of :data:`INPUTS` (missing = not measured); ``pgd_acc`` is
+    required.
     """
 
     rule: CollapseRule = field(default_factory=CollapseRule)
@@ -139,27 +165,18 @@ class CollapseDetector:
 # Offline: the same rule on a recorded metrics table
 # ---------------------------------------------------------------------------------------------
 def signals_from_metrics(metrics: pd.DataFrame) -> dict[int, dict[str, float]]:
-    """Per-epoch detector inputs from a tidy metrics table (``RunStore.metrics()``): probe
-    accuracies (``source=eval``) and the strength diagnostics' rows. Epochs without a probe PGD
-    accuracy are left out."""
+    """Per-epoch detector inputs (:data:`INPUTS`) from a tidy metrics table (``RunStore.metrics()``):
+    probe accuracies (``source=eval``) and the strength diagnostics' rows. Epochs without a probe
+    PGD accuracy are left out."""
     df = metrics[metrics["split"] == "probe"]
-    wanted = {
-        ("eval", "acc", "pgd"): "pgd_acc",
-        ("eval", "acc", "fgsm"): "fgsm_acc",
-        ("eval", "acc", "none"): "clean_acc",
-        ("strength", "strength_ratio", None): "strength_ratio",
-        ("strength", "grad_alignment", None): "grad_alignment",
-        ("strength-ref", "ref_acc", "fgsm"): "ref_acc_fgsm",
-        ("strength-ref", "ref_acc", "noise-sign"): "ref_acc_noise",
-    }
     out: dict[int, dict[str, float]] = {}
-    for (source, metric, attack), key in wanted.items():
-        rows = df[(df["source"] == source) & (df["metric"] == metric)]
-        if attack is not None:
-            rows = rows[rows["attack"] == attack]
+    for inp in INPUTS:
+        rows = df[(df["source"] == inp.source) & (df["metric"] == inp.metric)]
+        if inp.attack is not None:
+            rows = rows[rows["attack"] == inp.attack]
         for epoch, value in rows.groupby("epoch")["value"].last().items():
-            out.setdefault(int(epoch), {})[key] = float(value)
-    return {e: v for e, v in sorted(out.items()) if "pgd_acc" in v}
+            out.setdefault(int(epoch), {})[inp.key] = float(value)
+    return {e: v for e, v in sorted(out.items()) if REQUIRED.key in v}
 
 
 def detect_collapse(metrics: pd.DataFrame, rule: CollapseRule | None = None) -> list[Verdict]:
@@ -182,25 +199,18 @@ class CollapseDiagnostic(Diagnostic):
         self.detector = CollapseDetector(CollapseRule(**rule))
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
-        if ("probe", "pgd") not in run.eval_results:
+        if REQUIRED.channel not in run.metrics:  # no probe evaluation this epoch
             return
         with self.timer(run):
             self._check(run, epoch)
 
     def _check(self, run: RunContext, epoch: int) -> None:
-        results = run.eval_results
-        values = {"pgd_acc": results[("probe", "pgd")].acc}
-        if ("probe", "fgsm") in results:
-            values["fgsm_acc"] = results[("probe", "fgsm")].acc
-        if ("probe", "none") in results:
-            values["clean_acc"] = results[("probe", "none")].acc
-        for hook in getattr(run, "hooks", ()):
-            if isinstance(hook, Diagnostic) and hook is not self:
-                values.update({k: v for k, v in hook.signals(epoch).items()
-                               if k in ("strength_ratio", "grad_alignment", "ref_acc_fgsm", "ref_acc_noise")})
+        values = {inp.key: run.metrics[inp.channel] for inp in INPUTS if inp.channel in run.metrics}
         verdict = self.detector.update(epoch, values)
-        self.log(run, "collapse_score", verdict.score, n=results[("probe", "pgd")].n)
+        self.log(run, "collapse_score", verdict.score, n=len(run.probe[1]))
+        self.publish(run, collapse_score=verdict.score)
         if verdict.fired:
+            self.publish(run, onset=verdict.onset)
             self._act(run, verdict)
 
     def _act(self, run: RunContext, verdict: Verdict) -> None:

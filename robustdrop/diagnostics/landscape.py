@@ -16,14 +16,14 @@ d_n a fixed random-sign direction (the same draw every epoch), every ``every`` e
 The points are not clipped to [0, 1] (the loss surface of the model itself). Arrays go to
 ``arrays/landscape/epoch_XXXX.npz`` (keys ``t``, ``loss_fgsm``, ``loss_noise``, ``grid_u``,
 ``grid_v``, ``loss_2d``, ``epsilon``). With ``around_collapse=1`` a landscape is also taken at the
-epoch a ``collapse_onset`` event is recorded and at the next one, whatever the cadence (the
-collapse detector runs before this hook).
+epoch the collapse detector fires (it publishes ``collapse/onset`` in ``run.metrics``; it runs
+before this hook) and at the next one, whatever the cadence.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -97,19 +97,19 @@ class LandscapeDiagnostic(Diagnostic):
         super().__init__(every_n_epochs=every)
         self.n, self.points, self.grid, self.span = int(n), int(points), int(grid), float(span)
         self.around_collapse = bool(around_collapse)
+        self.collapse_epoch: int | None = None  # the epoch the collapse detector fired at
 
     def wants_epoch(self, epoch: int, *, last: bool = False) -> bool:
-        # Called every epoch: whether a collapse onset was just recorded is only known once the
+        # Called every epoch: whether a collapse onset was just detected is only known once the
         # collapse detector (which runs before this hook) has seen the epoch; see on_epoch_end.
         return True
 
     def _due(self, run: RunContext, epoch: int) -> bool:
+        if self.around_collapse and "collapse/onset" in run.metrics:  # the detector fired this epoch
+            self.collapse_epoch = epoch
         if super().wants_epoch(epoch, last=epoch == run.config.epochs):
             return True
-        if not self.around_collapse:
-            return False
-        detected = {int(e.get("detected_epoch", e["epoch"])) for e in run.store.events("collapse_onset")}
-        return epoch in detected or epoch - 1 in detected
+        return self.around_collapse and self.collapse_epoch in (epoch, epoch - 1)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         if not self._due(run, epoch):
@@ -129,4 +129,10 @@ class LandscapeDiagnostic(Diagnostic):
             spec = AttackSpec("fgsm", eps, 1, eps, 0)
             self.log(run, "linearity_error", linearity, spec=spec, n=len(y))
             self.log(run, "curvature", curvature, spec=spec, n=len(y))
-        self.publish(epoch, linearity_error=linearity, curvature=curvature)
+        self.publish(run, linearity_error=linearity, curvature=curvature)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"collapse_epoch": self.collapse_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.collapse_epoch = state.get("collapse_epoch")  # absent in checkpoints written before it was kept

@@ -187,4 +187,4 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         acc = correct.means()
         for name, spec in specs.items():
             self.log(run, "ref_acc", acc[name.replace("-", "_")], spec=spec, n=correct.count)
-        self.publish(epoch, ref_acc_fgsm=acc["fgsm"], ref_acc_noise=acc["noise_sign"], ref_acc_clean=acc["none"])
+        self.publish(run, ref_acc_fgsm=acc["fgsm"], ref_acc_noise=acc["noise_sign"], ref_acc_clean=acc["none"])

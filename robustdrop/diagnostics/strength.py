@@ -82,9 +82,9 @@ class StrengthDiagnostic(Diagnostic):
             self.log(run, "time_s", self._train_time + time.perf_counter() - start, split="train")
             self._train, self._train_time = Mean(), 0.0
         with self.timer(run):
-            self._measure(run, epoch)
+            self._measure(run)
 
-    def _measure(self, run: RunContext, epoch: int) -> None:
+    def _measure(self, run: RunContext) -> None:
         model, eps, autocast = run.model, run.config.epsilon, run.autocast
         pgd = PGD(eps, steps=self.pgd_steps, step_size=2.5 * eps / self.pgd_steps)
         gen = run.generator(self.name)
@@ -122,7 +122,7 @@ class StrengthDiagnostic(Diagnostic):
         self.log(run, "grad_alignment", values["grad_alignment"], spec=AttackSpec("noise-uniform", eps, 0, eps, 0), n=n)
         for k in ("delta_abs_mean", "delta_frac_at_eps", "delta_autocorr"):
             self.log(run, k, values[k], spec=fgsm_spec, n=n)
-        self.publish(epoch, strength_ratio=ratio, grad_alignment=values["grad_alignment"],
+        self.publish(run, strength_ratio=ratio, grad_alignment=values["grad_alignment"],
                      cos_fgsm_pgd=values["cos_fgsm_pgd"], fgsm_delta_autocorr=values["delta_autocorr"])
 
 

@@ -23,6 +23,11 @@ class EvalResult:
     n: int
 
 
+def spec_of(attack: Attack | None) -> AttackSpec:
+    """The spec of an evaluation attack (``None`` = clean)."""
+    return CLEAN if attack is None else attack.spec()
+
+
 def autocast_for(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of bf16 autocast contexts on CUDA (a no-op context elsewhere)."""
     if enabled and device.type == "cuda":
@@ -62,6 +67,6 @@ def evaluate(
                 correct[i] += (logits.argmax(1) == y).sum()
                 loss_sum[i] += F.cross_entropy(logits, y, reduction="sum")
     return [
-        EvalResult(split, CLEAN if a is None else a.spec(), correct[i].item() / max(n, 1), loss_sum[i].item() / max(n, 1), n)
+        EvalResult(split, spec_of(a), correct[i].item() / max(n, 1), loss_sum[i].item() / max(n, 1), n)
         for i, a in enumerate(attacks)
     ]

@@ -11,9 +11,27 @@ The :class:`~robustdrop.engine.trainer.Trainer` emits four events to every hook:
 
 ``run`` is the :class:`RunContext`: everything a hook may use of the run, declared in one place.
 The trainer builds it and keeps ``epoch`` and ``step`` current; hooks read it and never reach
-into the trainer. Hooks run with the model in eval mode and with every global random state saved
-and restored around them, so a hook can not change the training; they must still take their own
-randomness from :meth:`RunContext.generator` and must not touch parameter gradients.
+into the trainer or into other hooks. Hooks run with the model in eval mode and with every
+global random state saved and restored around them, so a hook can not change the training; they
+must still take their own randomness from :meth:`RunContext.generator` and must not touch
+parameter gradients.
+
+**Sharing values: ``run.metrics``.** The one channel between the trainer and hooks (and between
+hooks) is ``run.metrics``, a ``{name: float}`` mapping of the current epoch's values, emptied at
+the start of every epoch (the pattern of Lightning's ``trainer.callback_metrics``). Names are
+``/``-separated paths that read as plot or TensorBoard tags:
+
+* the trainer, after the epoch's training steps: ``train/loss``, ``train/acc``, ``train/lr``;
+* the trainer's evaluation, before ``on_epoch_end``: ``{split}/acc/{attack}`` and
+  ``{split}/loss/{attack}`` for each evaluated ``split`` (``probe``, ``val``, ``test``) and
+  ``attack`` (``none``, ``fgsm``, ``pgd``; how each was obtained: ``run.eval_specs[attack]``),
+  only on the epochs that split is evaluated — e.g. ``probe/acc/pgd``;
+* a hook, under its name: ``{hook name}/{value}`` — e.g. ``strength/strength_ratio``,
+  ``strength-ref/ref_acc_fgsm``, ``collapse/collapse_score`` (``Diagnostic.publish`` writes these).
+
+A hook sees what the trainer and the hooks before it (in running order) wrote this epoch. The
+metrics table (``run.log`` / ``run.store``) stays the record of every number and how it was
+obtained; ``run.metrics`` only carries the epoch's values from one part to another.
 """
 
 from __future__ import annotations
@@ -35,7 +53,6 @@ if TYPE_CHECKING:
     from robustdrop.attacks import AttackSpec
     from robustdrop.data import Batch, ImageData
     from robustdrop.engine.config import TrackConfig
-    from robustdrop.engine.evaluate import EvalResult
     from robustdrop.methods import StepOutput, TrainingMethod
     from robustdrop.store import RunStore
 
@@ -55,7 +72,9 @@ class RunContext:
         probe: ``(images uint8 (N, C, H, W), labels (N,))`` on ``device``: the fixed probe set.
         steps_per_epoch: optimizer steps in one epoch.
         epoch: the current (1-based) epoch, 0 before training; ``step``: optimizer steps taken.
-        eval_results: the epoch's evaluation, ``{(split, attack): EvalResult}`` (empty between evals).
+        eval_specs: the evaluation's attacks by name (``none``, ``fgsm``, ``pgd``), as in the
+            ``{split}/acc/{attack}`` names of ``metrics``.
+        metrics: the channel: this epoch's values by name (see the module docstring).
         autocast_factory: makes the run's autocast context (use :meth:`autocast`).
         channels_last: whether batches are channels_last (use :meth:`probe_batches`).
         stop_request: ``(reason, rollback_to_epoch)`` once a hook called :meth:`request_stop`.
@@ -72,7 +91,8 @@ class RunContext:
     steps_per_epoch: int = 0
     epoch: int = 0
     step: int = 0
-    eval_results: dict[tuple[str, str], EvalResult] = field(default_factory=dict)
+    eval_specs: dict[str, AttackSpec] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     autocast_factory: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
     stop_request: tuple[str, int | None] | None = None

@@ -24,7 +24,7 @@ import robustdrop
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import TrackConfig
-from robustdrop.engine.evaluate import autocast_for, evaluate
+from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import MethodContext, create_method
@@ -94,7 +94,7 @@ class Trainer:
     """Runs one training run into a :class:`RunStore`.
 
     Hooks receive :attr:`run`, the :class:`RunContext` the trainer builds in ``_prepare`` and keeps
-    current (``epoch``, ``step``, ``eval_results``); the trainer itself is never handed to a hook.
+    current (``epoch``, ``step``, the ``metrics`` channel); the trainer itself is never handed to a hook.
 
     Args:
         config: the resolved config.
@@ -113,6 +113,7 @@ class Trainer:
         self.progress = progress
         self.data = data
         self.run: RunContext | None = None
+        self._eval: list[EvalResult] = []  # the epoch's evaluation, for the metrics rows and the summary
 
     # The loop's counters and a hook's stop request live on the RunContext; read-only here.
     @property
@@ -184,6 +185,7 @@ class Trainer:
         self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method, device=self.device,
                               data=data, train_images=self.train_images, probe=self.probe,
                               steps_per_epoch=steps_per_epoch, autocast_factory=self._autocast,
+                              eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
                               channels_last=self._channels_last)
 
     # ------------------------------------------------------------------------------------------
@@ -286,6 +288,7 @@ class Trainer:
         finished = False
         while self.epoch < cfg.epochs:
             self.run.epoch += 1
+            self.run.metrics.clear()
             times = self._train_epoch()
             last = self.epoch == cfg.epochs
             start = time.perf_counter()
@@ -335,7 +338,9 @@ class Trainer:
             bar.update(1)
         bar.close()
         total = time.perf_counter() - start
-        self._train_stats = (loss_sum.item() / seen, correct.item() / seen, seen, lr)
+        loss, acc = loss_sum.item() / seen, correct.item() / seen
+        self._train_stats = (loss, acc, seen, lr)
+        self.run.metrics.update({"train/loss": loss, "train/acc": acc, "train/lr": lr})
         return {"train": total - diag, "diag": diag}
 
     def _check_finite(self, loss: float) -> None:
@@ -349,7 +354,7 @@ class Trainer:
 
     def _evaluate_epoch(self, last: bool) -> None:
         cfg = self.config
-        self.run.eval_results = {}
+        self._eval = []
         sets = []
         if self.epoch % cfg.eval_every == 0 or last:
             sets.append(("probe", self.probe, self.eval_attacks))
@@ -362,7 +367,9 @@ class Trainer:
                                device=self.device, generator=self.run.generator(f"eval/{split}"),
                                autocast=self._autocast, channels_last=self._channels_last)
             for r in results:
-                self.run.eval_results[(split, r.spec.attack)] = r
+                self._eval.append(r)
+                self.run.metrics[f"{split}/acc/{r.spec.attack}"] = r.acc
+                self.run.metrics[f"{split}/loss/{r.spec.attack}"] = r.loss
 
     def _log_epoch(self, times: dict[str, float]) -> None:
         loss, acc, seen, lr = self._train_stats
@@ -383,7 +390,7 @@ class Trainer:
         ]
         rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name, epsilon=self.config.epsilon)
                  for k, v in self.method.epoch_metrics().items()]
-        for r in self.run.eval_results.values():
+        for r in self._eval:
             cols = r.spec.as_columns()
             rows.append(metric_row(self.epoch, self.step, r.split, "acc", r.acc, n=r.n, source="eval", **cols))
             rows.append(metric_row(self.epoch, self.step, r.split, "loss", r.loss, n=r.n, source="eval", **cols))
@@ -409,7 +416,7 @@ class Trainer:
         loss, acc, _, lr = self._train_stats
         parts = [f"epoch {self.epoch:>3}/{self.config.epochs}", f"train loss {loss:.3f} acc {acc:.3f} lr {lr:.3g}"]
         for split in ("probe", "val", "test"):
-            here = [r for (s, _), r in self.run.eval_results.items() if s == split]
+            here = [r for r in self._eval if r.split == split]
             if here:
                 accs = " ".join(f"{'clean' if r.spec.attack == 'none' else r.spec.attack}"
                                 f"{'' if r.spec.steps <= 1 else f'-{r.spec.steps}'} {r.acc:.3f}" for r in here)
