@@ -7,6 +7,8 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,7 @@ from robustdrop.diagnostics import (
     DIAGNOSTIC_CLASSES,
     NAMES,
     OPTIONS,
+    SIGNALS,
     CollapseDetector,
     CollapseDiagnostic,
     CollapseRule,
@@ -525,6 +528,16 @@ def test_detector_patience_reference_signal_and_state_round_trip():
     assert a.fired and b.fired and a.onset == b.onset == 4 and a.flags == b.flags
     assert a.flags["ref_weak"] and not a.flags["gap_widening"]
     assert not det.update(5, dict(signals)).fired  # fires once
+
+
+def test_signals_are_defined_once_and_documented():
+    names = [s.name for s in SIGNALS]
+    assert names == ["pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned"]  # the events' order
+    fired = next(v for v in detect_collapse(series(**COLLAPSING)) if v.fired)
+    assert list(fired.flags) == [n for n in names if n != "ref_weak"]  # no reference in the series
+    docs = (Path(__file__).parent.parent / "docs" / "diagnostics.md").read_text()
+    listed = re.findall(r"^- `([a-z_]+)`:", docs, flags=re.M)
+    assert listed == names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,12 @@ from typing import Any
 
 from robustdrop.diagnostics.base import Diagnostic
 from robustdrop.diagnostics.collapse import (
+    INPUTS,
+    SIGNALS,
     CollapseDetector,
     CollapseDiagnostic,
     CollapseRule,
+    Signal,
     Verdict,
     detect_collapse,
     signals_from_metrics,
@@ -64,8 +67,8 @@ def build_hooks(config: Any) -> list[Hook]:
 
 
 __all__ = [
-    "DIAGNOSTIC_CLASSES", "NAMES", "OPTIONS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
-    "LandscapeDiagnostic", "ReferenceStrengthDiagnostic", "SnapshotDiagnostic", "StrengthDiagnostic", "Verdict",
+    "DIAGNOSTIC_CLASSES", "INPUTS", "NAMES", "OPTIONS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
+    "LandscapeDiagnostic", "ReferenceStrengthDiagnostic", "Signal", "SnapshotDiagnostic", "StrengthDiagnostic", "Verdict",
     "build_hooks", "build_reference", "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats",
     "detect_collapse", "find_reference", "per_example_cos", "pick_snapshot_indices", "select", "sign_agreement",
     "signals_from_metrics",

@@ -2,15 +2,8 @@
 
 Every epoch with a probe evaluation it reads its :data:`INPUTS` from ``run.metrics``: the probe
 accuracies (clean, FGSM, PGD) the evaluation put there and the values the strength diagnostics
-published in the same epoch (they run before it), and evaluates these signals:
-
-* ``pgd_drop`` — PGD accuracy below ``drop`` × its running best, with the best at least ``floor``;
-* ``gap_widening`` — the FGSM−PGD accuracy gap is at least ``gap`` wider than at the best epoch
-  (FGSM accuracy far above PGD accuracy is the classic signature of catastrophic overfitting);
-* ``weak_fgsm`` — ``strength_ratio`` ≤ ``ratio`` (FGSM raises the loss no more than random signs);
-* ``ref_weak`` — the reference model's accuracy on FGSM δ is within ``margin`` of (or above) its
-  accuracy on random-sign noise (``strength-ref``; the paper's criterion);
-* ``misaligned`` — ``grad_alignment`` below ``align``.
+published in the same epoch (they run before it), and evaluates the :data:`SIGNALS` (each says
+there what it means).
 
 **Rule.** The detector fires once, at the first epoch where ``pgd_drop`` holds together with at
 least one of the other signals, for ``patience`` consecutive epochs (default 1); the onset is the
@@ -18,8 +11,8 @@ first epoch of that streak. Signals whose diagnostic did not run are left out. `
 (logged every evaluated epoch, and published as ``collapse/collapse_score``) is the fraction of the
 available signals that are on.
 
-On firing it publishes ``collapse/onset`` (the onset epoch) for the hooks after it, records the event ``collapse_onset`` (``signals``: every value and flag, ``action``,
-``detected_epoch``) and acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends
+On firing it publishes ``collapse/onset`` (the onset epoch) for the hooks after it, records the
+event ``collapse_onset`` (``signals``: every value and flag, ``action``, ``detected_epoch``) and acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends
 the run after this epoch, ``rollback`` ends it and keeps the checkpoint of epoch onset−1 as
 ``checkpoints/result.pt``. The same rule runs offline on a recorded metrics table with
 :func:`detect_collapse`.
@@ -28,6 +21,7 @@ the run after this epoch, ``rollback`` ends it and keeps the checkpoint of epoch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +31,6 @@ from robustdrop.diagnostics.base import Diagnostic
 
 if TYPE_CHECKING:
     from robustdrop.engine import RunContext
-
-SIGNALS = ("pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned")
-
 
 @dataclass(frozen=True)
 class Input:
@@ -77,6 +68,55 @@ class CollapseRule:
     align: float = 0.5
     margin: float = 0.02
     patience: int = 1
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One flag of the detector. ``test(detector, values, gap)`` sees the epoch's input values (by
+    :data:`INPUTS` key), the FGSM−PGD gap and the detector's state after its best-epoch update; it
+    returns ``None`` when an input it needs was not measured (the signal is then left out)."""
+
+    name: str
+    meaning: str
+    test: Callable[[CollapseDetector, dict[str, float], float], bool | None]
+    required: bool = False  # the detector fires only with every required signal and one other on
+
+
+def _pgd_drop(d: CollapseDetector, v: dict[str, float], gap: float) -> bool:
+    return d.best_pgd >= d.rule.floor and v["pgd_acc"] < d.rule.drop * d.best_pgd
+
+
+def _gap_widening(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
+    if math.isnan(gap) or math.isnan(d.gap_at_best):
+        return None
+    return gap - d.gap_at_best >= d.rule.gap
+
+
+def _weak_fgsm(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
+    return v["strength_ratio"] <= d.rule.ratio if "strength_ratio" in v else None
+
+
+def _ref_weak(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
+    if "ref_acc_fgsm" not in v or "ref_acc_noise" not in v:
+        return None
+    return v["ref_acc_fgsm"] >= v["ref_acc_noise"] - d.rule.margin
+
+
+def _misaligned(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
+    return v["grad_alignment"] < d.rule.align if "grad_alignment" in v else None
+
+
+# The detector's signals, in the order verdicts and events list them.
+SIGNALS = (
+    Signal("pgd_drop", "probe PGD accuracy below `drop` × its running best, with the best at least `floor`",
+           _pgd_drop, required=True),
+    Signal("gap_widening", "the FGSM−PGD accuracy gap at least `gap` wider than at the best epoch (FGSM accuracy "
+           "far above PGD accuracy is the classic signature of catastrophic overfitting)", _gap_widening),
+    Signal("weak_fgsm", "`strength_ratio` ≤ `ratio`: FGSM raises the loss no more than random signs", _weak_fgsm),
+    Signal("ref_weak", "the reference model's accuracy on FGSM δ within `margin` of (or above) its accuracy on "
+           "random-sign noise (`strength-ref`; the paper's criterion)", _ref_weak),
+    Signal("misaligned", "`grad_alignment` below `align`", _misaligned),
+)
 
 
 @dataclass
@@ -125,17 +165,14 @@ class CollapseDetector:
         gap = v["fgsm_acc"] - pgd if "fgsm_acc" in v else math.nan
         if pgd > self.best_pgd:
             self.best_pgd, self.best_epoch, self.gap_at_best = pgd, epoch, gap
-        flags = {"pgd_drop": self.best_pgd >= r.floor and pgd < r.drop * self.best_pgd}
-        if not math.isnan(gap) and not math.isnan(self.gap_at_best):
-            flags["gap_widening"] = gap - self.gap_at_best >= r.gap
-        if "strength_ratio" in v:
-            flags["weak_fgsm"] = v["strength_ratio"] <= r.ratio
-        if "ref_acc_fgsm" in v and "ref_acc_noise" in v:
-            flags["ref_weak"] = v["ref_acc_fgsm"] >= v["ref_acc_noise"] - r.margin
-        if "grad_alignment" in v:
-            flags["misaligned"] = v["grad_alignment"] < r.align
+        flags = {}
+        for signal in SIGNALS:
+            flag = signal.test(self, v, gap)
+            if flag is not None:
+                flags[signal.name] = flag
         score = sum(flags.values()) / len(flags)
-        on = flags["pgd_drop"] and any(f for k, f in flags.items() if k != "pgd_drop")
+        required = {s.name for s in SIGNALS if s.required}
+        on = all(flags[k] for k in required) and any(f for k, f in flags.items() if k not in required)
         if on:
             if self.streak == 0:
                 self.streak_start = epoch
