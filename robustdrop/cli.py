@@ -34,14 +34,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrackConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "names" in f.metadata:  # a registry: list its names
+            help_text += ": " + " | ".join(f.metadata["names"]())
+        help_text += f" (default: {default})"
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        choices = f.metadata.get("choices")
+        if callable(choices):  # a registry: what is registered now
+            choices = choices()
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "nargs" in f.metadata:
             group.add_argument(flag, nargs=f.metadata["nargs"], type=f.metadata["item"], **kwargs)
         else:
-            group.add_argument(flag, type=_field_type(f), choices=f.metadata.get("choices"), **kwargs)
+            group.add_argument(flag, type=_field_type(f), choices=choices, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

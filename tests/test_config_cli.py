@@ -126,6 +126,23 @@ def test_cli_unknown_model_or_dataset(capsys, tmp_path, flag, value):
     assert value in out.err and len(out.err.strip().splitlines()) == 1
 
 
+def test_model_and_method_names_come_from_the_registries(capsys):
+    from robustdrop.cli import build_parser
+    from robustdrop.methods import available_methods
+    from robustdrop.models import available_models
+
+    with pytest.raises(RobustdropError, match="unknown model 'resnet9000'; choose one of: " + ", ".join(available_models())):
+        make_config(model="resnet9000")
+    with pytest.raises(RobustdropError, match="unknown method 'sgd-magic'; choose one of: fgsm, rs-fgsm, pgd, apart, fgsm"):
+        make_config(method="sgd-magic")
+    assert available_methods()[:5] == ["fgsm", "rs-fgsm", "pgd", "apart", "fgsm+"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["track", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "model: " + " | ".join(available_models()) in help_text
+    assert "{" + ",".join(available_methods()) + "}" in help_text
+
+
 def test_cli_resume_missing_dir(capsys, tmp_path):
     code, out = _run_cli(["track", "--resume", str(tmp_path / "nope")], capsys)
     assert code == 2 and "not a robustdrop run directory" in out.err

@@ -54,6 +54,28 @@ def test_each_method_trains_and_logs_specs(method, synthetic_data, tmp_path):
     assert manifest["seed"] == 0 and "torch" in manifest and manifest["dataset"]["probe"] == 64
 
 
+def test_a_method_registered_by_a_user_is_accepted_end_to_end(synthetic_data, tmp_path, monkeypatch):
+    from robustdrop.attacks import FGSM
+    from robustdrop.cli import build_parser
+    from robustdrop.methods import AttackTraining, register_method, registry
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # forgotten after the block
+
+        @register_method("half-fgsm")
+        def _half_fgsm(config):
+            return AttackTraining("half-fgsm", FGSM(config.epsilon / 2))
+
+        args = build_parser().parse_args(["track", "--method", "half-fgsm"])
+        assert args.method == "half-fgsm"
+        store = track(small_config(method="half-fgsm", epochs=1), runs_dir=tmp_path, name="half",
+                      data=synthetic_data, progress=False)
+        train = store.metrics().query("split == 'train' and metric == 'loss'")
+        assert list(train.attack) == ["half-fgsm"] and train.epsilon.iloc[0] == pytest.approx(4 / 255)
+    with pytest.raises(RobustdropError, match="unknown method 'half-fgsm'; choose one of: fgsm, rs-fgsm, pgd"):
+        small_config(method="half-fgsm")
+
+
 class CrashAt(Hook):
     """Raises in the middle of an epoch, as a kill would interrupt it."""
 

@@ -13,14 +13,18 @@ from fractions import Fraction
 from typing import Any
 
 from robustdrop.errors import RobustdropError
+from robustdrop.methods import available_methods, check_method
+from robustdrop.models import available_models, check_model
 
-METHODS = ("fgsm", "rs-fgsm", "pgd", "apart", "fgsm+")
 OPTIMIZERS = ("sgd", "adam")
 ON_COLLAPSE = ("warn", "stop", "rollback")
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
-    """A config field with CLI metadata (``help``, ``choices``, ``fraction`` for '8/255' values)."""
+    """A config field with CLI metadata: ``help``; ``choices`` (a tuple, or a registry's function
+    returning the names, read when the CLI is built); ``names`` (a registry's function: its names
+    are listed in the help, validation is :meth:`TrackConfig.validate`'s); ``fraction`` for '8/255'
+    values; ``nargs`` and ``item`` for lists."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -36,10 +40,10 @@ class TrackConfig:
     augment: bool = opt(True, "random crop (pad 4) + horizontal flip, batched on the device")
     pad_value: float = opt(0.0, "value of the crop padding (APART's code pads with 0.5)")
     # -- model ----------------------------------------------------------------------------
-    model: str = opt("preactresnet18", "preactresnet18 | preactresnet18-apart | cnn1 | smallcnn")
+    model: str = opt("preactresnet18", "model", names=available_models)
     width: float | None = opt(None, "width knob: multiplier for preactresnet18, filters for cnn1/smallcnn")
     # -- training method ------------------------------------------------------------------
-    method: str = opt("fgsm", "training method", choices=METHODS)
+    method: str = opt("fgsm", "training method", choices=available_methods)
     epsilon: float = opt(8 / 255, "L-inf radius, e.g. 8/255", fraction=True)
     alpha: float | None = opt(None, "training attack step (default: ε for fgsm, 1.25ε for rs-fgsm, ε/4 for pgd)", fraction=True)
     pgd_steps: int = opt(10, "PGD steps of --method pgd")
@@ -116,8 +120,8 @@ class TrackConfig:
             raise RobustdropError(f"--eval-epsilon must be in (0, 1] (e.g. 8/255), got {self.eval_epsilon}")
         if self.alpha is not None and not self.alpha > 0:
             raise RobustdropError(f"--alpha must be positive, got {self.alpha}")
-        if self.method not in METHODS:
-            raise RobustdropError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        check_method(self.method)
+        check_model(self.model)
         if self.optimizer not in OPTIMIZERS:
             raise RobustdropError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.on_collapse not in ON_COLLAPSE:

@@ -2,9 +2,9 @@
 
 from robustdrop.methods import apart as _apart  # noqa: F401  (registers apart and fgsm+)
 from robustdrop.methods.base import AttackTraining, MethodContext, StepOutput, TrainingMethod, descend
-from robustdrop.methods.registry import available_methods, create_method, register_method
+from robustdrop.methods.registry import available_methods, check_method, create_method, register_method
 
 __all__ = [
     "AttackTraining", "MethodContext", "StepOutput", "TrainingMethod", "available_methods",
-    "create_method", "descend", "register_method",
+    "check_method", "create_method", "descend", "register_method",
 ]

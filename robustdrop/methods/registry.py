@@ -1,4 +1,4 @@
-"""Build a training method from the run's config."""
+"""The method registry: the one list of training-method names; builds a method from the run's config."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ _BUILDERS: dict[str, Callable[[Any], TrainingMethod]] = {}
 
 
 def register_method(name: str):
+    """Register ``builder(config) -> TrainingMethod`` as ``--method name`` (config validation and the
+    CLI's choices read this registry)."""
     def decorator(builder: Callable[[Any], TrainingMethod]):
+        if name in _BUILDERS:
+            raise ValueError(f"method {name!r} registered twice")
         _BUILDERS[name] = builder
         return builder
 
@@ -21,13 +25,19 @@ def register_method(name: str):
 
 
 def available_methods() -> list[str]:
-    return sorted(_BUILDERS)
+    """Registered method names, in registration order."""
+    return list(_BUILDERS)
+
+
+def check_method(name: str) -> None:
+    """Raise :class:`RobustdropError` unless ``name`` is a registered method."""
+    if name not in _BUILDERS:
+        raise RobustdropError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
 
 
 def create_method(config: Any) -> TrainingMethod:
     """``config`` is a :class:`robustdrop.engine.config.TrackConfig` (duck-typed to keep imports one-way)."""
-    if config.method not in _BUILDERS:
-        raise RobustdropError(f"unknown method {config.method!r}; choose one of: {', '.join(available_methods())}")
+    check_method(config.method)
     return _BUILDERS[config.method](config)
 
 

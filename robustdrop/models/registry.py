@@ -25,6 +25,12 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model(name: str) -> None:
+    """Raise :class:`RobustdropError` unless ``name`` is a registered model."""
+    if name not in _MODELS:
+        raise RobustdropError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+
+
 def create_model(
     name: str,
     *,
@@ -42,8 +48,7 @@ def create_model(
         width: the model's width knob (a multiplier for ``preactresnet18``, the number of filters for
             ``cnn1`` and ``smallcnn``); ``None`` takes the model's default.
     """
-    if name not in _MODELS:
-        raise RobustdropError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+    check_model(name)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     if width is not None:
         if width <= 0:
