@@ -4,7 +4,6 @@ recorded series and on real small runs (one that collapses, one PGD run that doe
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import re
@@ -20,9 +19,7 @@ from torch import nn
 from robustdrop.api import track
 from robustdrop.data import ImageData, make_synthetic
 from robustdrop.diagnostics import (
-    DIAGNOSTIC_CLASSES,
-    NAMES,
-    OPTIONS,
+    DIAGNOSTICS,
     SIGNALS,
     CollapseDetector,
     CollapseDiagnostic,
@@ -33,10 +30,12 @@ from robustdrop.diagnostics import (
     build_hooks,
     build_reference,
     compute_landscape,
+    create_diagnostic,
     delta_autocorr,
     detect_collapse,
     find_reference,
     pick_snapshot_indices,
+    schema,
     select,
 )
 from robustdrop.engine import Hook, RunContext, make_config
@@ -266,7 +265,7 @@ def test_landscape_runs_around_a_collapse_onset(tmp_path):
 def test_selection_words():
     assert list(select(["default"])) == ["strength", "snapshots", "collapse"]
     assert list(select(["all"])) == ["strength", "snapshots", "collapse", "landscape"]
-    assert list(select(["all"], reference="runs/ref")) == list(NAMES)
+    assert list(select(["all"], reference="runs/ref")) == list(DIAGNOSTICS)
     assert list(select(["default"], reference="runs/ref"))[0] == "strength-ref"
     assert select(["none"]) == {}
     assert select(["landscape:every=2,points=11", "collapse"]) == {"collapse": {},
@@ -289,14 +288,37 @@ def test_selection_errors(words, match):
         build_hooks(make_config(diagnostics=words))
 
 
-def test_option_table_matches_constructor_defaults():
-    for name, options in OPTIONS.items():
-        if name == "collapse":
-            sig = inspect.signature(CollapseRule)
-        else:
-            sig = inspect.signature(DIAGNOSTIC_CLASSES[name])
-        for key, opt in options.items():
-            assert sig.parameters[key].default == opt.default, (name, key)
+def test_options_are_declared_once_on_each_class():
+    assert list(DIAGNOSTICS) == ["strength-ref", "strength", "snapshots", "collapse", "landscape"]
+    for name, cls in DIAGNOSTICS.items():
+        opts = schema(name)
+        assert opts and all(f.metadata["help"] for f in opts.values()), name
+        if not cls.needs_reference:
+            assert cls().options == cls.Options(), name  # the constructor's defaults are the schema's
+        # a non-default value given as text reaches the built hook
+        key, f = next((k, f) for k, f in opts.items() if not isinstance(f.default, bool))
+        text = str(f.default * 3 + 1)
+        chosen = select([f"{name}:{key}={text}"], reference="runs/ref" if cls.needs_reference else None)
+        assert chosen[name] == {key: type(f.default)(text)}
+        if not cls.needs_reference:
+            assert getattr(create_diagnostic(name, None, **chosen[name]).options, key) == type(f.default)(text)
+    assert CollapseDiagnostic(drop=0.7).detector.rule == CollapseRule(drop=0.7)  # the rule is collapse's options
+    with pytest.raises(RobustdropError) as err:
+        select(["nope"])
+    for name in DIAGNOSTICS:  # the usage lists every name and option
+        assert f"{name}[:{','.join(k + '=' for k in schema(name))}]" in str(err.value)
+
+
+def test_docs_table_shows_the_declared_defaults():
+    docs = (Path(__file__).parent.parent / "docs" / "diagnostics.md").read_text()
+    for name in DIAGNOSTICS:
+        row = next(line for line in docs.splitlines() if line.startswith(f"| `{name}` |"))
+        listed = dict(re.findall(r"`(\w+)` \(([^;),]+)", row.split("|")[4]))
+        for key, f in schema(name).items():
+            if key == "every":  # the cadence column
+                continue
+            text = listed[key].split()[0]
+            assert (text == "yes") == f.default if isinstance(f.default, bool) else float(text) == f.default, (name, key)
 
 
 def test_build_hooks_order_and_cadence():

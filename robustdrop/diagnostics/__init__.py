@@ -12,15 +12,17 @@ collapse       online detector of the robustness collapse; acts on ``--on-collap
 landscape      1-D / 2-D input-space loss landscapes, linearity error, curvature       all
 =============  =====================================================================  ==========
 
-:func:`build_hooks` turns ``config.diagnostics`` (see :mod:`robustdrop.diagnostics.selection`)
-into hooks, in the order they run each epoch. ``docs/diagnostics.md`` describes each one.
+The names, classes and running order are :data:`DIAGNOSTICS` (:mod:`robustdrop.diagnostics.registry`);
+each class declares its options once (``Options``). :func:`build_hooks` turns ``config.diagnostics``
+(see :mod:`robustdrop.diagnostics.selection`) into hooks, in running order.
+``docs/diagnostics.md`` describes each one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.collapse import (
     INPUTS,
     SIGNALS,
@@ -32,28 +34,19 @@ from robustdrop.diagnostics.collapse import (
     detect_collapse,
     signals_from_metrics,
 )
-from robustdrop.diagnostics.landscape import LandscapeDiagnostic, compute_landscape
+from robustdrop.diagnostics.landscape import LandscapeDiagnostic, LandscapeOptions, compute_landscape
 from robustdrop.diagnostics.measures import delta_autocorr, delta_stats, per_example_cos, sign_agreement
-from robustdrop.diagnostics.reference import ReferenceStrengthDiagnostic, build_reference, find_reference
-from robustdrop.diagnostics.selection import NAMES, OPTIONS, select
-from robustdrop.diagnostics.snapshots import SnapshotDiagnostic, pick_snapshot_indices
-from robustdrop.diagnostics.strength import StrengthDiagnostic
+from robustdrop.diagnostics.reference import (
+    ReferenceOptions,
+    ReferenceStrengthDiagnostic,
+    build_reference,
+    find_reference,
+)
+from robustdrop.diagnostics.registry import DIAGNOSTICS, create_diagnostic, register_diagnostic
+from robustdrop.diagnostics.selection import schema, select
+from robustdrop.diagnostics.snapshots import SnapshotDiagnostic, SnapshotOptions, pick_snapshot_indices
+from robustdrop.diagnostics.strength import StrengthDiagnostic, StrengthOptions
 from robustdrop.engine import Hook
-
-DIAGNOSTIC_CLASSES: dict[str, type[Diagnostic]] = {
-    "strength-ref": ReferenceStrengthDiagnostic,
-    "strength": StrengthDiagnostic,
-    "snapshots": SnapshotDiagnostic,
-    "collapse": CollapseDiagnostic,
-    "landscape": LandscapeDiagnostic,
-}
-
-
-def create_diagnostic(name: str, config: Any = None, **options: Any) -> Diagnostic:
-    """One diagnostic by name with ``options`` (``strength-ref`` takes ``config.reference``)."""
-    if name == "strength-ref":
-        return ReferenceStrengthDiagnostic(config.reference, **options)
-    return DIAGNOSTIC_CLASSES[name](**options)
 
 
 def build_hooks(config: Any) -> list[Hook]:
@@ -67,9 +60,10 @@ def build_hooks(config: Any) -> list[Hook]:
 
 
 __all__ = [
-    "DIAGNOSTIC_CLASSES", "INPUTS", "NAMES", "OPTIONS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
-    "LandscapeDiagnostic", "ReferenceStrengthDiagnostic", "Signal", "SnapshotDiagnostic", "StrengthDiagnostic", "Verdict",
+    "DIAGNOSTICS", "INPUTS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
+    "LandscapeDiagnostic", "LandscapeOptions", "Options", "ReferenceOptions", "ReferenceStrengthDiagnostic",
+    "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic", "StrengthOptions", "Verdict",
     "build_hooks", "build_reference", "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats",
-    "detect_collapse", "find_reference", "per_example_cos", "pick_snapshot_indices", "select", "sign_agreement",
-    "signals_from_metrics",
+    "detect_collapse", "find_reference", "option", "per_example_cos", "pick_snapshot_indices",
+    "register_diagnostic", "schema", "select", "sign_agreement", "signals_from_metrics",
 ]

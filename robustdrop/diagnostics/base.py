@@ -1,12 +1,13 @@
-"""What every diagnostic shares: logging under its name, timing, and publishing values to the
-other hooks through ``run.metrics``."""
+"""What every diagnostic shares: its options schema, logging under its name, timing, and
+publishing values to the other hooks through ``run.metrics``."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -17,14 +18,51 @@ if TYPE_CHECKING:
     from robustdrop.engine import RunContext
 
 
+def option(default: Any, help: str, *, minimum: int | None = None) -> Any:
+    """One option of a diagnostic (a field of its :class:`Options`): the default, whose type
+    (``int``, ``float``, ``bool``) also parses ``--diagnostics name:key=value``; a help line;
+    the smallest value allowed, if any."""
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Base of a diagnostic's options: a frozen dataclass of :func:`option` fields, the one place
+    their names, defaults and help are declared (``--diagnostics`` parsing, the constructors and
+    the error messages all read it). Values are converted to the type of their default."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, type(f.default)(getattr(self, f.name)))
+
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from their defaults, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
 class Diagnostic(Hook):
     """A :class:`~robustdrop.engine.Hook` that logs with ``source`` = its name.
 
-    Subclasses call :meth:`timer` around their work (it logs ``time_s``) and share values with
-    the hooks after them (e.g. the collapse detector) with :meth:`publish`.
+    A subclass declares ``name``, its ``Options`` (see :class:`Options`), whether ``--diagnostics
+    default`` includes it (``in_default``) and whether it needs ``--reference``
+    (``needs_reference``); it passes its resolved options to ``__init__``. It calls :meth:`timer`
+    around its work (it logs ``time_s``) and shares values with the hooks after it (e.g. the
+    collapse detector) with :meth:`publish`.
     """
 
     name = "diagnostic"
+    Options: ClassVar[type[Options]] = Options
+    in_default: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, options: Options, **cadence: Any):
+        super().__init__(**cadence)
+        self.options = options
+
+    @classmethod
+    def from_config(cls, config: Any, **options: Any) -> Diagnostic:
+        """The diagnostic for a run of ``config`` (a ``TrackConfig``) with ``options``."""
+        return cls(**options)
 
     # -- logging --------------------------------------------------------------------------------
     def log(self, run: RunContext, metric: str, value: float, *, split: str = "probe",

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 
 if TYPE_CHECKING:
     from robustdrop.engine import RunContext
@@ -58,16 +58,16 @@ REQUIRED = INPUTS[0]  # pgd_acc: no verdict without it
 
 
 @dataclass(frozen=True)
-class CollapseRule:
-    """Thresholds of the detector (see the module docstring)."""
+class CollapseRule(Options):
+    """Thresholds of the detector (see the module docstring): the ``collapse`` diagnostic's options."""
 
-    drop: float = 0.5
-    floor: float = 0.1
-    gap: float = 0.15
-    ratio: float = 1.5
-    align: float = 0.5
-    margin: float = 0.02
-    patience: int = 1
+    drop: float = option(0.5, "PGD acc below drop × best")
+    floor: float = option(0.1, "best PGD acc needed before a drop counts")
+    gap: float = option(0.15, "FGSM−PGD gap widening vs the best epoch")
+    ratio: float = option(1.5, "strength_ratio at or below this is noise-like")
+    align: float = option(0.5, "grad_alignment below this is misaligned")
+    margin: float = option(0.02, "ref_acc(fgsm) within margin of ref_acc(noise-sign)")
+    patience: int = option(1, "consecutive epochs the rule must hold", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -230,10 +230,11 @@ class CollapseDiagnostic(Diagnostic):
     """See the module docstring; options are the fields of :class:`CollapseRule`."""
 
     name = "collapse"
+    Options = CollapseRule
 
     def __init__(self, **rule: Any):
-        super().__init__(every_n_epochs=1)
-        self.detector = CollapseDetector(CollapseRule(**rule))
+        super().__init__(CollapseRule(**rule), every_n_epochs=1)
+        self.detector = CollapseDetector(self.options)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         if REQUIRED.channel not in run.metrics:  # no probe evaluation this epoch

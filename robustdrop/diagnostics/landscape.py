@@ -23,6 +23,7 @@ before this hook) and at the next one, whatever the cadence.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdrop.attacks import AttackSpec, sign_noise
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import Autocast, loss_and_grad, take
 
 if TYPE_CHECKING:
@@ -87,16 +88,26 @@ def compute_landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilo
     }
 
 
+@dataclass(frozen=True)
+class LandscapeOptions(Options):
+    every: int = option(5, "epochs between landscapes", minimum=1)
+    n: int = option(128, "probe examples")
+    points: int = option(21, "points of the 1-D profiles", minimum=1)
+    grid: int = option(11, "points per axis of the 2-D grid", minimum=1)
+    span: float = option(2.0, "range of t in units of ε (t ∈ [−span·ε, span·ε])")
+    around_collapse: bool = option(True, "also at a detected onset and the epoch after")
+
+
 class LandscapeDiagnostic(Diagnostic):
-    """See the module docstring."""
+    """See the module docstring; options: :class:`LandscapeOptions`."""
 
     name = "landscape"
+    Options = LandscapeOptions
+    in_default = False  # the most expensive diagnostic: only with --diagnostics all or by name
 
-    def __init__(self, *, every: int = 5, n: int = 128, points: int = 21, grid: int = 11, span: float = 2.0,
-                 around_collapse: bool = True):
-        super().__init__(every_n_epochs=every)
-        self.n, self.points, self.grid, self.span = int(n), int(points), int(grid), float(span)
-        self.around_collapse = bool(around_collapse)
+    def __init__(self, **options: Any):
+        o = LandscapeOptions(**options)
+        super().__init__(o, every_n_epochs=o.every)
         self.collapse_epoch: int | None = None  # the epoch the collapse detector fired at
 
     def wants_epoch(self, epoch: int, *, last: bool = False) -> bool:
@@ -105,24 +116,26 @@ class LandscapeDiagnostic(Diagnostic):
         return True
 
     def _due(self, run: RunContext, epoch: int) -> bool:
-        if self.around_collapse and "collapse/onset" in run.metrics:  # the detector fired this epoch
+        around = self.options.around_collapse
+        if around and "collapse/onset" in run.metrics:  # the detector fired this epoch
             self.collapse_epoch = epoch
         if super().wants_epoch(epoch, last=epoch == run.config.epochs):
             return True
-        return self.around_collapse and self.collapse_epoch in (epoch, epoch - 1)
+        return around and self.collapse_epoch in (epoch, epoch - 1)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         if not self._due(run, epoch):
             return
         with self.timer(run):
-            batches = list(take(run.probe_batches(), self.n))
+            o = self.options
+            batches = list(take(run.probe_batches(), o.n))
             if not batches:
                 return
             x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
             eps = run.config.epsilon
             noise = sign_noise(x, 1.0, run.generator(self.name, epoch=0))
-            result = compute_landscape(run.model, x, y, eps, noise_direction=noise, points=self.points,
-                                       grid=self.grid, span=self.span, autocast=run.autocast,
+            result = compute_landscape(run.model, x, y, eps, noise_direction=noise, points=o.points,
+                                       grid=o.grid, span=o.span, autocast=run.autocast,
                                        batch_size=run.config.eval_batch_size)
             linearity, curvature = result.pop("linearity_error"), result.pop("curvature")
             run.store.save_arrays(KIND, f"epoch_{epoch:04d}", **result)

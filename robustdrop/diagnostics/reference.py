@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from robustdrop.attacks import CLEAN, FGSM, PGD, AttackSpec, project, sign_noise, uniform_noise
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import Mean, losses, take
 from robustdrop.errors import RobustdropError
 from robustdrop.models import create_model
@@ -122,18 +122,31 @@ def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: t
     return model
 
 
+@dataclass(frozen=True)
+class ReferenceOptions(Options):
+    every: int = option(1, "epochs between measurements", minimum=1)
+    n: int = option(0, "probe examples used (0 = all)")
+    pgd_every: int = option(5, "epochs between PGD ceilings, also at the last epoch (0 = never)")
+
+
 class ReferenceStrengthDiagnostic(Diagnostic):
-    """See the module docstring. ``n <= 0`` uses the whole probe set; ``pgd_every = 0`` skips the
-    PGD ceiling (the most expensive part: the run's evaluation PGD once more)."""
+    """See the module docstring; options: :class:`ReferenceOptions`. ``n <= 0`` uses the whole
+    probe set; ``pgd_every = 0`` skips the PGD ceiling (the most expensive part: the run's
+    evaluation PGD once more)."""
 
     name = "strength-ref"
+    Options = ReferenceOptions
+    needs_reference = True
 
-    def __init__(self, reference: str | Path | ReferenceSource, *, every: int = 1, n: int = 0, pgd_every: int = 5):
-        super().__init__(every_n_epochs=every)
+    def __init__(self, reference: str | Path | ReferenceSource, **options: Any):
+        o = ReferenceOptions(**options)
+        super().__init__(o, every_n_epochs=o.every)
         self.source = reference if isinstance(reference, ReferenceSource) else find_reference(reference)
-        self.n = int(n)
-        self.pgd_every = int(pgd_every)
         self.reference: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, **options: Any) -> ReferenceStrengthDiagnostic:
+        return cls(config.reference, **options)
 
     def on_run_start(self, run: RunContext) -> None:
         data = run.data
@@ -161,7 +174,8 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         cfg = run.config
         eps = cfg.epsilon
         gen = run.generator(self.name)
-        with_pgd = self.pgd_every > 0 and (epoch % self.pgd_every == 0 or epoch == cfg.epochs)
+        every = self.options.pgd_every
+        with_pgd = every > 0 and (epoch % every == 0 or epoch == cfg.epochs)
         fgsm = FGSM(eps)
         pgd = PGD(eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts)
         specs = {"none": CLEAN, "fgsm": fgsm.spec(), "noise-sign": AttackSpec("noise-sign", eps, 0, eps, 0),
@@ -169,7 +183,7 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         if with_pgd:
             specs["pgd"] = pgd.spec()
         correct = Mean()
-        for x, y in take(run.probe_batches(), self.n):
+        for x, y in take(run.probe_batches(), self.options.n):
             deltas = {"none": torch.zeros_like(x)}
             with autocast():
                 deltas["fgsm"] = fgsm(model, x, y)

@@ -10,13 +10,14 @@ K×C×H×W), ``epsilon`` (float) and ``classes`` (str, the dataset's class names
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from robustdrop.attacks import FGSM
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import delta_autocorr
 
 if TYPE_CHECKING:
@@ -38,18 +39,25 @@ def pick_snapshot_indices(labels: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
+@dataclass(frozen=True)
+class SnapshotOptions(Options):
+    every: int = option(1, "epochs between snapshots", minimum=1)
+    k: int = option(8, "images (one per class first)", minimum=1)
+
+
 class SnapshotDiagnostic(Diagnostic):
-    """See the module docstring."""
+    """See the module docstring; options: :class:`SnapshotOptions`."""
 
     name = "snapshots"
+    Options = SnapshotOptions
 
-    def __init__(self, *, every: int = 1, k: int = 8):
-        super().__init__(every_n_epochs=every)
-        self.k = int(k)
+    def __init__(self, **options: Any):
+        o = SnapshotOptions(**options)
+        super().__init__(o, every_n_epochs=o.every)
         self.index: list[int] = []
 
     def on_run_start(self, run: RunContext) -> None:
-        self.index = pick_snapshot_indices(run.probe[1], self.k)
+        self.index = pick_snapshot_indices(run.probe[1], self.options.k)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         if not self.index:

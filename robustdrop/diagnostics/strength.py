@@ -20,10 +20,11 @@ perturbation on the batch's first ``train_n`` examples (``split=train``,
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from robustdrop.attacks import PGD, AttackSpec, project, sign_noise, uniform_noise
-from robustdrop.diagnostics.base import Diagnostic
+from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import (
     Mean,
     delta_stats,
@@ -42,31 +43,38 @@ if TYPE_CHECKING:
 RATIO_FLOOR = 1e-3  # nats: below this, random signs are taken to change the loss by nothing
 
 
+@dataclass(frozen=True)
+class StrengthOptions(Options):
+    every: int = option(1, "epochs between measurements", minimum=1)
+    n: int = option(500, "probe examples used (0 = all)")
+    pgd_steps: int = option(5, "steps of the PGD compared with FGSM (step 2.5ε/steps)", minimum=1)
+    train_every: int = option(10, "optimizer steps between training-perturbation samples (0 = off)")
+    train_n: int = option(32, "examples of each sampled training batch (0 = all)")
+
+
 class StrengthDiagnostic(Diagnostic):
-    """See the module docstring. ``n <= 0`` uses the whole probe set; ``train_every = 0`` skips the
-    training-perturbation statistics."""
+    """See the module docstring; options: :class:`StrengthOptions`."""
 
     name = "strength"
+    Options = StrengthOptions
 
-    def __init__(self, *, every: int = 1, n: int = 500, pgd_steps: int = 5, train_every: int = 10, train_n: int = 32):
-        super().__init__(every_n_steps=train_every, every_n_epochs=every)
-        self.n = int(n)
-        self.train_n = int(train_n)
-        self.pgd_steps = int(pgd_steps)
-        self.train_every = int(train_every)
+    def __init__(self, **options: Any):
+        o = StrengthOptions(**options)
+        super().__init__(o, every_n_steps=o.train_every, every_n_epochs=o.every)
         self._train = Mean()
         self._train_time = 0.0
 
     def on_run_start(self, run: RunContext) -> None:
         self._train = Mean()
         # Sample at least once per epoch even when an epoch has fewer steps than train_every.
-        if self.train_every > 0 and run.steps_per_epoch:
-            self.every_n_steps = min(self.train_every, run.steps_per_epoch)
+        if self.options.train_every > 0 and run.steps_per_epoch:
+            self.every_n_steps = min(self.options.train_every, run.steps_per_epoch)
 
     # -- training perturbations -----------------------------------------------------------------
     def on_train_step(self, run: RunContext, batch: Batch, out: StepOutput) -> None:
         start = time.perf_counter()
-        delta = out.delta[: self.train_n] if self.train_n > 0 else out.delta
+        n = self.options.train_n
+        delta = out.delta[:n] if n > 0 else out.delta
         self._train.add(**delta_stats(delta, _epsilon(run)))
         self._train_time += time.perf_counter() - start
 
@@ -86,13 +94,14 @@ class StrengthDiagnostic(Diagnostic):
 
     def _measure(self, run: RunContext) -> None:
         model, eps, autocast = run.model, run.config.epsilon, run.autocast
-        pgd = PGD(eps, steps=self.pgd_steps, step_size=2.5 * eps / self.pgd_steps)
+        steps = self.options.pgd_steps
+        pgd = PGD(eps, steps=steps, step_size=2.5 * eps / steps)
         gen = run.generator(self.name)
         fgsm_spec = AttackSpec("fgsm", eps, 1, eps, 0)
         noise_spec = AttackSpec("noise-sign", eps, 0, eps, 0)
         acc = {"fgsm": Mean(), "noise-sign": Mean()}
         rest = Mean()
-        for x, y in take(run.probe_batches(), self.n):
+        for x, y in take(run.probe_batches(), self.options.n):
             loss0, grad0, _ = loss_and_grad(model, x, y, autocast)
             d_fgsm = project(x, eps * grad0.sign(), eps)
             d_noise = project(x, sign_noise(x, eps, gen), eps)
