@@ -34,8 +34,8 @@ def track(
     Returns the run's :class:`RunStore`.
     """
     config.validate()
+    all_hooks = build_hooks(config) + list(hooks or [])  # before the run directory: a bad reference leaves none
     store = RunStore.create(runs_dir, name or default_run_name(config), overwrite=overwrite)
-    all_hooks = build_hooks(config) + list(hooks or [])
     Trainer(config, store, all_hooks, progress=progress, data=data).fit()
     return store
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdrop.api import track
+from robustdrop.api import resume, track
 from robustdrop.data import ImageData, make_synthetic
 from robustdrop.diagnostics import (
     DIAGNOSTICS,
@@ -38,7 +38,7 @@ from robustdrop.diagnostics import (
     schema,
     select,
 )
-from robustdrop.engine import Hook, RunContext, make_config
+from robustdrop.engine import Hook, RunContext, Trainer, make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.store import RunStore, metric_row
@@ -473,6 +473,72 @@ def test_collapse_detector_reads_the_channel_only(tmp_path):
     run.metrics = {"strength/strength_ratio": 0.1}  # no probe evaluation: no verdict
     hook.on_epoch_end(run, 12)
     assert len(rows(run.store, "collapse", "collapse_score")) == len(COLLAPSING["pgd"])
+
+
+# ---------------------------------------------------------------------------------------------
+# per-instance hook state
+# ---------------------------------------------------------------------------------------------
+class Feed(Hook):
+    """Replaces the epoch's probe accuracies in the channel by a fixed series (before the detectors)."""
+
+    name = "feed"
+    PGD, FGSM = [.30, .32, .05, .04], [.35, .37, .50, .60]
+
+    def __init__(self):
+        super().__init__(every_n_epochs=1)
+
+    def on_epoch_end(self, run, epoch):
+        run.metrics.update({"probe/acc/pgd": self.PGD[epoch - 1], "probe/acc/fgsm": self.FGSM[epoch - 1]})
+
+
+class Crash(Hook):
+    name = "crash"
+
+    def __init__(self, step):
+        super().__init__(every_n_steps=1)
+        self.at = step
+
+    def on_train_step(self, run, batch, out):
+        if run.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_state_key_is_the_name_plus_non_default_options():
+    assert CollapseDiagnostic().state_key == "collapse"
+    assert CollapseDiagnostic(patience=2, drop=0.6).state_key == "collapse[drop=0.6,patience=2]"
+    assert StrengthDiagnostic(n=100).state_key == "strength[n=100]" and Feed().state_key == "feed"
+    with pytest.raises(RobustdropError, match="state key 'collapse'"):
+        Trainer(small_config(epochs=1), None, [CollapseDiagnostic(), Feed(), CollapseDiagnostic()])
+
+
+def test_two_instances_of_a_diagnostic_keep_separate_states_across_resume(tmp_path, small_data):
+    # With the fed series the default detector fires at epoch 3, the patient one (patience=2) at 4.
+    cfg = small_config(epochs=4)
+    steps = 256 // 64
+
+    def hooks():
+        return [Feed(), CollapseDiagnostic(), CollapseDiagnostic(patience=2)]
+
+    def onsets(store):
+        return [(e["epoch"], e["detected_epoch"]) for e in store.events("collapse_onset")]
+
+    straight = track(cfg, runs_dir=tmp_path, name="straight", progress=False, data=small_data, hooks=hooks())
+    assert onsets(straight) == [(3, 3), (3, 4)]
+    with pytest.raises(KeyboardInterrupt):
+        track(cfg, runs_dir=tmp_path, name="killed", progress=False, data=small_data,
+              hooks=[*hooks(), Crash(3 * steps + 1)])
+    store = RunStore.open(tmp_path / "killed")
+    saved = store.load_checkpoint("last")
+    assert saved["hooks"]["collapse"]["onset"] == 3 and saved["hooks"]["collapse[patience=2]"]["onset"] is None
+    resumed = resume(tmp_path / "killed", progress=False, data=small_data, hooks=hooks())
+    assert onsets(resumed) == onsets(straight)  # the default detector did not fire a second time
+
+    # the epoch-3 checkpoint as written before state keys (hook states by name) still resumes
+    saved["hooks"] = {"collapse": saved["hooks"]["collapse"]}
+    del saved["hooks_by"]
+    store.save_checkpoint("last", saved)
+    again = resume(store.path, progress=False, data=small_data, hooks=hooks())
+    assert onsets(again)[0] == (3, 3) and again.metrics()["epoch"].max() == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ class Diagnostic(Hook):
         super().__init__(**cadence)
         self.options = options
 
+    def key_options(self) -> dict[str, Any]:
+        return self.options.changed()
+
     @classmethod
     def from_config(cls, config: Any, **options: Any) -> Diagnostic:
         """The diagnostic for a run of ``config`` (a ``TrackConfig``) with ``options``."""

@@ -163,6 +163,20 @@ class Hook:
         pass
 
     # -- resume -------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """The key of this hook's state in checkpoints (Lightning's ``Callback.state_key``):
+        ``name``, plus the :meth:`key_options` that tell two instances of one hook apart, e.g.
+        ``collapse[patience=2]``. Hooks of one run must have different keys."""
+        options = self.key_options()
+        if not options:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in options.items())}]"
+
+    def key_options(self) -> dict[str, Any]:
+        """The options that distinguish this instance (none here; diagnostics: those not at their default)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -109,6 +109,11 @@ class Trainer:
         self.config = config.validate()
         self.store = store
         self.hooks = list(hooks)
+        keys = [h.state_key for h in self.hooks]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise RobustdropError(f"several hooks have the state key {twice[0]!r} (checkpoints keep one state per key); "
+                                  "give them different options or override Hook.state_key")
         self.resume = resume
         self.progress = progress
         self.data = data
@@ -202,7 +207,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "method": self.method.state_dict(),
-            "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "hooks": {h.state_key: h.state_dict() for h in self.hooks},
+            "hooks_by": "state_key",
             "rng": _rng_state(),
             "data_generator": self.data_generator.get_state(),
             "num_metric_rows": self.store.num_metric_rows,
@@ -234,9 +240,11 @@ class Trainer:
             raise RobustdropError(f"checkpoint does not fit the model/method ({str(exc).splitlines()[0][:160]}); "
                                   "it belongs to another run") from None
         self.schedule.load_state_dict(state["schedule"])
+        by_key = state.get("hooks_by") == "state_key"  # older checkpoints keyed hook states by name
         for hook in self.hooks:
-            if hook.name in state["hooks"]:
-                hook.load_state_dict(state["hooks"][hook.name])
+            key = hook.state_key if by_key else hook.name
+            if key in state["hooks"]:
+                hook.load_state_dict(state["hooks"][key])
         _set_rng_state(state["rng"])
         self.data_generator.set_state(state["data_generator"])
         self.run.epoch, self.run.step = state["epoch"], state["step"]
