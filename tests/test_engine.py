@@ -57,10 +57,11 @@ def test_each_method_trains_and_logs_specs(method, synthetic_data, tmp_path):
 def test_a_method_registered_by_a_user_is_accepted_end_to_end(synthetic_data, tmp_path, monkeypatch):
     from robustdrop.attacks import FGSM
     from robustdrop.cli import build_parser
-    from robustdrop.methods import AttackTraining, register_method, registry
+    from robustdrop.methods import AttackTraining, register_method
+    from robustdrop.methods.registry import METHODS
 
     with monkeypatch.context() as patch:
-        patch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # forgotten after the block
+        patch.setattr(METHODS, "_entries", dict(METHODS._entries))  # forgotten after the block
 
         @register_method("half-fgsm")
         def _half_fgsm(config):

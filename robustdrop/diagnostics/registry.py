@@ -16,16 +16,14 @@ from robustdrop.diagnostics.landscape import LandscapeDiagnostic
 from robustdrop.diagnostics.reference import ReferenceStrengthDiagnostic
 from robustdrop.diagnostics.snapshots import SnapshotDiagnostic
 from robustdrop.diagnostics.strength import StrengthDiagnostic
+from robustdrop.registry import Registry
 
-DIAGNOSTICS: dict[str, type[Diagnostic]] = {}
+DIAGNOSTICS: Registry[type[Diagnostic]] = Registry("diagnostic")
 
 
 def register_diagnostic(cls: type[Diagnostic]) -> type[Diagnostic]:
     """Add a :class:`Diagnostic` subclass under its ``name``; it runs after those registered before it."""
-    if cls.name in DIAGNOSTICS:
-        raise ValueError(f"diagnostic {cls.name!r} registered twice")
-    DIAGNOSTICS[cls.name] = cls
-    return cls
+    return DIAGNOSTICS.register(cls.name)(cls)
 
 
 for _cls in (ReferenceStrengthDiagnostic, StrengthDiagnostic, SnapshotDiagnostic, CollapseDiagnostic,

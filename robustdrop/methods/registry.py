@@ -8,37 +8,31 @@ from typing import Any
 from robustdrop.attacks import FGSM, PGD, RSFGSM
 from robustdrop.errors import RobustdropError
 from robustdrop.methods.base import AttackTraining, TrainingMethod
+from robustdrop.registry import Registry
 
-_BUILDERS: dict[str, Callable[[Any], TrainingMethod]] = {}
+METHODS: Registry[Callable[[Any], TrainingMethod]] = Registry("method")  # name -> builder(config)
 
 
-def register_method(name: str):
+def register_method(name: str) -> Callable[[Callable[[Any], TrainingMethod]], Callable[[Any], TrainingMethod]]:
     """Register ``builder(config) -> TrainingMethod`` as ``--method name`` (config validation and the
     CLI's choices read this registry)."""
-    def decorator(builder: Callable[[Any], TrainingMethod]):
-        if name in _BUILDERS:
-            raise ValueError(f"method {name!r} registered twice")
-        _BUILDERS[name] = builder
-        return builder
-
-    return decorator
+    return METHODS.register(name)
 
 
 def available_methods() -> list[str]:
     """Registered method names, in registration order."""
-    return list(_BUILDERS)
+    return METHODS.names()
 
 
 def check_method(name: str) -> None:
     """Raise :class:`RobustdropError` unless ``name`` is a registered method."""
-    if name not in _BUILDERS:
-        raise RobustdropError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
+    METHODS.check(name)
 
 
 def create_method(config: Any) -> TrainingMethod:
     """``config`` is a :class:`robustdrop.engine.config.TrackConfig` (duck-typed to keep imports one-way)."""
     check_method(config.method)
-    return _BUILDERS[config.method](config)
+    return METHODS[config.method](config)
 
 
 @register_method("fgsm")

@@ -7,28 +7,22 @@ from collections.abc import Callable
 from torch import nn
 
 from robustdrop.errors import RobustdropError
+from robustdrop.registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", sort=True)  # name -> factory(**kwargs)
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = factory
-        return factory
-
-    return decorator
+    return MODELS.register(name)
 
 
 def available_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def check_model(name: str) -> None:
     """Raise :class:`RobustdropError` unless ``name`` is a registered model."""
-    if name not in _MODELS:
-        raise RobustdropError(f"unknown model {name!r}; choose one of: {', '.join(available_models())}")
+    MODELS.check(name)
 
 
 def create_model(
@@ -54,4 +48,4 @@ def create_model(
         if width <= 0:
             raise RobustdropError(f"--width must be positive, got {width}")
         kwargs["width"] = width
-    return _MODELS[name](**kwargs)
+    return MODELS[name](**kwargs)
