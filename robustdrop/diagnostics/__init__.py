@@ -55,7 +55,7 @@ def build_hooks(config: Any) -> list[Hook]:
     Raises :class:`~robustdrop.errors.RobustdropError` on an unknown name or option, and on a
     reference that is missing or unreadable.
     """
-    chosen = select(config.diagnostics, reference=getattr(config, "reference", None))
+    chosen = select(config.diagnostics, reference=config.reference)
     return [create_diagnostic(name, config, **options) for name, options in chosen.items()]
 
 
