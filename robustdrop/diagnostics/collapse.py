@@ -12,9 +12,9 @@ first epoch of that streak. Signals whose diagnostic did not run are left out. `
 available signals that are on.
 
 On firing it publishes ``collapse/onset`` (the onset epoch) for the hooks after it, records the
-event ``collapse_onset`` (``signals``: every value and flag, ``action``, ``detected_epoch``) and acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends
-the run after this epoch, ``rollback`` ends it and keeps the checkpoint of epoch onset−1 as
-``checkpoints/result.pt``. The same rule runs offline on a recorded metrics table with
+event ``collapse_onset`` (``signals``: every value and flag, ``action``, ``detected_epoch``) and
+acts on ``config.on_collapse``: ``warn`` prints one line, ``stop`` ends the run after this epoch,
+``rollback`` ends it and keeps the checkpoint of epoch onset−1 as ``checkpoints/result.pt``. The same rule runs offline on a recorded metrics table with
 :func:`detect_collapse`.
 """
 
@@ -32,6 +32,7 @@ from robustdrop.diagnostics.base import Diagnostic, Options, option
 if TYPE_CHECKING:
     from robustdrop.engine import RunContext
 
+
 @dataclass(frozen=True)
 class Input:
     """A value the detector reads: ``run.metrics[channel]`` in a live run; in a recorded run the
@@ -44,7 +45,7 @@ class Input:
     attack: str | None = None
 
 
-# The detector's inputs, in the order the detector's values (and the collapse_onset event) list them.
+# The detector's inputs, in the order its verdicts list their values.
 INPUTS = (
     Input("pgd_acc", "probe/acc/pgd", "eval", "acc", "pgd"),
     Input("fgsm_acc", "probe/acc/fgsm", "eval", "acc", "fgsm"),
@@ -106,7 +107,7 @@ def _misaligned(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | 
     return v["grad_alignment"] < d.rule.align if "grad_alignment" in v else None
 
 
-# The detector's signals, in the order verdicts and events list them.
+# The detector's signals, in the order its verdicts list them.
 SIGNALS = (
     Signal("pgd_drop", "probe PGD accuracy below `drop` × its running best, with the best at least `floor`",
            _pgd_drop, required=True),
