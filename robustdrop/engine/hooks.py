@@ -66,6 +66,8 @@ class RunContext:
         store: the :class:`~robustdrop.store.RunStore` every hook writes through.
         model: the model being trained (hooks see it in eval mode).
         method: the :class:`~robustdrop.methods.TrainingMethod`.
+        optimizer: the model's optimizer (hooks may read its state, e.g. the current momentum;
+            they never step it).
         device: torch device of the model and of ``probe``.
         data: the :class:`~robustdrop.data.ImageData` (CPU).
         train_images: the uint8 ``(N, C, H, W)`` training tensor actually trained on (CPU).
@@ -84,6 +86,7 @@ class RunContext:
     store: RunStore
     model: nn.Module
     method: TrainingMethod
+    optimizer: torch.optim.Optimizer
     device: torch.device
     data: ImageData
     train_images: torch.Tensor

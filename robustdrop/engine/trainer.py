@@ -187,7 +187,8 @@ class Trainer:
             None, FGSM(eval_eps),
             PGD(eval_eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
         ]
-        self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method, device=self.device,
+        self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method,
+                              optimizer=self.optimizer, device=self.device,
                               data=data, train_images=self.train_images, probe=self.probe,
                               steps_per_epoch=steps_per_epoch, autocast_factory=self._autocast,
                               eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
