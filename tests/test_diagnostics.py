@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import CrashAt
 from torch import nn
 
 from robustdrop.api import resume, track
@@ -66,7 +67,8 @@ def fake_run(tmp_path, model: nn.Module, images_u8: torch.Tensor, labels: torch.
     config = make_config(**values)
     data = ImageData("fake", images_u8, labels, images_u8, labels, [f"c{i}" for i in range(int(labels.max()) + 1)])
     run = RunContext(config=config, store=RunStore.create(tmp_path, "fake", overwrite=True), model=model.eval(),
-                     method=create_method(config), device=torch.device("cpu"), data=data, train_images=images_u8,
+                     method=create_method(config), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                     device=torch.device("cpu"), data=data, train_images=images_u8,
                      probe=(images_u8, labels), epoch=1, step=10)
     return run
 
@@ -491,18 +493,6 @@ class Feed(Hook):
         run.metrics.update({"probe/acc/pgd": self.PGD[epoch - 1], "probe/acc/fgsm": self.FGSM[epoch - 1]})
 
 
-class Crash(Hook):
-    name = "crash"
-
-    def __init__(self, step):
-        super().__init__(every_n_steps=1)
-        self.at = step
-
-    def on_train_step(self, run, batch, out):
-        if run.step == self.at:
-            raise KeyboardInterrupt
-
-
 def test_state_key_is_the_name_plus_non_default_options():
     assert CollapseDiagnostic().state_key == "collapse"
     assert CollapseDiagnostic(patience=2, drop=0.6).state_key == "collapse[drop=0.6,patience=2]"
@@ -526,7 +516,7 @@ def test_two_instances_of_a_diagnostic_keep_separate_states_across_resume(tmp_pa
     assert onsets(straight) == [(3, 3), (3, 4)]
     with pytest.raises(KeyboardInterrupt):
         track(cfg, runs_dir=tmp_path, name="killed", progress=False, data=small_data,
-              hooks=[*hooks(), Crash(3 * steps + 1)])
+              hooks=[*hooks(), CrashAt(3 * steps + 1)])
     store = RunStore.open(tmp_path / "killed")
     saved = store.load_checkpoint("last")
     assert saved["hooks"]["collapse"]["onset"] == 3 and saved["hooks"]["collapse[patience=2]"]["onset"] is None
