@@ -17,7 +17,8 @@ from robustdrop.attacks import PGD, cw_margin_loss
 from robustdrop.data import ImageData, probe_indices
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import autocast_for, evaluate, resolve_device
-from robustdrop.store import RunStore, atomic_write_text
+from robustdrop.errors import RobustdropError
+from robustdrop.store import RunStore, atomic_write_text, result_checkpoint
 
 EVAL_CACHE = "analyses_eval.json"
 
@@ -25,10 +26,12 @@ EVAL_CACHE = "analyses_eval.json"
 def checkpoint_file(path: Path, which: str) -> Path:
     """The checkpoint of run ``path`` that the ``final`` row (``result.pt``, else ``last.pt``) or
     the ``best`` row (:class:`~lib.training.KeepBest`'s ``best_model.pt``) evaluates."""
-    ckpt = path / "checkpoints"
     if which == "best":
-        return ckpt / f"{BEST_CHECKPOINT}.pt"
-    return ckpt / "result.pt" if (ckpt / "result.pt").is_file() else ckpt / "last.pt"
+        return path / "checkpoints" / f"{BEST_CHECKPOINT}.pt"
+    found = result_checkpoint(path)
+    if found is None:
+        raise RobustdropError(f"run {path} has no checkpoints/result.pt or checkpoints/last.pt; let it finish first")
+    return found
 
 
 def eval_attacks(cfg: dict[str, Any]) -> dict[str, PGD | None]:

@@ -31,6 +31,7 @@ from robustdrop.attacks import CLEAN, FGSM, PGD, AttackSpec, project, sign_noise
 from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import Mean, losses, take
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps
 from robustdrop.models import create_model
 from robustdrop.store import RunStore, load_checkpoint_file, result_checkpoint
 
@@ -51,7 +52,7 @@ class ReferenceSource:
     def describe(self) -> str:
         c = self.config
         eps = c.get("epsilon")
-        eps_text = f" ε={eps * 255:.3g}/255" if isinstance(eps, (int, float)) else ""
+        eps_text = f" ε={format_eps(eps)}" if isinstance(eps, (int, float)) else ""
         at = f" epoch {self.epoch}" if self.epoch is not None else ""
         return f"{c.get('model')} ({c.get('method')}{eps_text}) from {self.checkpoint}{at}"
 

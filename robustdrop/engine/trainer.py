@@ -27,6 +27,7 @@ from robustdrop.engine.config import TrackConfig
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
@@ -62,7 +63,7 @@ def make_optimizer(config: TrackConfig, model: nn.Module, steps_per_epoch: int) 
 
 def default_run_name(config: TrackConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{config.method}-{config.model}-eps{config.epsilon * 255:.3g}-{stamp}"
+    return f"{config.method}-{config.model}-eps{eps_in_255ths(config.epsilon)}-{stamp}"
 
 
 def _rng_state() -> dict[str, Any]:
