@@ -97,7 +97,7 @@ def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: t
     cfg = source.config
     try:
         model = create_model(cfg["model"], num_classes=num_classes, in_channels=channels, image_size=height,
-                             width=cfg.get("width"))
+                             width=cfg.get("width"), depth=cfg.get("depth"))
     except RobustdropError as exc:
         raise RobustdropError(f"reference {source.path}: {exc}") from None
     expected = model.state_dict()

@@ -41,12 +41,17 @@ class TrackConfig:
     pad_value: float = opt(0.0, "value of the crop padding (APART's code pads with 0.5)")
     # -- model ----------------------------------------------------------------------------
     model: str = opt("preactresnet18", "model", names=available_models)
-    width: float | None = opt(None, "width knob: multiplier for preactresnet18, filters for cnn1/smallcnn")
+    width: float | None = opt(None, "width knob: multiplier for preactresnet18, widen factor k for wideresnet (10), "
+                                    "filters for cnn1/smallcnn")
+    depth: int | None = opt(None, "depth of models that have one: wideresnet 6n+4, e.g. 28 (default) or 34")
     # -- training method ------------------------------------------------------------------
     method: str = opt("fgsm", "training method", choices=available_methods)
     epsilon: float = opt(8 / 255, "L-inf radius, e.g. 8/255", fraction=True)
-    alpha: float | None = opt(None, "training attack step (default: ε for fgsm, 1.25ε for rs-fgsm, ε/4 for pgd)", fraction=True)
+    alpha: float | None = opt(None, "training attack step (default: ε for fgsm, n-fgsm and gradalign, 1.25ε for rs-fgsm, "
+                                    "ε/4 for pgd)", fraction=True)
     pgd_steps: int = opt(10, "PGD steps of --method pgd")
+    nfgsm_noise: float = opt(2.0, "N-FGSM: k of the noise U(−kε, kε) around the input (de Jorge et al. 2022: 2)")
+    gradalign_lambda: float = opt(0.2, "GradAlign: weight λ of the alignment regulariser (authors: 0.2 at ε=8/255)")
     attack_bn: str = opt("train", "batch-norm mode while crafting training perturbations", choices=("train", "eval"))
     # -- APART / FGSM+ (paper §4) ---------------------------------------------------------
     apart_alpha_init: float = opt(1e-4, "APART: initial input step size α")

@@ -174,7 +174,7 @@ class Trainer:
 
         channels, height, _ = data.train_x.shape[1:]
         self.model = create_model(cfg.model, num_classes=data.num_classes, in_channels=channels,
-                                  image_size=height, width=cfg.width).to(self.device)
+                                  image_size=height, width=cfg.width, depth=cfg.depth).to(self.device)
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         steps_per_epoch = len(self.loader)

@@ -1,6 +1,6 @@
 """Models. Import a model file here to register it."""
 
-from robustdrop.models import cnn1, preactresnet, smallcnn  # noqa: F401  (registration)
+from robustdrop.models import cnn1, preactresnet, smallcnn, wideresnet  # noqa: F401  (registration)
 from robustdrop.models.registry import available_models, check_model, create_model, register_model
 
 __all__ = ["available_models", "check_model", "create_model", "register_model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -32,6 +33,7 @@ def create_model(
     in_channels: int = 3,
     image_size: int = 32,
     width: float | None = None,
+    depth: int | None = None,
 ) -> nn.Module:
     """Build a registered model.
 
@@ -40,7 +42,8 @@ def create_model(
         num_classes: output logits.
         in_channels, image_size: input shape ``(B, in_channels, image_size, image_size)``.
         width: the model's width knob (a multiplier for ``preactresnet18``, the number of filters for
-            ``cnn1`` and ``smallcnn``); ``None`` takes the model's default.
+            ``cnn1`` and ``smallcnn``, the widen factor for ``wideresnet``); ``None`` takes the model's default.
+        depth: the depth of models that have one (``wideresnet``: 6n+4); ``None`` takes the default.
     """
     check_model(name)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
@@ -48,4 +51,10 @@ def create_model(
         if width <= 0:
             raise RobustdropError(f"--width must be positive, got {width}")
         kwargs["width"] = width
+    if depth is not None:
+        if "depth" not in inspect.signature(MODELS[name]).parameters:
+            with_depth = [n for n in available_models() if "depth" in inspect.signature(MODELS[n]).parameters]
+            raise RobustdropError(f"--depth does not apply to {name!r}; drop it (models with a depth: "
+                                  f"{', '.join(with_depth)})")
+        kwargs["depth"] = int(depth)
     return MODELS[name](**kwargs)
