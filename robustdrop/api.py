@@ -18,6 +18,20 @@ from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore
 
 
+def output_hooks(config: TrackConfig) -> list[Hook]:
+    """Hooks for the run's optional outputs, run after the diagnostics: ``--final-eval`` (logs its rows
+    at the end) and then ``--tensorboard`` (writes every row as it is logged)."""
+    from robustdrop.engine.attack_eval import FinalEvalHook
+    from robustdrop.engine.tensorboard import TensorBoardHook
+
+    hooks: list[Hook] = []
+    if config.final_eval:
+        hooks.append(FinalEvalHook(config.final_eval, size=config.final_eval_size))
+    if config.tensorboard:
+        hooks.append(TensorBoardHook())
+    return hooks
+
+
 def track(
     config: TrackConfig,
     *,
@@ -34,7 +48,8 @@ def track(
     Returns the run's :class:`RunStore`.
     """
     config.validate()
-    all_hooks = build_hooks(config) + list(hooks or [])  # before the run directory: a bad reference leaves none
+    # Before the run directory: a bad reference leaves none.
+    all_hooks = build_hooks(config) + list(hooks or []) + output_hooks(config)
     store = RunStore.create(runs_dir, name or default_run_name(config), overwrite=overwrite)
     Trainer(config, store, all_hooks, progress=progress, data=data).fit()
     return store
@@ -57,6 +72,6 @@ def resume(
     if not store.checkpoint_path("last").is_file():
         raise RobustdropError(f"{run_dir} has no checkpoints/last.pt to resume from (it stopped before its first "
                               "epoch ended); start it again with --overwrite")
-    all_hooks = build_hooks(config) + list(hooks or [])
+    all_hooks = build_hooks(config) + list(hooks or []) + output_hooks(config)
     Trainer(config, store, all_hooks, resume=True, progress=progress, data=data).fit()
     return store

@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     track.set_defaults(func=_cmd_track)
 
     from robustdrop.plots.cli import add_plot_parsers
+    from robustdrop.tools_cli import add_tool_parsers
 
     add_plot_parsers(sub)
+    add_tool_parsers(sub)
     return parser
 
 

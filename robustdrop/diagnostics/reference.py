@@ -48,6 +48,7 @@ class ReferenceSource:
     config: dict[str, Any]
     weights: dict[str, torch.Tensor]
     epoch: int | None
+    step: int | None = None
 
     def describe(self) -> str:
         c = self.config
@@ -57,15 +58,18 @@ class ReferenceSource:
         return f"{c.get('model')} ({c.get('method')}{eps_text}) from {self.checkpoint}{at}"
 
 
-def find_reference(path: str | Path) -> ReferenceSource:
-    """Read a reference (run directory or checkpoint file); :class:`RobustdropError` if unusable."""
+def find_reference(path: str | Path, *, role: str = "reference") -> ReferenceSource:
+    """Read a model (run directory or checkpoint file); :class:`RobustdropError` if unusable.
+
+    ``role`` names the model in error messages (``reference``; ``robustdrop evaluate`` says ``checkpoint``).
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         store = RunStore.open(path)  # raises if there is no config.json
         config = store.read_json(RunStore.CONFIG)
         checkpoint = result_checkpoint(path)
         if checkpoint is None:
-            raise RobustdropError(f"reference run {path} has no checkpoints/result.pt or checkpoints/last.pt; "
+            raise RobustdropError(f"{role} run {path} has no checkpoints/result.pt or checkpoints/last.pt; "
                                   "let it finish at least one epoch or give a checkpoint file")
         state = load_checkpoint_file(checkpoint)
     elif path.is_file():
@@ -75,22 +79,25 @@ def find_reference(path: str | Path) -> ReferenceSource:
         if not isinstance(config, dict):
             run_config = path.parent.parent / RunStore.CONFIG
             if not run_config.is_file():
-                raise RobustdropError(f"reference checkpoint {path} carries no config and has no run directory "
+                raise RobustdropError(f"{role} checkpoint {path} carries no config and has no run directory "
                                       "around it; give the run directory instead")
             config = RunStore.open(path.parent.parent).read_json(RunStore.CONFIG)
-    else:
+    elif role == "reference":
         raise RobustdropError(f"reference {path} does not exist; train one first, e.g. `robustdrop track --preset quick "
                               "--method pgd --pgd-steps 5 --name ref-quick`, then pass --reference runs/ref-quick")
+    else:
+        raise RobustdropError(f"{role} {path} does not exist; give a run directory or a checkpoints/*.pt file")
     weights = state.get("model")
     if not isinstance(weights, dict) or "model" not in config:
         raise RobustdropError(f"{checkpoint} is not a robustdrop checkpoint with model weights; "
                               "give a run directory or a checkpoints/*.pt file written by robustdrop")
-    epoch = state.get("epoch")
-    return ReferenceSource(path, checkpoint, config, weights, int(epoch) if isinstance(epoch, int) else None)
+    epoch, step = state.get("epoch"), state.get("step")
+    return ReferenceSource(path, checkpoint, config, weights, int(epoch) if isinstance(epoch, int) else None,
+                           int(step) if isinstance(step, int) else None)
 
 
 def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: tuple[int, int, int],
-                    device: torch.device | str = "cpu") -> nn.Module:
+                    device: torch.device | str = "cpu", role: str = "reference") -> nn.Module:
     """The reference model for inputs of ``image_shape`` and ``num_classes`` classes, frozen, in eval
     mode; :class:`RobustdropError` if its weights do not fit that shape."""
     channels, height, _ = image_shape
@@ -99,22 +106,22 @@ def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: t
         model = create_model(cfg["model"], num_classes=num_classes, in_channels=channels, image_size=height,
                              width=cfg.get("width"), depth=cfg.get("depth"))
     except RobustdropError as exc:
-        raise RobustdropError(f"reference {source.path}: {exc}") from None
+        raise RobustdropError(f"{role} {source.path}: {exc}") from None
     expected = model.state_dict()
     for key, tensor in expected.items():
         got = source.weights.get(key)
         if got is None:
-            raise RobustdropError(f"reference {source.checkpoint} lacks weight {key!r} of a {cfg['model']}; "
+            raise RobustdropError(f"{role} {source.checkpoint} lacks weight {key!r} of a {cfg['model']}; "
                                   "it is not a checkpoint of that model")
         if tuple(got.shape) != tuple(tensor.shape):
             raise RobustdropError(
-                f"reference {source.checkpoint} does not fit this run: its {key} has shape {tuple(got.shape)}, this "
+                f"{role} {source.checkpoint} does not fit this run: its {key} has shape {tuple(got.shape)}, this "
                 f"run needs {tuple(tensor.shape)} ({num_classes} classes, input {channels}x{height}x{image_shape[2]}); "
-                "train the reference on the same dataset"
+                f"use a {role} trained on the same dataset"
             )
     extra = sorted(set(source.weights) - set(expected))
     if extra:
-        raise RobustdropError(f"reference {source.checkpoint} has weights {extra[:3]} that a {cfg['model']} lacks; "
+        raise RobustdropError(f"{role} {source.checkpoint} has weights {extra[:3]} that a {cfg['model']} lacks; "
                               "it is not a checkpoint of that model")
     model.load_state_dict(source.weights)
     model.to(device).eval()

@@ -94,6 +94,9 @@ class TrackConfig:
     eval_pgd_step_size: float = opt(2 / 255, "PGD step of the evaluation attack, e.g. 2/255", fraction=True)
     eval_restarts: int = opt(1, "PGD restarts of the evaluation attack")
     eval_batch_size: int = opt(500, "evaluation batch size")
+    final_eval: list = opt([], "attacks run on the test set when the run ends, e.g. autoattack (clean | fgsm | pgd | "
+                               "autoattack; autoattack needs robustdrop[eval])", nargs="+", item=str)
+    final_eval_size: int = opt(1000, "--final-eval: seeded class-balanced test subset size (0 = the whole test set)")
     # -- diagnostics ----------------------------------------------------------------------
     diagnostics: list = opt(["default"], "default | all | none | a list of names (see README)", nargs="+", item=str)
     reference: str | None = opt(None, "frozen reference model (run dir or checkpoint) for the strength measure")
@@ -105,6 +108,8 @@ class TrackConfig:
     channels_last: bool = opt(True, "channels_last memory format on CUDA (ignored on CPU)")
     checkpoint_every: int = opt(0, "also keep checkpoints/epoch_XXXX.pt every N epochs (0 = only last.pt)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    tensorboard: bool = opt(False, "write the metrics live as TensorBoard scalars to <run>/tensorboard "
+                                   "(needs robustdrop[tensorboard])")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +139,8 @@ class TrackConfig:
         for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_restarts", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("probe_size", "val_size", "train_subset", "test_every", "checkpoint_every", "threads"):
+        for name in ("probe_size", "val_size", "train_subset", "test_every", "checkpoint_every", "threads",
+                     "final_eval_size"):
             if getattr(self, name) < 0:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lr < 0 or self.weight_decay < 0:
@@ -145,7 +151,19 @@ class TrackConfig:
         if self.cycle_momentum and (self.optimizer != "sgd" or self.schedule not in ("cyclic", "cyclic-repeat")):
             raise RobustdropError("--cycle-momentum cycles SGD's momentum with a cyclic LR; use --optimizer sgd and "
                                   "--schedule cyclic (or cyclic-repeat), or drop --cycle-momentum")
+        self._validate_extras()
         return self
+
+    def _validate_extras(self) -> None:
+        """Optional outputs fail now, not after training: unknown attacks, missing packages."""
+        if self.final_eval:
+            from robustdrop.engine.attack_eval import check_attack_names
+
+            check_attack_names(self.final_eval, "--final-eval")
+        if self.tensorboard:
+            from robustdrop.store.tensorboard import import_summary_writer
+
+            import_summary_writer()
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class RunStore:
         self._rows: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._dirty = False
+        self._sinks: list[Callable[[list[dict[str, Any]]], None]] = []
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -135,13 +136,26 @@ class RunStore:
 
     # -- metrics ----------------------------------------------------------------------------
     def log_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Append tidy rows (built with :func:`metric_row`). Written on the next :meth:`flush`."""
+        """Append tidy rows (built with :func:`metric_row`). Written on the next :meth:`flush`;
+        handed to every sink (:meth:`add_sink`) at once."""
+        new = []
         for row in rows:
             missing = set(METRIC_COLUMNS) - row.keys()
             if missing:
                 raise ValueError(f"metric row lacks columns {sorted(missing)}: {row}")
-            self._rows.append({k: row[k] for k in METRIC_COLUMNS})
+            new.append({k: row[k] for k in METRIC_COLUMNS})
+        self._rows.extend(new)
         self._dirty = True
+        for sink in list(self._sinks):
+            sink(new)
+
+    def add_sink(self, sink: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call ``sink(rows)`` with the rows of every later :meth:`log_metrics` (e.g. TensorBoard)."""
+        self._sinks.append(sink)
+
+    def remove_sink(self, sink: Callable[[list[dict[str, Any]]], None]) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
 
     def metrics(self) -> pd.DataFrame:
         """All metric rows so far as a DataFrame with the documented columns."""

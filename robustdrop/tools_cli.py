@@ -1,0 +1,79 @@
+"""``robustdrop evaluate ...`` and ``robustdrop export ...``.
+
+The main CLI calls :func:`add_tool_parsers` on its sub-parsers, then ``args.func(args)``. Bad
+input raises :class:`RobustdropError` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from robustdrop.engine.config import parse_fraction
+from robustdrop.errors import RobustdropError
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from robustdrop.evaluation import evaluate_checkpoint, set_threads, write_report
+
+    set_threads(args.threads)
+    report = evaluate_checkpoint(
+        args.checkpoint, attacks=args.attack, n=args.n, seed=args.seed, epsilon=args.epsilon,
+        pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size, restarts=args.restarts,
+        batch_size=args.batch_size, device=args.device, dataset=args.dataset, data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    print(f"rows written to {write_report(report, args.out)}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if not args.tensorboard:
+        raise RobustdropError("say what to export to: --tensorboard DIR")
+    from robustdrop.store.tensorboard import export_tensorboard
+
+    for run in args.runs:
+        print(export_tensorboard(run, args.tensorboard))
+    return 0
+
+
+def add_tool_parsers(subparsers: Any) -> None:
+    """Register ``evaluate`` and ``export``."""
+    from robustdrop.engine.attack_eval import EVAL_ATTACKS
+
+    e = subparsers.add_parser(
+        "evaluate", help="accuracy of a saved checkpoint under clean / FGSM / PGD-k / AutoAttack",
+        description="Evaluate a run's checkpoint (checkpoints/result.pt, else last.pt) or a checkpoint file on a "
+                    "seeded class-balanced test subset (--n) or the whole test set (--n 0). Results are metric rows "
+                    "(source=evaluate, with the attack spec, n and the checkpoint's epoch): appended to the run's "
+                    "metrics, else to <checkpoint>.evaluate.csv, or to --out.",
+    )
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoints/*.pt file")
+    e.add_argument("--attack", nargs="+", default=["fgsm", "pgd"], choices=list(EVAL_ATTACKS),
+                   help="attacks to run; clean accuracy is always measured (default: fgsm pgd); autoattack = "
+                        "standard L-inf AutoAttack, needs robustdrop[eval]")
+    e.add_argument("--n", type=int, default=1000,
+                   help="seeded class-balanced test subset size; 0 = the whole test set (default: 1000)")
+    e.add_argument("--seed", type=int, help="seed of the subset and the attacks (default: the run's)")
+    e.add_argument("--epsilon", type=parse_fraction, help="L-inf radius, e.g. 8/255 (default: the run's)")
+    e.add_argument("--pgd-steps", type=int, help="PGD steps (default: the run's --eval-pgd-steps)")
+    e.add_argument("--pgd-step-size", type=parse_fraction, help="PGD step, e.g. 2/255 (default: the run's)")
+    e.add_argument("--restarts", type=int, help="PGD restarts (default: the run's --eval-restarts)")
+    e.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    e.add_argument("--dataset", help="test set (default: the run's dataset)")
+    e.add_argument("--data-dir", help="folder with the dataset files (default: the run's)")
+    e.add_argument("--out", help="write the rows to this .csv / .parquet file (appended if it exists)")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_evaluate)
+
+    x = subparsers.add_parser(
+        "export", help="convert run directories for other tools (TensorBoard)",
+        description="Write every metric row of each run as TensorBoard scalars into DIR/<run name>/, with the same "
+                    "tags as `track --tensorboard` (see robustdrop.store.tensorboard).",
+    )
+    x.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    x.add_argument("--tensorboard", metavar="DIR", help="TensorBoard log folder (view with tensorboard --logdir DIR)")
+    x.set_defaults(func=_cmd_export)
