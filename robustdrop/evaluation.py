@@ -142,6 +142,11 @@ def write_report(report: EvaluationReport, out: str | os.PathLike | None = None)
     Returns where they went."""
     if out is None and report.run_dir is not None:
         store = RunStore.open(report.run_dir)
+        if not _finished(store):
+            # Resuming restores the metrics of the last checkpoint, dropping rows appended since:
+            # keep a copy beside them.
+            print(f"note: {store.path} has not finished; resuming it drops these rows from its metrics, "
+                  f"so they are also kept in {write_report(report, store.path / 'evaluate.csv')}")
         store.log_metrics(report.rows)
         store.log_event("evaluate", epoch=report.epoch, step=report.step, checkpoint=str(report.source.checkpoint),
                         attacks=[r.spec.attack for r in report.results], n=report.results[0].n if report.results else 0)
@@ -171,6 +176,14 @@ def write_report(report: EvaluationReport, out: str | os.PathLike | None = None)
     else:
         atomic_write_text(target, frame.to_csv(index=False))
     return target
+
+
+def _finished(store: RunStore) -> bool:
+    """Whether the run trained all its epochs or stopped for good (its metrics are final)."""
+    epochs = store.read_json(RunStore.CONFIG).get("epochs")
+    m = store.metrics()
+    done = int(m["epoch"].max()) if len(m) else 0
+    return bool(store.events("stop")) or (isinstance(epochs, int) and done >= epochs)
 
 
 def set_threads(threads: int) -> None:

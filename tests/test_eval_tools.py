@@ -291,13 +291,19 @@ class _Crash(Hook):
             raise KeyboardInterrupt
 
 
-def test_tensorboard_after_resume_has_each_point_once(data, tmp_path):
+def test_tensorboard_after_resume_has_each_point_once(data, tmp_path, capsys):
     pytest.importorskip("tensorboard", reason="TensorBoard output needs tensorboard (pip install 'robustdrop[tensorboard]')")
     cfg = _config(epochs=3, tensorboard=True)
     with pytest.raises(KeyboardInterrupt):
         track(cfg, runs_dir=tmp_path, name="killed", data=data, progress=False, hooks=[_Crash(2 * 8 + 3)])
+    # Evaluating the unfinished run: its rows survive the resume in evaluate.csv.
+    write_report(evaluate_checkpoint(tmp_path / "killed", attacks=["fgsm"], n=32, data=data, progress=False))
+    assert "has not finished" in capsys.readouterr().out
     store = resume(tmp_path / "killed", data=data, progress=False)
     _same(_scalars(store.path / "tensorboard"), _expected(store))
+    assert "evaluate" not in set(store.metrics().source)
+    kept = pd.read_csv(store.path / "evaluate.csv")
+    assert set(kept.attack) == {"none", "fgsm"} and (kept.epoch == 2).all()
 
 
 def test_export_cli_on_a_synthetic_run(tmp_path, capsys):

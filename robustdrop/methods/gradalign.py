@@ -87,10 +87,10 @@ class GradAlign(TrainingMethod):
     """
 
     name = "gradalign"
-    # FGSM pass, training pass, g₂ pass forward; backward: FGSM, g₂ and the double backward
-    # through g₂'s graph (≈ 2 passes) next to the training loss's.
+    # Forward: FGSM, training, g₂. Backward (nominal): FGSM, g₂, the training loss, and the double
+    # backward through g₂'s graph (≈ 2). Measured ≈ 2.6× FGSM's step (benchmarks/bench_baselines.py).
     forward_passes = 3
-    backward_passes = 4
+    backward_passes = 5
 
     def __init__(self, epsilon: float, *, lam: float = DEFAULT_LAMBDA, train_mode: bool = True):
         if not 0 < epsilon <= 1:
