@@ -35,6 +35,8 @@ _ATTACK_NAMES = {
     "n-fgsm": "N-FGSM",
     "fgsm+": "FGSM+",
     "apart": "APART",
+    "gradalign": "GradAlign",
+    "autoattack": "AutoAttack",
     "noise-sign": "random-sign noise",
     "noise-uniform": "uniform noise",
     "train-perturbation": "training perturbation",
@@ -61,7 +63,7 @@ def attack_text(attack: str, spec: tuple | None) -> str:
         else:
             if steps and steps > 1:
                 parts.append(f"{steps} steps")
-            if step_size is not None:
+            if step_size is not None and not (isinstance(step_size, float) and math.isnan(step_size)):
                 parts.append(f"step {format_eps(step_size)}")
             if restarts and restarts > 1:
                 parts.append(f"{restarts} restarts")
