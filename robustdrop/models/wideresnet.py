@@ -47,7 +47,17 @@ class WideResNet(nn.Module):
     :class:`WideBasicBlock` of widths 16k, 32k, 64k (strides 1, 2, 2), BN-ReLU, global average
     pooling, linear.
 
+    Args:
+        depth: 6n + 4 (28 and 34 are the usual ones: 4 and 5 blocks per group).
+        widen: the widen factor k (10 in this literature).
+        num_classes, in_channels: output logits and input channels.
+
     Shape: (B, ``in_channels``, H, W) in [0, 1] → logits (B, ``num_classes``).
+
+    Examples:
+        >>> model = create_model("wideresnet", depth=34, width=10)   # WRN-34-10, 46.2 M parameters
+        >>> model(torch.rand(8, 3, 32, 32)).shape
+        torch.Size([8, 10])
     """
 
     def __init__(self, depth: int = 28, widen: int = 10, *, num_classes: int = 10, in_channels: int = 3):
