@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robustdrop.errors import RobustdropError
-from robustdrop.formatting import format_eps
+from robustdrop.formatting import format_eps, is_missing
 from robustdrop.plots.runs import PathLike, Run, modal_spec, per_epoch, restrict_to_spec, select
 
 # Split preference when several splits hold the same measurement equally often.
@@ -63,7 +63,7 @@ def attack_text(attack: str, spec: tuple | None) -> str:
         else:
             if steps and steps > 1:
                 parts.append(f"{steps} steps")
-            if step_size is not None and not (isinstance(step_size, float) and math.isnan(step_size)):
+            if not is_missing(step_size):
                 parts.append(f"step {format_eps(step_size)}")
             if restarts and restarts > 1:
                 parts.append(f"{restarts} restarts")
