@@ -95,8 +95,8 @@ def evaluate_checkpoint(
         n: size of the seeded class-balanced test subset (0 = the whole test set).
         seed: the subset's seed and the attacks' (default: the run's seed).
         epsilon, pgd_steps, pgd_step_size, restarts, batch_size: default to the run's evaluation
-            settings (``--epsilon``, ``--eval-pgd-steps``, ``--eval-pgd-step-size``,
-            ``--eval-restarts``, ``--eval-batch-size``).
+            settings (``--eval-epsilon``, else ``--epsilon``; ``--eval-pgd-steps``,
+            ``--eval-pgd-step-size``, ``--eval-restarts``, ``--eval-batch-size``).
         dataset, data_dir, data: the test set (default: the run's dataset).
     """
     names = check_attack_names(["clean", *attacks], "--attack")
@@ -114,7 +114,7 @@ def evaluate_checkpoint(
     model = build_reference(source, num_classes=data.num_classes, image_shape=data.image_shape, device=dev,
                             role="checkpoint")
     settings = AttackSettings(
-        epsilon=float(cfg["epsilon"] if epsilon is None else epsilon),
+        epsilon=float(epsilon if epsilon is not None else cfg.get("eval_epsilon") or cfg["epsilon"]),
         num_classes=data.num_classes,
         pgd_steps=int(cfg.get("eval_pgd_steps", 20) if pgd_steps is None else pgd_steps),
         pgd_step_size=float(cfg.get("eval_pgd_step_size", 2 / 255) if pgd_step_size is None else pgd_step_size),

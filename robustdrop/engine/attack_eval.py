@@ -176,7 +176,8 @@ class FinalEvalHook(Hook):
         pick = subset(labels, self.size, cfg.seed)
         if pick is not None:
             images, labels = images[pick], labels[pick]
-        settings = AttackSettings(cfg.epsilon, run.data.num_classes, cfg.eval_pgd_steps, cfg.eval_pgd_step_size,
+        eps = cfg.epsilon if getattr(cfg, "eval_epsilon", None) is None else cfg.eval_epsilon  # the run's eval radius
+        settings = AttackSettings(eps, run.data.num_classes, cfg.eval_pgd_steps, cfg.eval_pgd_step_size,
                                   cfg.eval_restarts, cfg.seed)
         attacks = build_attacks(self.names, settings)
         results = evaluate_attacks(run.model, images, labels, attacks, device=run.device,
