@@ -151,9 +151,9 @@ def evaluate_attacks(
 
 def format_results(results: Sequence[AttackResult], *, split: str) -> str:
     """A small plain-text table: attack (spec), n, accuracy %, loss, seconds."""
-    lines = [f"{'attack':<44} {'split':<6} {'n':>6} {'acc %':>7} {'loss':>7} {'seconds':>8}"]
+    lines = [f"{'attack':<48} {'split':<6} {'n':>6} {'acc %':>7} {'loss':>7} {'seconds':>8}"]
     for r in results:
-        lines.append(f"{r.spec.describe():<44} {split:<6} {r.n:>6} {100 * r.acc:>7.2f} {r.loss:>7.3f} {r.seconds:>8.1f}")
+        lines.append(f"{r.spec.describe():<48} {split:<6} {r.n:>6} {100 * r.acc:>7.2f} {r.loss:>7.3f} {r.seconds:>8.1f}")
     return "\n".join(lines)
 
 
