@@ -22,12 +22,7 @@ from robustdrop.models import create_model
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n=32, seed=0, classes=10, size=32):

@@ -26,12 +26,7 @@ from robustdrop.store.tensorboard import export_tensorboard, tensorboard_tag
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
