@@ -47,7 +47,7 @@ def _config(**overrides):
 def trained(tmp_path_factory, data):
     """A small PGD-trained cnn1: robust (not collapsed) on the synthetic data."""
     runs = tmp_path_factory.mktemp("runs")
-    store = track(_config(), runs_dir=runs, name="tiny", data=data, progress=False)
+    store = track(_config(threads=1), runs_dir=runs, name="tiny", data=data, progress=False)
     model = build_reference(find_reference(store.path), num_classes=10, image_shape=(3, 32, 32))
     return store.path, model
 
