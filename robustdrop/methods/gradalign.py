@@ -88,7 +88,7 @@ class GradAlign(TrainingMethod):
 
     name = "gradalign"
     # Forward: FGSM, training, g₂. Backward (nominal): FGSM, g₂, the training loss, and the double
-    # backward through g₂'s graph (≈ 2). Measured ≈ 2.6× FGSM's step (benchmarks/bench_baselines.py).
+    # backward through g₂'s graph (≈ 2). Measured ≈ 3.1× FGSM's step (benchmarks/bench_baselines.py, cnn1).
     forward_passes = 3
     backward_passes = 5
 
