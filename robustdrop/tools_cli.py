@@ -50,7 +50,7 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "metrics, else to <checkpoint>.evaluate.csv, or to --out.",
     )
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoints/*.pt file")
-    e.add_argument("--attack", nargs="+", default=["fgsm", "pgd"], choices=list(EVAL_ATTACKS),
+    e.add_argument("--attack", nargs="+", default=["fgsm", "pgd"], choices=EVAL_ATTACKS.names(),
                    help="attacks to run; clean accuracy is always measured (default: fgsm pgd); autoattack = "
                         "standard L-inf AutoAttack, needs robustdrop[eval]")
     e.add_argument("--n", type=int, default=1000,

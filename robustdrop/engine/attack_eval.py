@@ -25,10 +25,11 @@ from robustdrop.data import probe_indices
 from robustdrop.engine.evaluate import evaluate
 from robustdrop.engine.hooks import Hook
 from robustdrop.errors import RobustdropError
+from robustdrop.registry import Registry
 from robustdrop.store import metric_row
 
 if TYPE_CHECKING:
-    from robustdrop.engine.trainer import RunContext
+    from robustdrop.engine.hooks import RunContext
 
 
 @dataclass(frozen=True)
@@ -43,35 +44,40 @@ class AttackSettings:
     seed: int = 0
 
 
+# The registry of the attacks ``evaluate --attack`` and ``track --final-eval`` accept:
+# name -> builder(settings) (``None`` = clean).
+EVAL_ATTACKS: Registry[Callable[[AttackSettings], Attack | None]] = Registry("attack")
+
+
+@EVAL_ATTACKS.register("clean")
 def _clean(s: AttackSettings) -> Attack | None:
     return None
 
 
+@EVAL_ATTACKS.register("fgsm")
 def _fgsm(s: AttackSettings) -> Attack:
     return FGSM(s.epsilon)
 
 
+@EVAL_ATTACKS.register("pgd")
 def _pgd(s: AttackSettings) -> Attack:
     return PGD(s.epsilon, steps=s.pgd_steps, step_size=s.pgd_step_size, restarts=s.restarts)
 
 
+@EVAL_ATTACKS.register("autoattack")
 def _autoattack(s: AttackSettings) -> Attack:
     from robustdrop.attacks.autoattack import AutoAttack
 
     return AutoAttack(s.epsilon, num_classes=s.num_classes, seed=s.seed)
 
 
-# The registry of attacks ``evaluate --attack`` and ``track --final-eval`` accept.
-EVAL_ATTACKS: dict[str, Callable[[AttackSettings], Attack | None]] = {
-    "clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattack,
-}
-
-
 def check_attack_names(names: Sequence[str], flag: str) -> list[str]:
     """``names`` without duplicates, in order; :class:`RobustdropError` on an unknown one."""
-    unknown = [n for n in names if n not in EVAL_ATTACKS]
-    if unknown:
-        raise RobustdropError(f"{flag}: unknown attack {unknown[0]!r}; choose from {', '.join(EVAL_ATTACKS)}")
+    for name in names:
+        try:
+            EVAL_ATTACKS.check(name)
+        except RobustdropError as exc:
+            raise RobustdropError(f"{flag}: {exc}") from None
     if "autoattack" in names:
         from robustdrop.attacks.autoattack import import_torchattacks
 
@@ -181,7 +187,7 @@ class FinalEvalHook(Hook):
                                   cfg.eval_restarts, cfg.seed)
         attacks = build_attacks(self.names, settings)
         results = evaluate_attacks(run.model, images, labels, attacks, device=run.device,
-                                   batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=getattr(run, "progress", False),
+                                   batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=False,
                                    desc="final evaluation")
         rows = [row for r in results for row in r.rows(epoch=run.epoch, step=run.step, split="test", source=self.name)]
         run.store.log_metrics(rows)

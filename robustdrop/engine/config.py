@@ -17,6 +17,14 @@ from robustdrop.methods import available_methods, check_method
 from robustdrop.models import available_models, check_model
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def _eval_attack_names() -> list[str]:
+    """The evaluation-attack registry's names (imported late: that registry lives above the config)."""
+    from robustdrop.engine.attack_eval import EVAL_ATTACKS
+
+    return EVAL_ATTACKS.names()
+
 ON_COLLAPSE = ("warn", "stop", "rollback")
 
 
@@ -94,8 +102,8 @@ class TrackConfig:
     eval_pgd_step_size: float = opt(2 / 255, "PGD step of the evaluation attack, e.g. 2/255", fraction=True)
     eval_restarts: int = opt(1, "PGD restarts of the evaluation attack")
     eval_batch_size: int = opt(500, "evaluation batch size")
-    final_eval: list = opt([], "attacks run on the test set when the run ends, e.g. autoattack (clean | fgsm | pgd | "
-                               "autoattack; autoattack needs robustdrop[eval])", nargs="+", item=str)
+    final_eval: list = opt([], "attacks run on the test set when the run ends (autoattack needs robustdrop[eval])",
+                           nargs="+", item=str, names=_eval_attack_names)
     final_eval_size: int = opt(1000, "--final-eval: seeded class-balanced test subset size (0 = the whole test set)")
     # -- diagnostics ----------------------------------------------------------------------
     diagnostics: list = opt(["default"], "default | all | none | a list of names (see README)", nargs="+", item=str)

@@ -15,7 +15,7 @@ from robustdrop.engine.hooks import Hook
 from robustdrop.store.tensorboard import TensorBoardWriter, import_summary_writer
 
 if TYPE_CHECKING:
-    from robustdrop.engine.trainer import RunContext
+    from robustdrop.engine.hooks import RunContext
 
 FOLDER = "tensorboard"
 
