@@ -149,6 +149,25 @@ def test_mismatched_checkpoint_gives_clear_error(synthetic_data, tmp_path):
         resume(tmp_path / "a", data=synthetic_data, progress=False)
 
 
+def test_run_written_before_a_config_field_existed_still_resumes(synthetic_data, tmp_path):
+    """A newer robustdrop adds config fields; resuming an older run must not call it a mismatch."""
+    import torch
+
+    with pytest.raises(KeyboardInterrupt):
+        track(small_config(epochs=2), runs_dir=tmp_path, name="old", data=synthetic_data, progress=False,
+              hooks=[CrashAt(448 // 64 + 2)])
+    run = tmp_path / "old"
+    store = RunStore.open(run)
+    config = store.read_json(RunStore.CONFIG)
+    del config["gradalign_lambda"]  # as if the field did not exist when the run was made
+    store.write_json(RunStore.CONFIG, config)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    del state["config"]["gradalign_lambda"]
+    torch.save(state, run / "checkpoints" / "last.pt")
+    resume(run, data=synthetic_data, progress=False)
+    assert RunStore.open(run).metrics()["epoch"].max() == 2
+
+
 def test_nan_loss_stops_with_clear_error(synthetic_data, tmp_path, monkeypatch):
     from robustdrop.methods import AttackTraining
 

@@ -230,8 +230,11 @@ class Trainer:
         state = self.store.load_checkpoint("last", map_location=self.device)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise RobustdropError(f"{self.store.checkpoint_path('last')} is not a {CHECKPOINT_FORMAT} checkpoint")
-        if state["config"] != self.config.to_dict():
-            diff = sorted(k for k in state["config"] if state["config"][k] != self.config.to_dict().get(k))
+        # Fields added to TrackConfig after the checkpoint was written take their defaults on both
+        # sides (from_dict fills them), so a newer robustdrop still resumes an older run.
+        saved, current = TrackConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
+        if saved != current:
+            diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
                                   "restore config.json or start a new run")
         try:
