@@ -170,3 +170,26 @@ def test_reuse_rule(scripts, tmp_path, capsys):
     capsys.readouterr()
     training.train_run(setting, "long-apart")
     assert "reusing finished run" in capsys.readouterr().out
+
+
+def test_reuse_rule_run_made_before_a_config_field_existed(scripts, tmp_path):
+    """A newer robustdrop adds config fields; a run made before is still reused where the script
+    wants their defaults, and trained anew where it wants another value."""
+    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
+    setting = setting_mod.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
+    spec = catalog_mod.catalog(setting)["cost-fgsm"]
+    path = catalog_mod.run_dir(setting, "cost-fgsm")
+    training.train_run(setting, "cost-fgsm")
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    for field in ("depth", "nfgsm_noise", "gradalign_lambda", "final_eval", "tensorboard", "eval_epsilon"):
+        del config[field]  # as if made before these fields existed
+    config_file.write_text(json.dumps(config))
+    wanted = catalog_mod.config_for(setting, spec)
+    assert training.run_state(path, wanted) == ("finished", "finished")
+    state, why = training.run_state(path, catalog_mod.make_run_config(setting, **{**spec.overrides,
+                                                                                   "gradalign_lambda": 0.5}))
+    assert state == "different" and "gradalign_lambda" in why
+    config_file.write_text(json.dumps({**config, "from_the_future": 1}))
+    state, why = training.run_state(path, wanted)
+    assert state == "different" and "from_the_future" in why

@@ -1,7 +1,8 @@
 """Training one catalog run, or reusing / resuming it, with the :class:`KeepBest` hook.
 
 Reuse rule: a run directory whose ``config.json`` equals the config the script would use
-(``threads`` and the folder of ``reference`` are not compared) and whose ``checkpoints/last.pt``
+(``threads`` and the folder of ``reference`` are not compared; fields added to ``TrackConfig``
+after the run was made count with their defaults, as on resume) and whose ``checkpoints/last.pt``
 says ``finished`` is reused; one that stopped early is resumed; anything else is trained anew
 (the old directory is replaced). Every run gets the :class:`KeepBest` hook, which keeps the model
 of the epoch with the best validation PGD accuracy in ``checkpoints/best_model.pt`` for the tables.
@@ -21,6 +22,7 @@ from lib.catalog import catalog, config_for, data_for, run_dir
 from lib.setting import Setting
 from robustdrop.api import resume, track
 from robustdrop.engine import Hook, TrackConfig
+from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore
 
 BEST_CHECKPOINT = "best_model"  # checkpoints/best_model.pt, written by KeepBest
@@ -76,8 +78,12 @@ def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
         return "missing", "no run yet"
     try:
         stored = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        # A run made before a config field existed has the field's default (as the engine's resume).
+        stored = TrackConfig.from_dict(stored).to_dict()
+    except (OSError, json.JSONDecodeError, TypeError, AttributeError):
         return "different", "unreadable config.json"
+    except RobustdropError as exc:  # keys this robustdrop does not know
+        return "different", str(exc)
     want = _normalized(cfg.to_dict())
     have = _normalized(stored)
     if have != want:
