@@ -41,9 +41,11 @@ def forwarded(args, setting: Setting) -> list[str]:
     """The scripts' arguments: the same, with the (possibly temporary) folders made explicit."""
     argv = ["--scale", setting.scale, "--runs-dir", str(setting.runs_dir), "--out", str(setting.out),
             "--threads", str(setting.threads), "--jobs", str(setting.jobs), "--device", setting.device,
-            "--seed", str(setting.seed), "--eval-n", str(setting.eval_n)]
+            "--seed", str(setting.seed), "--eval-n", str(setting.eval_n), "--aa-n", str(setting.aa_n)]
     if setting.smoke:
         argv.append("--smoke")
+    if not setting.autoattack:
+        argv.append("--no-autoattack")
     if setting.data_dir:
         argv += ["--data-dir", setting.data_dir]
     return argv
@@ -62,7 +64,8 @@ def training_order(setting: Setting) -> list[str]:
                 names.append(n)
     cat = catalog(setting)
     independent = [n for n in names if not cat[n].uses_reference and n != ref_name(setting)]
-    first = [ref_name(setting), *long_run_names(setting), "apart-no-init", "apart-no-step", "rs-fgsm"]
+    first = [ref_name(setting), "gradalign", *long_run_names(setting), "apart-no-init", "apart-no-step", "n-fgsm",
+             "rs-fgsm"]
     order: list[str] = []
     for n in [*first, *independent, "fgsm+", "apart", "fgsm", *names]:
         if n in names and n not in order:
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python analyses/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scale": setting.tag, "started_utc": started, "wall_s": round(total, 1), "phase1_wall_s": round(phase1, 1),
         "jobs": setting.jobs, "threads": setting.threads, "seed": setting.seed, "eval_n": setting.eval_n,
+        "aa_n": setting.aa_n if setting.autoattack else None,
         "environment": environment(),
         "task_wall_s": {k: round(v, 1) for k, v in task_times.items()},
         "script_wall_s": {k: round(v, 1) for k, v in script_times.items()},

@@ -3,7 +3,7 @@ APART without the learned initialization (``learned_init=False``) and APART with
 step size (``learned_step=False``; the step is fixed at ε).
 
 Same columns and evaluation as ``table_methods.py`` (final and best checkpoints on the test set:
-clean, PGD-20, CW-loss PGD-20; onset; train seconds per epoch). APART and FGSM+ are the runs of
+clean, PGD-20, CW-loss PGD-20; standard AutoAttack on the final one; onset; train seconds per epoch). APART and FGSM+ are the runs of
 Figure 2 and the method table.
 
 Writes ``<out>/table_ablation.{md,csv,tex}``.
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = needed(setting)
     ensure_runs(setting, names, evaluate_=names)
     table_methods.write(setting, names, "table_ablation",
-                        "APART ablations: final and best clean / PGD / CW-loss PGD test accuracy")
+                        "APART ablations: final and best clean / PGD / CW-loss PGD test accuracy, final AutoAttack")
     return 0
 
 

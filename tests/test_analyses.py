@@ -124,13 +124,19 @@ def test_script_smoke_reuses_the_runs_and_writes_its_outputs(smoke, name, tmp_pa
 
 def test_method_table_contents(smoke):
     raw = pd.read_csv(smoke["out"] / "table_methods.csv")
-    assert list(raw["run"]) == ["fgsm", "rs-fgsm", "pgd3", "fgsm+", "apart"]
-    for col in ("final_clean", "final_pgd", "final_cw", "best_clean", "best_pgd", "best_cw"):
+    assert list(raw["run"]) == ["fgsm", "rs-fgsm", "pgd3", "fgsm+", "apart", "n-fgsm", "gradalign"]
+    assert list(raw["method"])[-2:] == ["n-fgsm", "gradalign"]
+    for col in ("final_clean", "final_pgd", "final_cw", "best_clean", "best_pgd", "best_cw", "final_aa", "aa_clean",
+                "aa_pgd"):
         assert raw[col].between(0, 1).all(), col
-    # the adversary never helps: PGD / CW accuracy at most the clean accuracy
+    # the adversary never helps: PGD / CW / AutoAttack accuracy at most the clean accuracy (AutoAttack: on its subset)
     assert (raw["final_pgd"] <= raw["final_clean"]).all() and (raw["final_cw"] <= raw["final_clean"]).all()
-    assert (raw["final_epoch"] == 2).all()
-    assert "CW" in (smoke["out"] / "table_methods.md").read_text()
+    assert (raw["final_aa"] <= raw["aa_clean"]).all()
+    assert (raw["final_epoch"] == 2).all() and (raw["aa_n"] == 16).all()
+    md = (smoke["out"] / "table_methods.md").read_text()
+    assert "CW" in md and "final AutoAttack %" in md
+    # the caption says what AutoAttack and on how many images
+    assert "APGD-CE (100 iterations), APGD-T" in md and "Square (5000 queries" in md and "subset of 16 test images" in md
     assert "\\toprule" in (smoke["out"] / "table_methods.tex").read_text()
     ablation = pd.read_csv(smoke["out"] / "table_ablation.csv")
     assert list(ablation["run"]) == ["apart", "fgsm+", "apart-no-init", "apart-no-step"]
@@ -142,7 +148,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(smoke):
     state = torch.load(path / "checkpoints" / "best_model.pt", weights_only=True)
     assert state["epoch"] == int(val.idxmax())
     cached = json.loads((path / smoke["scripts"]["lib.evaluation"].EVAL_CACHE).read_text())
-    assert {k.split("|")[0] for k in cached} == {"final", "best"}
+    assert {k.split("|")[0] for k in cached} == {"final", "best", "autoattack"}
 
 
 def test_cost_table_ratio(smoke):
@@ -151,6 +157,9 @@ def test_cost_table_ratio(smoke):
     assert pgd10["passes_forward"] == 11 and pgd10["cost_vs_pgd10"] == pytest.approx(1.0)
     apart = raw[raw["run"] == "cost-apart"].iloc[0]
     assert apart["passes_vs_pgd10"] == pytest.approx(4 / 22)
+    passes = raw.set_index("run")[["passes_forward", "passes_backward"]]
+    assert tuple(passes.loc["cost-n-fgsm"]) == (2, 2) and tuple(passes.loc["cost-gradalign"]) == (3, 5)
+    assert (raw["train_s_per_epoch"] > 0).all()
     assert "APART / PGD-10 measured cost" in (smoke["out"] / "table_cost.md").read_text()
 
 
@@ -193,3 +202,22 @@ def test_reuse_rule_run_made_before_a_config_field_existed(scripts, tmp_path):
     config_file.write_text(json.dumps({**config, "from_the_future": 1}))
     state, why = training.run_state(path, wanted)
     assert state == "different" and "from_the_future" in why
+
+
+def test_autoattack_column_empty_with_a_note_without_torchattacks(smoke, tmp_path, monkeypatch):
+    from robustdrop.errors import RobustdropError
+
+    evaluation = smoke["scripts"]["lib.evaluation"]
+
+    def missing():
+        raise RobustdropError("AutoAttack needs the optional package torchattacks; install it with `pip install x`")
+
+    monkeypatch.setattr(evaluation, "import_torchattacks", missing)
+    argv = ["--smoke", "--runs-dir", str(smoke["runs"]), "--out", str(tmp_path), "--aa-n", "8"]  # not cached
+    assert smoke["scripts"]["table_methods"].main(argv) == 0
+    raw = pd.read_csv(tmp_path / "table_methods.csv")
+    assert raw["final_aa"].isna().all() and raw["final_pgd"].notna().all()
+    assert "final AutoAttack: not measured: AutoAttack needs the optional package torchattacks" in (
+        tmp_path / "table_methods.md").read_text()
+    assert smoke["scripts"]["table_methods"].main([*argv, "--no-autoattack"]) == 0
+    assert "final AutoAttack: not run (--no-autoattack)" in (tmp_path / "table_methods.md").read_text()

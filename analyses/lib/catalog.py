@@ -55,7 +55,8 @@ def ref_name(setting: Setting) -> str:
 def catalog(setting: Setting) -> dict[str, RunSpec]:
     """Every run the analyses use, by name."""
     k = setting.knobs
-    eps = preset_config(setting).epsilon
+    preset = preset_config(setting)
+    eps = preset.epsilon
     steps = int(k["ref_steps"])
     specs = [
         RunSpec(ref_name(setting), dict(method="pgd", pgd_steps=steps, alpha=2.5 * eps / steps),
@@ -68,6 +69,11 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
         RunSpec("apart", dict(method="apart"), True, "APART"),
         RunSpec("apart-no-init", dict(method="apart", learned_init=False), False, "APART without learned init"),
         RunSpec("apart-no-step", dict(method="apart", learned_step=False), False, "APART without learned step"),
+        # The field's single-step baselines (docs/baselines.md), with robustdrop's defaults.
+        RunSpec("n-fgsm", dict(method="n-fgsm"), False,
+                f"N-FGSM (de Jorge et al. 2022; noise {preset.nfgsm_noise:g}ε, step ε, no projection)"),
+        RunSpec("gradalign", dict(method="gradalign"), False,
+                f"GradAlign (Andriushchenko & Flammarion 2020; FGSM + alignment term, λ={preset.gradalign_lambda:g})"),
     ]
     ls = int(k["long_steps"])
     long_common = dict(schedule="cyclic-repeat", cycle_epochs=int(k["long_cycle"]), epochs=int(k["long_epochs"]),
@@ -81,7 +87,7 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
     ]
     # Timing runs (table_cost): same subset and epochs, no diagnostics, a cheap final evaluation.
     cost_common = dict(train_subset=int(k["cost_subset"]), epochs=int(k["cost_epochs"]), diagnostics=["none"],
-                       eval_every=int(k["cost_epochs"]), probe_size=min(100, preset_config(setting).probe_size),
+                       eval_every=int(k["cost_epochs"]), probe_size=min(100, preset.probe_size),
                        eval_pgd_steps=1)
     for name, (method, extra) in zip(cost_run_names(), COST_METHODS):
         specs.append(RunSpec(name, dict(method=method, **_cost_extra(extra, eps), **cost_common),
@@ -91,7 +97,8 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
 
 # (method, extra overrides) of the timing runs; PGD-10 is the cost unit.
 COST_METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("fgsm", {}), ("rs-fgsm", {}), ("pgd", {"pgd_steps": 10}), ("fgsm+", {}), ("apart", {}),
+    ("fgsm", {}), ("rs-fgsm", {}), ("pgd", {"pgd_steps": 10}), ("fgsm+", {}), ("apart", {}), ("n-fgsm", {}),
+    ("gradalign", {}),
 ]
 
 

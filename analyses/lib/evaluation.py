@@ -1,5 +1,6 @@
 """The tables' test-set evaluation of a run's final and best checkpoints: clean, PGD-k and
-CW-loss PGD-k accuracy, cached in ``<run>/analyses_eval.json``."""
+CW-loss PGD-k accuracy, and standard AutoAttack on the final checkpoint, cached in
+``<run>/analyses_eval.json``."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ from lib.catalog import load_data, run_dir
 from lib.setting import Setting
 from lib.training import BEST_CHECKPOINT
 from robustdrop.attacks import PGD, cw_margin_loss
+from robustdrop.attacks.autoattack import (
+    STANDARD_ITERATIONS,
+    STANDARD_SQUARE_P_INIT,
+    STANDARD_SQUARE_QUERIES,
+    STANDARD_TARGETS,
+    import_torchattacks,
+)
 from robustdrop.data import ImageData, probe_indices
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import autocast_for, evaluate, resolve_device
 from robustdrop.errors import RobustdropError
+from robustdrop.evaluation import evaluate_checkpoint
+from robustdrop.formatting import format_eps
 from robustdrop.store import RunStore, atomic_write_text, result_checkpoint
 
 EVAL_CACHE = "analyses_eval.json"
@@ -81,4 +91,53 @@ def evaluate_run(setting: Setting, name: str) -> dict[str, dict[str, Any]]:
         cache[key] = row
         out[which] = row
         atomic_write_text(cache_file, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    if setting.autoattack:
+        out["autoattack"] = autoattack_final(setting, name, cfg, cache, data)
     return out
+
+
+def autoattack_text(epsilon: float, num_classes: int) -> str:
+    """What the AutoAttack column measured: the standard L∞ cascade with its values
+    (:mod:`robustdrop.attacks.autoattack`)."""
+    it, targets = STANDARD_ITERATIONS, min(STANDARD_TARGETS, num_classes - 1)
+    return (f"standard L∞ AutoAttack (ε={format_eps(epsilon)}): APGD-CE ({it} iterations), APGD-T ({it} iterations, "
+            f"{targets} target classes), FAB-T ({it} iterations, {targets} target classes), Square "
+            f"({STANDARD_SQUARE_QUERIES} queries, p_init {STANDARD_SQUARE_P_INIT:g}), each on the images the previous "
+            "ones left correct")
+
+
+def autoattack_final(setting: Setting, name: str, cfg: dict[str, Any], cache: dict[str, Any],
+                     data: ImageData | None) -> dict[str, Any]:
+    """Clean, PGD-k and standard AutoAttack accuracy of the run's final checkpoint on the seeded
+    class-balanced subset of ``aa_n`` test images (all when 0; the first ``aa_n`` of the table's
+    ``eval_n`` images, same seed), through :func:`robustdrop.evaluation.evaluate_checkpoint`;
+    cached in ``cache`` (the run's ``analyses_eval.json``). Not cached and without torchattacks:
+    ``{"missing": why}``."""
+    path = run_dir(setting, name)
+    ckpt = checkpoint_file(path, "final")
+    stat = ckpt.stat()
+    seed = setting.seed + 1  # the subset seed of the PGD rows, so the images are among theirs
+    key = f"autoattack|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|n={setting.aa_n}|seed={seed}|standard"
+    if key in cache:
+        return cache[key]
+    try:
+        ta = import_torchattacks()
+    except RobustdropError as exc:
+        return {"missing": str(exc)}
+    if data is None:
+        data = load_data(setting, cfg)
+    n = len(data.test_y) if setting.aa_n <= 0 else min(setting.aa_n, len(data.test_y))
+    print(f"{name} final: standard AutoAttack on n={n} test images ...", flush=True)
+    report = evaluate_checkpoint(ckpt, attacks=["pgd", "autoattack"], n=n, seed=seed, device=setting.device,
+                                 batch_size=int(cfg.get("eval_batch_size", 500)), data=data, progress=False)
+    res = {r.spec.attack: r for r in report.results}
+    aa = res["autoattack"]
+    row = {"epoch": report.epoch, "n": aa.n, "checkpoint": ckpt.name, "seed": seed, "clean": res["none"].acc,
+           "pgd": res["pgd"].acc, "autoattack": aa.acc, "seconds": aa.seconds, "pgd_seconds": res["pgd"].seconds,
+           "attack": autoattack_text(aa.spec.epsilon, data.num_classes), "pgd_attack": res["pgd"].spec.describe(),
+           "torchattacks": getattr(ta, "__version__", "unknown")}
+    print(f"{name} final (epoch {row['epoch']}, n={aa.n}): clean {row['clean']:.4f} PGD {row['pgd']:.4f} "
+          f"AutoAttack {row['autoattack']:.4f} ({aa.seconds:.0f}s; PGD {row['pgd_seconds']:.0f}s)", flush=True)
+    cache[key] = row
+    atomic_write_text(path / EVAL_CACHE, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    return row

@@ -25,16 +25,19 @@ SCALES = ("quick", "paper")
 
 # Scale knobs of the runs that are not plain preset runs. ``ref_steps``: PGD steps of the
 # reference / PGD row (step 2.5ε/k); ``long_*``: the long-run figure (E4); ``cost_*``: the timing
-# runs of table_cost; ``eval_n``: test examples of the tables' evaluation (0 = the whole test set).
+# runs of table_cost; ``eval_n``: test examples of the tables' evaluation (0 = the whole test set);
+# ``aa_n``: test examples of the tables' AutoAttack on the final models (0 = all; a subset of the
+# ``eval_n`` images). Standard AutoAttack costs ≈35× PGD-20: 500 images ≈ 1.5 CPU-minutes per
+# robust quick model (docs/baselines.md), ±1.8 points standard error at 20 % accuracy.
 KNOBS: dict[str, dict[str, Any]] = {
     "quick": dict(ref_steps=3, long_steps=10, long_subset=5000, long_cycle=6, long_epochs=24, long_eval_every=2,
-                  long_test_every=None, cost_subset=8192, cost_epochs=3, eval_n=2000),
+                  long_test_every=None, cost_subset=8192, cost_epochs=3, eval_n=2000, aa_n=500),
     "paper": dict(ref_steps=10, long_steps=10, long_subset=0, long_cycle=30, long_epochs=200, long_eval_every=2,
-                  long_test_every=2, cost_subset=10000, cost_epochs=3, eval_n=0),
+                  long_test_every=2, cost_subset=10000, cost_epochs=3, eval_n=0, aa_n=0),
 }
 QUICK_EVAL_BATCH = 128
 SMOKE_KNOBS = dict(long_subset=0, long_cycle=1, long_epochs=2, long_eval_every=1, long_test_every=None,
-                   cost_subset=0, cost_epochs=2, eval_n=64)
+                   cost_subset=0, cost_epochs=2, eval_n=64, aa_n=16)
 # Tiny synthetic data and settings of --smoke (everything else comes from the scale's preset).
 SMOKE_DATA = dict(n_train=320, n_test=128, num_classes=10, size=32, channels=3, seed=0)
 SMOKE_CONFIG: dict[str, dict[str, Any]] = {
@@ -59,6 +62,8 @@ class Setting:
     device: str = "auto"
     seed: int = 0
     eval_n: int = 2000
+    aa_n: int = 500
+    autoattack: bool = True
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -66,6 +71,7 @@ class Setting:
         if self.smoke:
             k.update(SMOKE_KNOBS)
         k["eval_n"] = self.eval_n
+        k["aa_n"] = self.aa_n
         return k
 
     @property
@@ -94,6 +100,13 @@ def build_parser(description: str, *, jobs: int = 1) -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=None,
                    help="test examples of the tables' final/best evaluation, a seeded class-balanced subset "
                         "(0 = all; default: 2000 on quick, all on paper, 64 with --smoke)")
+    p.add_argument("--aa-n", type=int, default=None,
+                   help="test examples of the tables' standard AutoAttack on the final models, a seeded class-balanced "
+                        "subset (of the --eval-n images when smaller; 0 = all; default: 500 on quick, all on paper, 16 with "
+                        "--smoke)")
+    p.add_argument("--no-autoattack", dest="autoattack", action="store_false",
+                   help="leave the tables' AutoAttack column empty (it needs torchattacks: pip install "
+                        "'robustdrop[eval]')")
     return p
 
 
@@ -116,8 +129,10 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         eval_n = args.eval_n
     else:
         eval_n = SMOKE_KNOBS["eval_n"] if smoke else KNOBS[scale]["eval_n"]
+    aa_n = args.aa_n if args.aa_n is not None else (SMOKE_KNOBS["aa_n"] if smoke else KNOBS[scale]["aa_n"])
     return Setting(scale=scale, smoke=smoke, runs_dir=runs_dir, out=out, data_dir=args.data_dir, threads=threads,
-                   jobs=max(1, int(args.jobs)), device=args.device, seed=args.seed, eval_n=eval_n)
+                   jobs=max(1, int(args.jobs)), device=args.device, seed=args.seed, eval_n=eval_n, aa_n=aa_n,
+                   autoattack=bool(args.autoattack))
 
 
 def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1) -> Setting:
