@@ -89,6 +89,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
         config = make_config(args.preset, **overrides)
         store = track(config, runs_dir=args.runs_dir, name=args.name, overwrite=args.overwrite,
                       progress=not args.no_progress)
+    from robustdrop.plots.summary import run_summary
+
+    print(run_summary(store.path), flush=True)
     print(f"run directory: {store.path}")
     return 0
 

@@ -424,3 +424,22 @@ def test_plots_import_only_store_errors_and_formatting():
                 if name.startswith("robustdrop") and not name.startswith("robustdrop.plots"):
                     assert name in allowed, f"{source.name} imports {name}"
                 assert not name.startswith(("torch", "matplotlib.pyplot")), f"{source.name} imports {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# end-of-run summary (robustdrop track prints it)
+# --------------------------------------------------------------------------------------------
+def test_run_summary_says_what_happened_and_what_to_run_next(runs):
+    from robustdrop.plots.summary import run_summary
+
+    text = run_summary(runs["fgsm"])
+    pgd = [collapse_pgd_acc(e, 8) for e in range(13)]
+    best = int(np.argmax(pgd))
+    assert f"best probe PGD-20 (ε=8/255, step 2/255, 1 restart) accuracy: {100 * max(pgd):.1f}% at epoch {best}" in text
+    assert "collapse onset: epoch 8" in text
+    assert "final, epoch 12: probe (n=1000) clean" in text and "test (n=10000)" in text
+    assert f"{100 * (0.75 - 0.012 * best):.1f}% vs 79.4% at epoch {best} (best)" in text  # referee, FGSM vs noise
+    assert "79.0% vs 79.4% at epoch 12 (last)" in text
+    assert text.splitlines()[-1] == f"next: robustdrop plot collapse {runs['fgsm']}"
+    bare = run_summary(runs["bare"])
+    assert "collapse onset: none detected" in bare and "referee" not in bare
