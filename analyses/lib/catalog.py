@@ -64,7 +64,7 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
         # diagnostic never changes the training, and without it they need not wait for the reference.
         RunSpec("fgsm", dict(method="fgsm"), True, "FGSM adversarial training"),
         RunSpec("rs-fgsm", dict(method="rs-fgsm"), False, "RS-FGSM (Wong et al. 2020; step 1.25ε)"),
-        RunSpec("fgsm+", dict(method="fgsm+"), True, "FGSM+ (= APART without layer-wise perturbations)"),
+        RunSpec("fgsm+", dict(method="fgsm+"), True, "FGSM+ (our reading, a hypothesis: APART without layer-wise perturbations)"),
         RunSpec("apart", dict(method="apart"), True, "APART"),
         RunSpec("apart-no-init", dict(method="apart", learned_init=False), False, "APART without learned init"),
         RunSpec("apart-no-step", dict(method="apart", learned_step=False), False, "APART without learned step"),
