@@ -1,9 +1,10 @@
 """Figure 2 (paper.md E2, §3): robustness and perturbation strength per epoch, and the collapse onset.
 
-Trains the reference model first (PGD-k on the same data, model and ε; k = 10 at paper scale, fewer
-at quick scale, see ``lib.setting.KNOBS``), then FGSM, FGSM+ and APART runs of the scale's preset with
-``reference=<reference run>``, so every epoch logs the reference's accuracy on the FGSM δ of the
-current model (the paper's strength measure) and on random-sign / uniform noise of the same size.
+The referee (``lib.catalog.reference_for``): at quick scale the one the quick preset ships
+(``builtin:quick``, docs/referee.md); at paper scale a PGD-10 run on the same data, model and ε,
+trained first. FGSM, FGSM+ and APART runs of the scale's preset carry ``reference=<referee>``, so
+every epoch logs the referee's accuracy on the FGSM δ of the current model (the paper's strength
+measure) and on random-sign / uniform noise of the same size.
 
 Writes ``<out>/fig2_strength.{png,pdf}`` (the three runs, with the reference-free panels),
 ``fig2_strength_fgsm.{png,pdf}`` (the FGSM run alone, the paper's layout; the digitized paper
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from lib.catalog import ref_name, run_dir
+from lib.catalog import reference_for, reference_run, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
 from lib.setting import Setting, parse_setting
 from lib.tasks import ensure_runs
 
+from robustdrop.diagnostics import verify_builtin
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import collapse_figure
 from robustdrop.plots.runs import eval_curve, metric_curve, open_run, run_seconds
@@ -34,7 +36,22 @@ RUNS = ["fgsm", "fgsm+", "apart"]
 
 
 def needed(setting: Setting) -> list[str]:
-    return [ref_name(setting), *RUNS]
+    ref = reference_run(setting)
+    return [*([ref] if ref else []), *RUNS]
+
+
+def referee_text(setting: Setting) -> str:
+    """One line on Figure 2's referee and its accuracy."""
+    reference = reference_for(setting)
+    if reference.startswith("builtin:"):
+        _, provenance = verify_builtin(reference.split(":", 1)[1])
+        cfg, acc = provenance["config"], provenance["accuracy"]
+        return (f"referee: {reference} ({cfg['model']} width {cfg['width']:g}, PGD-{cfg['pgd_steps']}-trained; "
+                f"test clean {format_pct(acc['test_none']['value'])}%, PGD-20 {format_pct(acc['test_pgd']['value'])}%; "
+                "docs/referee.md)")
+    ref_df = open_run(reference).metrics
+    return (f"referee: {Path(reference).name} (final probe clean {format_pct(eval_curve(ref_df, 'none').iloc[-1])}%, "
+            f"PGD {format_pct(eval_curve(ref_df).iloc[-1])}%)")
 
 
 def _at(s: pd.Series, epoch: int | None) -> float:
@@ -76,13 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv)
     ensure_runs(setting, needed(setting))
     paths = [run_dir(setting, n) for n in RUNS]
-    ref = run_dir(setting, ref_name(setting))
     caption = setting_caption(setting)
-    ref_df = open_run(ref).metrics
-    ref_pgd = eval_curve(ref_df)
-    ref_clean = eval_curve(ref_df, "none")
-    ref_text = (f"reference: {ref.name} (final probe clean {format_pct(ref_clean.iloc[-1])}%, "
-                f"PGD {format_pct(ref_pgd.iloc[-1])}%)")
+    ref_text = referee_text(setting)
+    fgsm_df = open_run(paths[0]).metrics
 
     fig = collapse_figure(paths, reference_free=True)
     add_caption(fig, f"{caption}\n{ref_text}")
@@ -96,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "# Figure 2: robustness and perturbation strength per epoch", "",
         f"{caption}.", "",
-        f"{ref_text}. Accuracies in % on the fixed probe subset of the test set (n={int(ref_df[ref_df['split'] == 'probe']['n'].max())}) "
+        f"{ref_text}. Accuracies in % on the fixed probe subset of the test set (n={int(fgsm_df[fgsm_df['split'] == 'probe']['n'].max())}) "
         "unless said; `ref FGSM` = the reference model's accuracy on the FGSM δ of the run (lower = stronger), "
         "`ref noise` = on random-sign noise of the same ε (mean over epochs); loss gap = FGSM's loss increase minus "
         "random-sign noise's on the run's own model, in nats (≈0: FGSM no stronger than noise).", "",

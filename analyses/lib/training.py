@@ -1,7 +1,8 @@
 """Training one catalog run, or reusing / resuming it, with the :class:`KeepBest` hook.
 
 Reuse rule: a run directory whose ``config.json`` equals the config the script would use
-(``threads`` and the folder of ``reference`` are not compared) and whose ``checkpoints/last.pt``
+(``threads`` and the folder of ``reference`` are not compared; keys a run made by an older
+robustdrop lacks count as their default) and whose ``checkpoints/last.pt``
 says ``finished`` is reused; one that stopped early is resumed; anything else is trained anew
 (the old directory is replaced). Every run gets the :class:`KeepBest` hook, which keeps the model
 of the epoch with the best validation PGD accuracy in ``checkpoints/best_model.pt`` for the tables.
@@ -62,15 +63,16 @@ class KeepBest(Hook):
 
 
 def _normalized(cfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(cfg)
+    cfg = {**TrackConfig().to_dict(), **cfg}  # fields added since the run was made: their defaults
     cfg.pop("threads", None)
     if cfg.get("reference"):
         cfg["reference"] = Path(cfg["reference"]).name
     return cfg
 
 
-def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
-    """``(state, why)`` with state ``missing`` | ``different`` | ``partial`` | ``finished``."""
+def run_state(path: Path, cfg: TrackConfig, *, keep_best: bool = True) -> tuple[str, str]:
+    """``(state, why)`` with state ``missing`` | ``different`` | ``partial`` | ``finished``
+    (``keep_best``: a finished run must also have the :class:`KeepBest` checkpoint)."""
     config_file = path / RunStore.CONFIG
     if not config_file.is_file():
         return "missing", "no run yet"
@@ -92,7 +94,7 @@ def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
         return "different", f"unreadable checkpoint ({type(exc).__name__})"
     if not state.get("finished"):
         return "partial", f"stopped after epoch {state.get('epoch')}"
-    if not (path / "checkpoints" / f"{BEST_CHECKPOINT}.pt").is_file():
+    if keep_best and not (path / "checkpoints" / f"{BEST_CHECKPOINT}.pt").is_file():
         return "different", "made without the analyses' best-model hook"
     return "finished", "finished"
 
