@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+import robustdrop._threads  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 from robustdrop.engine.config import PRESETS, TrackConfig, make_config, parse_fraction
 from robustdrop.errors import RobustdropError
 
