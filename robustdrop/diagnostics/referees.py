@@ -73,6 +73,7 @@ class ReferenceSource:
     weights: dict[str, torch.Tensor]
     epoch: int | None
     step: int | None = None
+    sha256: str | None = None  # of the weights file, where it is recorded (shipped and cached referees)
 
     def describe(self) -> str:
         c = self.config
@@ -178,7 +179,7 @@ def load_builtin(name: str, directory: Path = BUILTIN_DIR) -> ReferenceSource:
     state, provenance = verify_builtin(name, directory)
     weights_path, _ = builtin_files(name, directory)
     return ReferenceSource(Path(f"{BUILTIN_PREFIX}{name}"), weights_path, state["config"], state["model"],
-                           provenance.get("epoch"))
+                           provenance.get("epoch"), sha256=provenance["sha256"])
 
 
 def write_builtin(name: str, model_state: dict[str, torch.Tensor], config: dict[str, Any], provenance: dict[str, Any],

@@ -124,7 +124,7 @@ class ReferenceStrengthDiagnostic(Diagnostic):
             run.store.log_event("reference", epoch=0, step=0, path=str(self.source.path),
                                 checkpoint=str(self.source.checkpoint), model=cfg.get("model"),
                                 method=cfg.get("method"), epsilon=cfg.get("epsilon"), dataset=cfg.get("dataset"),
-                                reference_epoch=self.source.epoch)
+                                reference_epoch=self.source.epoch, sha256=self.source.sha256)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         with self.timer(run):

@@ -209,6 +209,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="cifar10-jpeg", model="cnn1", width=4, method="fgsm", epsilon=10 / 255, epochs=30,
         batch_size=128, optimizer="adam", lr=0.003, weight_decay=5e-4, schedule="cyclic",
         lr_peak_at=0.4, probe_size=1000, val_size=1000, test_every=0, eval_pgd_step_size=2.5 / 255,
+        reference="builtin:quick",  # the shipped referee (docs/referee.md): Figure 2 from the first command
     ),
 }
 
