@@ -1,9 +1,10 @@
 """Figure 2 (paper.md E2, §3): robustness and perturbation strength per epoch, and the collapse onset.
 
-Trains the reference model first (PGD-k on the same data, model and ε; k = 10 at paper scale, fewer
-at quick scale, see ``lib.setting.KNOBS``), then FGSM, FGSM+ and APART runs of the scale's preset with
-``reference=<reference run>``, so every epoch logs the reference's accuracy on the FGSM δ of the
-current model (the paper's strength measure) and on random-sign / uniform noise of the same size.
+The referee (``lib.catalog.reference_for``): at quick scale the one the quick preset ships
+(``builtin:quick``, docs/referee.md); at paper scale a PGD-10 run on the same data, model and ε,
+trained first. FGSM, FGSM+ and APART runs of the scale's preset carry ``reference=<referee>``, so
+every epoch logs the referee's accuracy on the FGSM δ of the current model (the paper's strength
+measure) and on random-sign / uniform noise of the same size.
 
 Writes ``<out>/fig2_strength.{png,pdf}`` (the three runs, with the reference-free panels),
 ``fig2_strength_fgsm.{png,pdf}`` (the FGSM run alone, the paper's layout; the digitized paper
@@ -20,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from lib.catalog import ref_name, run_dir
+from lib.catalog import reference_for, reference_run, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
 from lib.setting import Setting, parse_setting
 from lib.tasks import ensure_runs
 
+from robustdrop.diagnostics import verify_builtin
 from robustdrop.formatting import fixed, format_pct
 from robustdrop.plots import collapse_figure
 from robustdrop.plots.runs import eval_curve, metric_curve, open_run, run_seconds
@@ -35,7 +36,22 @@ RUNS = ["fgsm", "fgsm+", "apart"]
 
 
 def needed(setting: Setting) -> list[str]:
-    return [ref_name(setting), *RUNS]
+    ref = reference_run(setting)
+    return [*([ref] if ref else []), *RUNS]
+
+
+def referee_text(setting: Setting) -> str:
+    """One line on Figure 2's referee and its accuracy."""
+    reference = reference_for(setting)
+    if reference.startswith("builtin:"):
+        _, provenance = verify_builtin(reference.split(":", 1)[1])
+        cfg, acc = provenance["config"], provenance["accuracy"]
+        return (f"referee: {reference} ({cfg['model']} width {cfg['width']:g}, PGD-{cfg['pgd_steps']}-trained; "
+                f"test clean {format_pct(acc['test_none']['value'])}%, PGD-20 {format_pct(acc['test_pgd']['value'])}%; "
+                "docs/referee.md)")
+    ref_df = open_run(reference).metrics
+    return (f"referee: {Path(reference).name} (final probe clean {format_pct(eval_curve(ref_df, 'none').iloc[-1])}%, "
+            f"PGD {format_pct(eval_curve(ref_df).iloc[-1])}%)")
 
 
 def _at(s: pd.Series, epoch: int | None) -> float:
@@ -54,7 +70,9 @@ def summarize(path: Path) -> dict[str, Any]:
     last = int(pgd.index.max()) if len(pgd) else None
     ref = metric_curve(df, source="strength-ref", metric="ref_acc", attack="fgsm", split="probe")
     noise = metric_curve(df, source="strength-ref", metric="ref_acc", attack="noise-sign", split="probe")
-    ratio = metric_curve(df, source="strength", metric="strength_ratio", attack="fgsm", split="probe")
+    # FGSM's loss increase minus random-sign noise's on the run's own model (the figure's middle panel)
+    gap = (metric_curve(df, source="strength", metric="loss_increase", attack="fgsm", split="probe")
+           - metric_curve(df, source="strength", metric="loss_increase", attack="noise-sign", split="probe"))
     test_pgd = eval_curve(df, split="test")
     return {
         "run": path.name, "onset": onset, "peak_epoch": peak, "peak_pgd": _at(pgd, peak),
@@ -66,41 +84,24 @@ def summarize(path: Path) -> dict[str, Any]:
         "ref_fgsm_min": float(ref.min()) if len(ref) else math.nan,
         "ref_noise_mean": float(noise.mean()) if len(noise) else math.nan,
         "ref_noise_onset": _at(noise, onset), "ref_noise_last": _at(noise, last),
-        "ratio_best": _at(ratio, best), "ratio_onset": _at(ratio, onset), "ratio_last": _at(ratio, last),
+        "gap_best": _at(gap, best), "gap_onset": _at(gap, onset), "gap_last": _at(gap, last),
         "seconds": run_seconds(df),
     }
-
-
-def zoom(ax: Any) -> None:
-    """Fit the accuracy axis to the curves when they all stay low (the quick scale's accuracies are
-    far below the paper's 0..0.8, and the strength gap would be invisible on a 0..1 axis)."""
-    data = [line for line in ax.get_lines() if len(line.get_ydata()) and line.get_gid() != "collapse_onset"]
-    top = max((float(np.nanmax(np.asarray(line.get_ydata(), dtype=float))) for line in data), default=1.0)
-    if top < 0.6:
-        ax.set_ylim(-0.01, top + 0.05)
-        ax.set_ylabel("accuracy (axis fitted to the data)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv)
     ensure_runs(setting, needed(setting))
     paths = [run_dir(setting, n) for n in RUNS]
-    ref = run_dir(setting, ref_name(setting))
     caption = setting_caption(setting)
-    ref_df = open_run(ref).metrics
-    ref_pgd = eval_curve(ref_df)
-    ref_clean = eval_curve(ref_df, "none")
-    ref_text = (f"reference: {ref.name} (final probe clean {format_pct(ref_clean.iloc[-1])}%, "
-                f"PGD {format_pct(ref_pgd.iloc[-1])}%)")
+    ref_text = referee_text(setting)
+    fgsm_df = open_run(paths[0]).metrics
 
     fig = collapse_figure(paths, reference_free=True)
-    zoom(fig.axes[0])
     add_caption(fig, f"{caption}\n{ref_text}")
     write_figure(fig, setting.out, "fig2_strength")
     paper = setting.scale == "paper" and not setting.smoke
     fig = collapse_figure(paths[0], paper=paper)
-    if not paper:
-        zoom(fig.axes[0])
     add_caption(fig, f"{caption}\n{ref_text}")
     write_figure(fig, setting.out, "fig2_strength_fgsm")
 
@@ -108,12 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [
         "# Figure 2: robustness and perturbation strength per epoch", "",
         f"{caption}.", "",
-        f"{ref_text}. Accuracies in % on the fixed probe subset of the test set (n={int(ref_df[ref_df['split'] == 'probe']['n'].max())}) "
+        f"{ref_text}. Accuracies in % on the fixed probe subset of the test set (n={int(fgsm_df[fgsm_df['split'] == 'probe']['n'].max())}) "
         "unless said; `ref FGSM` = the reference model's accuracy on the FGSM δ of the run (lower = stronger), "
-        "`ref noise` = on random-sign noise of the same ε (mean over epochs); strength ratio = FGSM / noise loss "
-        "increase on the run's own model (≲1: FGSM no stronger than noise).", "",
+        "`ref noise` = on random-sign noise of the same ε (mean over epochs); loss gap = FGSM's loss increase minus "
+        "random-sign noise's on the run's own model, in nats (≈0: FGSM no stronger than noise).", "",
         "| run | peak PGD (epoch) | final PGD | final test PGD | onset | ref FGSM: best-before-onset / onset / last "
-        "| ref noise (onset / last) | strength ratio: best / onset / last | compute s |",
+        "| ref noise (onset / last) | loss gap: best / onset / last | compute s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{format_pct(r['final_test_pgd'])} (n={r['final_test_n']}) | {r['onset'] if r['onset'] is not None else '—'} | "
             f"{format_pct(r['ref_fgsm_best'])} / {format_pct(r['ref_fgsm_onset'])} / {format_pct(r['ref_fgsm_last'])} | "
             f"{format_pct(r['ref_noise_onset'])} / {format_pct(r['ref_noise_last'])} (mean {format_pct(r['ref_noise_mean'])}) | "
-            f"{fixed(r['ratio_best'])} / {fixed(r['ratio_onset'])} / {fixed(r['ratio_last'])} | {r['seconds']:.0f} |")
+            f"{fixed(r['gap_best'])} / {fixed(r['gap_onset'])} / {fixed(r['gap_last'])} | {r['seconds']:.0f} |")
     write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
     for r in rows:
         print(f"{r['run']}: peak PGD {format_pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {format_pct(r['final_pgd'])}%, "

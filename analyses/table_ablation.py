@@ -1,5 +1,5 @@
-"""The ablation table (paper.md E6): APART, FGSM+ (= APART without layer-wise perturbations),
-APART without the learned initialization (``learned_init=False``) and APART without the learned
+"""The ablation table (paper.md E6): APART, FGSM+ (our reading of the paper's curve, a hypothesis:
+APART without layer-wise perturbations), APART without the learned initialization (``learned_init=False``) and APART without the learned
 step size (``learned_step=False``; the step is fixed at ε).
 
 Same columns and evaluation as ``table_methods.py`` (final and best checkpoints on the test set:

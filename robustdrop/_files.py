@@ -1,4 +1,5 @@
-"""Atomic file writes: the one implementation the dataset cache and the run directory share.
+"""Atomic file writes (the one implementation the dataset cache and the run directory share) and
+the one file checksum (:func:`sha256_file`: the embedded data archive, shipped and cached referees).
 
 A file is written to a temporary file in the same folder and moved over the target with
 ``os.replace``, so a killed process never leaves a torn file and a failed write leaves the previous
@@ -9,6 +10,7 @@ file as it was. It lives below :mod:`robustdrop.data` and :mod:`robustdrop.store
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import BinaryIO
 
 from robustdrop.errors import RobustdropError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -89,3 +91,12 @@ def _write_error(path: Path, exc: OSError) -> str:
     else:
         todo = f"check that {path.parent} is a writable folder with free space and run again"
     return f"cannot write {path} ({reason}): {todo}; the previous file there, if any, is unchanged"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -48,8 +48,8 @@ def track(
     Returns the run's :class:`RunStore`.
     """
     config.validate()
-    # Before the run directory: a bad reference leaves none.
-    all_hooks = build_hooks(config) + list(hooks or []) + output_hooks(config)
+    # Before the run directory: a bad reference leaves none (and --reference auto trains or finds its referee here).
+    all_hooks = build_hooks(config, data=data, progress=progress) + list(hooks or []) + output_hooks(config)
     store = RunStore.create(runs_dir, name or default_run_name(config), overwrite=overwrite)
     Trainer(config, store, all_hooks, progress=progress, data=data).fit()
     return store
@@ -72,6 +72,6 @@ def resume(
     if not store.checkpoint_path("last").is_file():
         raise RobustdropError(f"{run_dir} has no checkpoints/last.pt to resume from (it stopped before its first "
                               "epoch ended); start it again with --overwrite")
-    all_hooks = build_hooks(config) + list(hooks or []) + output_hooks(config)
+    all_hooks = build_hooks(config, data=data, progress=progress) + list(hooks or []) + output_hooks(config)
     Trainer(config, store, all_hooks, resume=True, progress=progress, data=data).fit()
     return store

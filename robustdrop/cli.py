@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+import robustdrop._threads  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 from robustdrop.engine.config import PRESETS, TrackConfig, make_config, parse_fraction
 from robustdrop.errors import RobustdropError
 
@@ -89,6 +90,9 @@ def _cmd_track(args: argparse.Namespace) -> int:
         config = make_config(args.preset, **overrides)
         store = track(config, runs_dir=args.runs_dir, name=args.name, overwrite=args.overwrite,
                       progress=not args.no_progress)
+    from robustdrop.plots.summary import run_summary
+
+    print(run_summary(store.path), flush=True)
     print(f"run directory: {store.path}")
     return 0
 

@@ -106,6 +106,7 @@ def write_synthetic_run(
     curves: str = "collapse",
     val: bool = False,
     strength: bool = True,
+    referee: bool = True,
     snapshot_epochs: Sequence[int] = (),
     landscape_epochs: Sequence[int] = (),
     apart: bool = False,
@@ -128,7 +129,8 @@ def write_synthetic_run(
       ``passes_forward``/``passes_backward``.
     * ``strength``: ``strength-ref`` ``ref_acc`` (fgsm every epoch; noise-sign once at epoch 0;
       noise-uniform every epoch) and ``strength`` rows (loss_increase, strength_ratio,
-      grad_alignment, cos_fgsm_pgd); ``collapse_score`` and a ``collapse_onset`` event at ``onset``.
+      grad_alignment, cos_fgsm_pgd); ``collapse_score`` and a ``collapse_onset`` event at ``onset``;
+      ``referee=False`` leaves the ``strength-ref`` rows out (a run without ``--reference``).
     * ``snapshot_epochs`` / ``landscape_epochs``: arrays ``snapshots``/``landscape`` ``epoch_XXXX``.
     * ``apart``: ``source=apart`` rows, three per epoch (alpha, alpha_omega, alpha_b1..4, lr_psi,
       delta_abs_mean, delta_frac_at_eps).
@@ -176,13 +178,13 @@ def write_synthetic_run(
             ]
         if strength:
             ref = 0.79 if collapsed(epoch) else 0.75 - 0.012 * epoch
-            rows += [
+            rows += [] if not referee else [
                 metric_row(epoch, step, "probe", "ref_acc", ref, attack="fgsm", n=PROBE_N, source="strength-ref",
                            **FGSM_SPEC),
                 metric_row(epoch, step, "probe", "ref_acc", 0.80, attack="noise-uniform", n=PROBE_N,
                            source="strength-ref", **NOISE_SPEC),
             ]
-            if epoch == 0:
+            if epoch == 0 and referee:
                 rows.append(metric_row(0, 0, "probe", "ref_acc", 0.794, attack="noise-sign", n=PROBE_N,
                                        source="strength-ref", **NOISE_SPEC))
             inc_fgsm = 0.05 if collapsed(epoch) else 1.0 + 0.02 * epoch

@@ -23,7 +23,8 @@ def scripts():
     sys.path.insert(0, str(ANALYSES))
     try:
         names = ["lib.setting", "lib.catalog", "lib.training", "lib.evaluation", "fig1_perturbations",
-                 "fig2_strength", "fig_long_run", "table_methods", "table_ablation", "table_cost", "run_all"]
+                 "fig2_strength", "fig_long_run", "table_methods", "table_ablation", "table_cost", "run_all",
+                 "make_reference"]
         yield {n: importlib.import_module(n) for n in names}
     finally:
         sys.path.remove(str(ANALYSES))
@@ -221,3 +222,39 @@ def test_autoattack_column_empty_with_a_note_without_torchattacks(smoke, tmp_pat
         tmp_path / "table_methods.md").read_text()
     assert smoke["scripts"]["table_methods"].main([*argv, "--no-autoattack"]) == 0
     assert "final AutoAttack: not run (--no-autoattack)" in (tmp_path / "table_methods.md").read_text()
+
+
+def test_reuse_rule_checks_the_shipped_referee_by_its_sha256(scripts, tmp_path):
+    """A Figure 2 run made with another builtin:quick (same config string, other weights) is not reused."""
+    from robustdrop.diagnostics import verify_builtin
+    from robustdrop.store import RunStore
+
+    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
+    setting = setting_mod.Setting(runs_dir=tmp_path, out=tmp_path / "out")  # quick scale: builtin:quick
+    cfg = catalog_mod.config_for(setting, catalog_mod.catalog(setting)["fgsm"])
+    assert cfg.reference == "builtin:quick"
+    store = RunStore.create(tmp_path, "fgsm")
+    store.write_json(RunStore.CONFIG, cfg.to_dict())
+    store.log_event("reference", epoch=0, step=0, sha256="0" * 64)
+    store.flush()
+    state, why = training.run_state(store.path, cfg)
+    assert state == "different" and "another builtin:quick" in why
+    store.truncate_logs(0, 0)
+    store.log_event("reference", epoch=0, step=0, sha256=verify_builtin("quick")[1]["sha256"])
+    store.flush()
+    assert training.run_state(store.path, cfg) == ("different", "no checkpoint")  # the referee matches; next check
+
+
+def test_make_reference_phases_and_choice(scripts):
+    mr = scripts["make_reference"]
+    pgd = pd.Series([0.0, 0.1, 0.15, 0.2, 0.18, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0], index=range(1, 12))
+    robust, last, collapse, peak = mr.phases(pgd)
+    assert (peak, collapse) == (4, 7)  # from epoch 7 on, PGD accuracy stays below a third of its peak
+    assert robust == [2, 3, 4, 5, 6] and last == [7, 8, 9, 10, 11]
+    table = pd.DataFrame([
+        {"candidate": "a", "gap_before": 0.10, "gap_after": 0.03, "epoch_s": 0.1},  # never meets noise: out
+        {"candidate": "b", "gap_before": 0.07, "gap_after": 0.01, "epoch_s": 0.5},
+        {"candidate": "c", "gap_before": 0.06, "gap_after": 0.00, "epoch_s": 0.1},
+    ])
+    name, why = mr.choose(table)
+    assert name == "b" and "7.0 points" in why

@@ -72,6 +72,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pgd": stable_pgd_run(root, epochs=12),
         "apart": apart_run(root, epochs=6),
         "bare": write_synthetic_run(root, "bare", epochs=4, strength=False),
+        "noref": write_synthetic_run(root, "noref", epochs=12, onset=8, referee=False),
     }
 
 
@@ -96,7 +97,7 @@ def _assert_image_files(paths: list[Path]) -> None:
 # --------------------------------------------------------------------------------------------
 def test_collapse_figure_has_curves_onset_and_paper_overlay(runs):
     fig = collapse_figure([runs["fgsm"]], paper=True, reference_free=True)
-    main, loss, ratio, align = fig.axes[:4]
+    main, loss, gap, align = fig.axes[:4]
     labels = _labels(main)
     robust = next(line for line in main.get_lines() if line.get_label() == f"robust acc, {PGD_LABEL}")
     assert list(robust.get_xdata()) == list(range(13))
@@ -110,11 +111,36 @@ def test_collapse_figure_has_curves_onset_and_paper_overlay(runs):
     assert main.get_ylabel() == "accuracy" and align.get_xlabel() == "epoch"
     assert "not logged" not in main.get_title()
     assert {"FGSM", "random-sign noise"} <= set(_labels(loss))
-    assert "strength ratio" in _labels(ratio)
+    diff = next(line for line in gap.get_lines() if line.get_label() == "FGSM − random-sign noise")
+    expected = [(0.05 if e >= 8 else 1.0 + 0.02 * e) - 0.04 for e in range(13)]  # loss increase FGSM − noise
+    assert np.allclose(diff.get_ydata(), expected) and abs(max(diff.get_ydata())) < 2  # no ±1000 swings
     assert any(lbl.startswith("grad alignment") for lbl in _labels(align))
-    for ax in (loss, ratio, align):
+    for ax in (loss, gap, align):
         assert len(_onset_lines(ax)) == 1
     assert fig.legends  # the main panel's legend sits under the figure
+
+
+def test_collapse_accuracy_axis_fits_the_data(runs):
+    fig = collapse_figure([runs["fgsm"]], reference_free=False)
+    assert len(fig.axes) == 1  # with a referee, the reference-free panels are on request
+    top = max(max(line.get_ydata()) for line in fig.axes[0].get_lines() if line.get_gid() != "collapse_onset")
+    low, high = fig.axes[0].get_ylim()
+    assert top < high <= top + 0.1 and low < 0
+
+
+def test_collapse_without_referee_draws_the_reference_free_panels(runs):
+    fig = collapse_figure(runs["noref"])
+    main, loss, gap, align = fig.axes
+    titles = [ax.get_title() for ax in fig.axes]
+    assert not any("not logged" in t for t in titles)
+    assert "--reference auto" in titles[0]  # says how to get the paper's curves
+    labels = _labels(main)
+    assert any(lbl.startswith("robust acc") for lbl in labels)
+    assert not any("reference model" in lbl for lbl in labels)
+    assert {"FGSM", "random-sign noise"} <= set(_labels(loss))
+    assert "FGSM − random-sign noise" in _labels(gap)
+    assert {"grad alignment cos(∇L(x), ∇L(x+η))", "cos(δ_FGSM, δ_PGD)"} <= set(_labels(align))
+    assert main.get_ylim()[1] < 1.0  # fitted to the data
 
 
 def test_plot_collapse_several_runs_writes_png_and_pdf(runs, tmp_path):
@@ -132,13 +158,14 @@ def test_collapse_several_runs_marks_only_the_collapsing_one(runs):
     assert any(lbl.startswith("pgd10 (pgd): robust acc") for lbl in labels)
 
 
-def test_collapse_missing_metrics_are_noted_not_fatal(runs):
-    fig = collapse_figure(runs["bare"], reference_free=True)
-    title = fig.axes[0].get_title()
-    assert "not logged" in title and "ref_acc fgsm" in title
+def test_collapse_draws_only_what_was_logged(runs):
+    fig = collapse_figure(runs["bare"], reference_free=True)  # no strength measures at all
+    assert len(fig.axes) == 1 and "not logged" not in fig.axes[0].get_title()
     assert any(lbl.startswith("robust acc") for lbl in _labels(fig.axes[0]))
-    assert "not logged" in fig.axes[1].get_title()
     assert not _onset_lines(fig.axes[0])
+    fig = collapse_figure([runs["fgsm"], runs["noref"]])  # one run lacks the referee: said in the title
+    assert "not logged: noref: referee" in fig.axes[0].get_title()
+    assert len(fig.axes) == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,3 +424,22 @@ def test_plots_import_only_store_errors_and_formatting():
                 if name.startswith("robustdrop") and not name.startswith("robustdrop.plots"):
                     assert name in allowed, f"{source.name} imports {name}"
                 assert not name.startswith(("torch", "matplotlib.pyplot")), f"{source.name} imports {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# end-of-run summary (robustdrop track prints it)
+# --------------------------------------------------------------------------------------------
+def test_run_summary_says_what_happened_and_what_to_run_next(runs):
+    from robustdrop.plots.summary import run_summary
+
+    text = run_summary(runs["fgsm"])
+    pgd = [collapse_pgd_acc(e, 8) for e in range(13)]
+    best = int(np.argmax(pgd))
+    assert f"best probe PGD-20 (ε=8/255, step 2/255, 1 restart) accuracy: {100 * max(pgd):.1f}% at epoch {best}" in text
+    assert "collapse onset: epoch 8" in text
+    assert "final, epoch 12: probe (n=1000) clean" in text and "test (n=10000)" in text
+    assert f"{100 * (0.75 - 0.012 * best):.1f}% vs 79.4% at epoch {best} (best)" in text  # referee, FGSM vs noise
+    assert "79.0% vs 79.4% at epoch 12 (last)" in text
+    assert text.splitlines()[-1] == f"next: robustdrop plot collapse {runs['fgsm']}"
+    bare = run_summary(runs["bare"])
+    assert "collapse onset: none detected" in bare and "referee" not in bare

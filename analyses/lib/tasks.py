@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lib.catalog import catalog, ref_name, run_dir
+from lib.catalog import catalog, reference_run, run_dir
 from lib.evaluation import evaluate_run
 from lib.setting import Setting
 from lib.training import train_run
@@ -70,16 +70,18 @@ class Task:
 
 
 def train_tasks(setting: Setting, names: Sequence[str]) -> list[Task]:
-    """Training tasks for ``names`` and the reference they need, reference first."""
+    """Training tasks for ``names`` and the reference run they need (none when the referee is
+    shipped), reference first."""
     cat = catalog(setting)
+    ref = reference_run(setting)
+    waits = {n for n in names if cat[n].uses_reference and ref is not None}
     wanted: list[str] = []
     for n in names:
-        if cat[n].uses_reference and ref_name(setting) not in wanted:
-            wanted.insert(0, ref_name(setting))
+        if n in waits and ref not in wanted:
+            wanted.insert(0, ref)
         if n not in wanted:
             wanted.append(n)
-    ref = ref_name(setting)
-    return [Task(f"train:{n}", "train", n, (f"train:{ref}",) if cat[n].uses_reference else ()) for n in wanted]
+    return [Task(f"train:{n}", "train", n, (f"train:{ref}",) if n in waits else ()) for n in wanted]
 
 
 def eval_tasks(setting: Setting, names: Sequence[str]) -> list[Task]:

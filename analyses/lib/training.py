@@ -1,8 +1,9 @@
 """Training one catalog run, or reusing / resuming it, with the :class:`KeepBest` hook.
 
 Reuse rule: a run directory whose ``config.json`` equals the config the script would use
-(``threads`` and the folder of ``reference`` are not compared; fields added to ``TrackConfig``
-after the run was made count with their defaults, as on resume) and whose ``checkpoints/last.pt``
+(``threads`` and the folder of ``reference`` are not compared; keys a run made by an older
+robustdrop lacks count as their default; a ``builtin:NAME`` referee must be the file shipped now,
+by the SHA-256 in the run's ``reference`` event) and whose ``checkpoints/last.pt``
 says ``finished`` is reused; one that stopped early is resumed; anything else is trained anew
 (the old directory is replaced). Every run gets the :class:`KeepBest` hook, which keeps the model
 of the epoch with the best validation PGD accuracy in ``checkpoints/best_model.pt`` for the tables.
@@ -21,6 +22,7 @@ import torch
 from lib.catalog import catalog, config_for, data_for, run_dir
 from lib.setting import Setting
 from robustdrop.api import resume, track
+from robustdrop.diagnostics import verify_builtin
 from robustdrop.engine import Hook, TrackConfig
 from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore
@@ -64,15 +66,29 @@ class KeepBest(Hook):
 
 
 def _normalized(cfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(cfg)
+    cfg = {**TrackConfig().to_dict(), **cfg}  # fields added since the run was made: their defaults
     cfg.pop("threads", None)
     if cfg.get("reference"):
         cfg["reference"] = Path(cfg["reference"]).name
     return cfg
 
 
-def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
-    """``(state, why)`` with state ``missing`` | ``different`` | ``partial`` | ``finished``."""
+def _shipped_sha(reference: str) -> str | None:
+    return verify_builtin(reference.split(":", 1)[1])[1].get("sha256")
+
+
+def _logged_sha(path: Path) -> str | None:
+    """The referee's SHA-256 in the run's ``reference`` event (None if it has none)."""
+    try:
+        events = RunStore.open(path).events("reference")
+    except Exception:  # an unreadable run is retrained anyway
+        return None
+    return events[0].get("sha256") if events else None
+
+
+def run_state(path: Path, cfg: TrackConfig, *, keep_best: bool = True) -> tuple[str, str]:
+    """``(state, why)`` with state ``missing`` | ``different`` | ``partial`` | ``finished``
+    (``keep_best``: a finished run must also have the :class:`KeepBest` checkpoint)."""
     config_file = path / RunStore.CONFIG
     if not config_file.is_file():
         return "missing", "no run yet"
@@ -89,6 +105,8 @@ def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
     if have != want:
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         return "different", f"config differs in {diff}"
+    if str(cfg.reference or "").startswith("builtin:") and _shipped_sha(cfg.reference) != _logged_sha(path):
+        return "different", f"made with another {cfg.reference} than the one shipped now"
     last = path / "checkpoints" / "last.pt"
     if not last.is_file():
         return "different", "no checkpoint"
@@ -98,7 +116,7 @@ def run_state(path: Path, cfg: TrackConfig) -> tuple[str, str]:
         return "different", f"unreadable checkpoint ({type(exc).__name__})"
     if not state.get("finished"):
         return "partial", f"stopped after epoch {state.get('epoch')}"
-    if not (path / "checkpoints" / f"{BEST_CHECKPOINT}.pt").is_file():
+    if keep_best and not (path / "checkpoints" / f"{BEST_CHECKPOINT}.pt").is_file():
         return "different", "made without the analyses' best-model hook"
     return "finished", "finished"
 

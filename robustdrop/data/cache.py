@@ -7,7 +7,6 @@ atomically (:func:`robustdrop._files.atomic_write`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable
@@ -81,10 +80,3 @@ def _cached(path: Path, build: Callable[[], ImageData]) -> ImageData:
         _cache_save(path, data)
     return data
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

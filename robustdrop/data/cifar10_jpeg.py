@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robustdrop.data.cache import _CACHE_FORMAT, _cached, _resolve_cache_dir, _sha256_file
+from robustdrop._files import sha256_file
+from robustdrop.data.cache import _CACHE_FORMAT, _cached, _resolve_cache_dir
 from robustdrop.data.image_data import _SPLITS, ImageData
 from robustdrop.data.trees import _decode_tree, _read_tar, _tree_layout
 from robustdrop.errors import RobustdropError
@@ -33,7 +34,7 @@ def _load_cifar10_jpeg(cache_dir: str | None) -> ImageData:
     archive = embedded_archive_path()
     if not archive.is_file():
         raise RobustdropError(f"the embedded CIFAR-10 JPEG archive is missing ({archive}): reinstall robustdrop")
-    digest = _sha256_file(archive)
+    digest = sha256_file(archive)
     if digest != CIFAR10_JPEG_SHA256:
         raise RobustdropError(
             f"the embedded CIFAR-10 JPEG archive {archive} is damaged (sha256 {digest[:12]}..., "

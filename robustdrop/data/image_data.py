@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,15 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.train_x.shape[1:]
         return (int(c), int(h), int(w))
+
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the content (classes, then train and test images and labels): the same
+        for the same examples however they were loaded, so caches can key on it."""
+        h = hashlib.sha256("\0".join(self.classes).encode())
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy())
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         c, h, w = self.image_shape

@@ -5,6 +5,7 @@ name           what                                                             
 =============  =====================================================================  ==========
 strength-ref   a frozen reference model's accuracy on FGSM / PGD δ of the current      default
                model and on random noise (the paper's Fig. 2); needs ``--reference``   (with ref)
+               (``builtin:quick`` in the quick preset; ``auto``: see ``referees``)
 strength       FGSM vs random-sign loss increase, FGSM–PGD agreement, gradient          default
                alignment, δ statistics (probe and training perturbations)
 snapshots      FGSM δ of fixed probe images every epoch (the paper's Fig. 1)           default
@@ -20,6 +21,7 @@ each class declares its options once (``Options``). :func:`build_hooks` turns ``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from robustdrop.diagnostics.base import Diagnostic, Options, option
@@ -36,12 +38,17 @@ from robustdrop.diagnostics.collapse import (
 )
 from robustdrop.diagnostics.landscape import LandscapeDiagnostic, LandscapeOptions, compute_landscape
 from robustdrop.diagnostics.measures import delta_autocorr, delta_stats, per_example_cos, sign_agreement
-from robustdrop.diagnostics.reference import (
-    ReferenceOptions,
-    ReferenceStrengthDiagnostic,
-    build_reference,
+from robustdrop.diagnostics.referees import (
+    AUTO,
+    ReferenceSource,
+    auto_referee,
+    builtin_names,
     find_reference,
+    load_builtin,
+    referee_config,
+    verify_builtin,
 )
+from robustdrop.diagnostics.reference import ReferenceOptions, ReferenceStrengthDiagnostic, build_reference
 from robustdrop.diagnostics.registry import DIAGNOSTICS, create_diagnostic, register_diagnostic
 from robustdrop.diagnostics.selection import schema, select
 from robustdrop.diagnostics.snapshots import SnapshotDiagnostic, SnapshotOptions, pick_snapshot_indices
@@ -49,21 +56,27 @@ from robustdrop.diagnostics.strength import StrengthDiagnostic, StrengthOptions
 from robustdrop.engine import Hook
 
 
-def build_hooks(config: Any) -> list[Hook]:
+def build_hooks(config: Any, *, data: Any = None, progress: bool = True) -> list[Hook]:
     """The hooks named by ``config.diagnostics`` (and ``config.reference``), in running order.
 
-    Raises :class:`~robustdrop.errors.RobustdropError` on an unknown name or option, and on a
-    reference that is missing or unreadable.
+    ``--reference auto`` is resolved here, before the run starts: the cached referee of this
+    data / model / ε, trained first if there is none (``data``: the run's
+    :class:`~robustdrop.data.ImageData`, else the config's dataset is loaded; ``progress``: show
+    that training's progress bars). Raises :class:`~robustdrop.errors.RobustdropError` on an
+    unknown name or option, and on a reference that is missing or unreadable.
     """
     chosen = select(config.diagnostics, reference=config.reference)
+    if config.reference == AUTO and any(DIAGNOSTICS[name].needs_reference for name in chosen):
+        config = dataclasses.replace(config, reference=str(auto_referee(config, data, progress=progress)))
     return [create_diagnostic(name, config, **options) for name, options in chosen.items()]
 
 
 __all__ = [
-    "DIAGNOSTICS", "INPUTS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
-    "LandscapeDiagnostic", "LandscapeOptions", "Options", "ReferenceOptions", "ReferenceStrengthDiagnostic",
-    "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic", "StrengthOptions", "Verdict",
-    "build_hooks", "build_reference", "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats",
-    "detect_collapse", "find_reference", "option", "per_example_cos", "pick_snapshot_indices",
-    "register_diagnostic", "schema", "select", "sign_agreement", "signals_from_metrics",
+    "AUTO", "DIAGNOSTICS", "INPUTS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
+    "LandscapeDiagnostic", "LandscapeOptions", "Options", "ReferenceOptions", "ReferenceSource",
+    "ReferenceStrengthDiagnostic", "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic",
+    "StrengthOptions", "Verdict", "auto_referee", "build_hooks", "build_reference", "builtin_names",
+    "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats", "detect_collapse", "find_reference",
+    "load_builtin", "option", "per_example_cos", "pick_snapshot_indices", "referee_config", "register_diagnostic",
+    "schema", "select", "sign_agreement", "signals_from_metrics", "verify_builtin",
 ]

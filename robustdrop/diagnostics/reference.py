@@ -3,19 +3,17 @@
 A frozen, independently trained (robust) reference model — the paper's PGD-10 "referee" — is
 evaluated every ``every`` epochs on the probe set under perturbations crafted against the CURRENT
 model with FGSM (``attack=fgsm``), on random noise of the same L∞ size: uniform random signs ±ε
-(``noise-sign``) and U(−ε, ε) (``noise-uniform``), and clean (``none``); every ``pgd_every``
-epochs and at the last one also under the run's evaluation PGD of the current model
+(``noise-sign``) and U(−ε, ε) (``noise-uniform``), and clean (``none``) — these three do not depend
+on the current model, so every ``noise_every`` epochs and at the first and last; every
+``pgd_every`` epochs and at the last one also under the run's evaluation PGD of the current model
 (``attack=pgd``, the ceiling: as expensive as the probe evaluation's PGD, hence its own cadence).
 Metric ``ref_acc``; lower = stronger.
 When FGSM's ``ref_acc`` climbs to the noise level, FGSM perturbations have become random noise.
 
-Train a reference once, e.g. on the quick preset::
-
-    robustdrop track --preset quick --method pgd --pgd-steps 5 --name ref-quick
-    robustdrop track --preset quick --reference runs/ref-quick
-
-``--reference`` takes a run directory (its ``config.json`` and ``checkpoints/result.pt`` if
-present, else ``checkpoints/last.pt``) or a checkpoint file written by robustdrop.
+``--reference`` takes ``builtin:quick`` (shipped; the quick preset's default), ``auto`` (trained
+once for the run's data, model and ε and cached), a run directory (its ``config.json`` and
+``checkpoints/result.pt`` if present, else ``checkpoints/last.pt``) or a checkpoint file written by
+robustdrop; :mod:`robustdrop.diagnostics.referees` finds it.
 """
 
 from __future__ import annotations
@@ -30,70 +28,12 @@ from torch import nn
 from robustdrop.attacks import CLEAN, FGSM, PGD, AttackSpec, project, sign_noise, uniform_noise
 from robustdrop.diagnostics.base import Diagnostic, Options, option
 from robustdrop.diagnostics.measures import Mean, losses, take
+from robustdrop.diagnostics.referees import ReferenceSource, find_reference
 from robustdrop.errors import RobustdropError
-from robustdrop.formatting import format_eps
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, load_checkpoint_file, result_checkpoint
 
 if TYPE_CHECKING:
     from robustdrop.engine import RunContext
-
-
-@dataclass
-class ReferenceSource:
-    """A reference model as found on disk (weights on the CPU, not yet built)."""
-
-    path: Path
-    checkpoint: Path
-    config: dict[str, Any]
-    weights: dict[str, torch.Tensor]
-    epoch: int | None
-    step: int | None = None
-
-    def describe(self) -> str:
-        c = self.config
-        eps = c.get("epsilon")
-        eps_text = f" ε={format_eps(eps)}" if isinstance(eps, (int, float)) else ""
-        at = f" epoch {self.epoch}" if self.epoch is not None else ""
-        return f"{c.get('model')} ({c.get('method')}{eps_text}) from {self.checkpoint}{at}"
-
-
-def find_reference(path: str | Path, *, role: str = "reference") -> ReferenceSource:
-    """Read a model (run directory or checkpoint file); :class:`RobustdropError` if unusable.
-
-    ``role`` names the model in error messages (``reference``; ``robustdrop evaluate`` says ``checkpoint``).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        store = RunStore.open(path)  # raises if there is no config.json
-        config = store.read_json(RunStore.CONFIG)
-        checkpoint = result_checkpoint(path)
-        if checkpoint is None:
-            raise RobustdropError(f"{role} run {path} has no checkpoints/result.pt or checkpoints/last.pt; "
-                                  "let it finish at least one epoch or give a checkpoint file")
-        state = load_checkpoint_file(checkpoint)
-    elif path.is_file():
-        checkpoint = path
-        state = load_checkpoint_file(path)
-        config = state.get("config")
-        if not isinstance(config, dict):
-            run_config = path.parent.parent / RunStore.CONFIG
-            if not run_config.is_file():
-                raise RobustdropError(f"{role} checkpoint {path} carries no config and has no run directory "
-                                      "around it; give the run directory instead")
-            config = RunStore.open(path.parent.parent).read_json(RunStore.CONFIG)
-    elif role == "reference":
-        raise RobustdropError(f"reference {path} does not exist; train one first, e.g. `robustdrop track --preset quick "
-                              "--method pgd --pgd-steps 5 --name ref-quick`, then pass --reference runs/ref-quick")
-    else:
-        raise RobustdropError(f"{role} {path} does not exist; give a run directory or a checkpoints/*.pt file")
-    weights = state.get("model")
-    if not isinstance(weights, dict) or "model" not in config:
-        raise RobustdropError(f"{checkpoint} is not a robustdrop checkpoint with model weights; "
-                              "give a run directory or a checkpoints/*.pt file written by robustdrop")
-    epoch, step = state.get("epoch"), state.get("step")
-    return ReferenceSource(path, checkpoint, config, weights, int(epoch) if isinstance(epoch, int) else None,
-                           int(step) if isinstance(step, int) else None)
 
 
 def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: tuple[int, int, int],
@@ -117,7 +57,8 @@ def build_reference(source: ReferenceSource, *, num_classes: int, image_shape: t
             raise RobustdropError(
                 f"{role} {source.checkpoint} does not fit this run: its {key} has shape {tuple(got.shape)}, this "
                 f"run needs {tuple(tensor.shape)} ({num_classes} classes, input {channels}x{height}x{image_shape[2]}); "
-                f"use a {role} trained on the same dataset"
+                + ("use --reference auto (trains one on this data) or a reference trained on the same dataset"
+                   if role == "reference" else f"use a {role} trained on the same dataset")
             )
     extra = sorted(set(source.weights) - set(expected))
     if extra:
@@ -135,12 +76,17 @@ class ReferenceOptions(Options):
     every: int = option(1, "epochs between measurements", minimum=1)
     n: int = option(0, "probe examples used (0 = all)")
     pgd_every: int = option(5, "epochs between PGD ceilings, also at the last epoch (0 = never)")
+    noise_every: int = option(5, "epochs between the referee's clean and random-noise accuracies (constant for a "
+                                 "frozen referee), also at the first and last epoch", minimum=1)
 
 
 class ReferenceStrengthDiagnostic(Diagnostic):
     """See the module docstring; options: :class:`ReferenceOptions`. ``n <= 0`` uses the whole
     probe set; ``pgd_every = 0`` skips the PGD ceiling (the most expensive part: the run's
-    evaluation PGD once more)."""
+    evaluation PGD once more). The referee's clean and random-noise accuracies do not depend on
+    the current model, so they are measured every ``noise_every`` epochs (and at the first and
+    last) and the latest values are published in between; each epoch's own cost is then one FGSM
+    of the current model and one referee forward pass per probe batch."""
 
     name = "strength-ref"
     Options = ReferenceOptions
@@ -151,10 +97,17 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         super().__init__(o, every_n_epochs=o.every)
         self.source = reference if isinstance(reference, ReferenceSource) else find_reference(reference)
         self.reference: nn.Module | None = None
+        self.fixed: dict[str, float] = {}  # the latest clean / noise accuracies of the referee
 
     @classmethod
     def from_config(cls, config: Any, **options: Any) -> ReferenceStrengthDiagnostic:
         return cls(config.reference, **options)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fixed": dict(self.fixed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fixed = {k: float(v) for k, v in state.get("fixed", {}).items()}
 
     def on_run_start(self, run: RunContext) -> None:
         data = run.data
@@ -171,7 +124,7 @@ class ReferenceStrengthDiagnostic(Diagnostic):
             run.store.log_event("reference", epoch=0, step=0, path=str(self.source.path),
                                 checkpoint=str(self.source.checkpoint), model=cfg.get("model"),
                                 method=cfg.get("method"), epsilon=cfg.get("epsilon"), dataset=cfg.get("dataset"),
-                                reference_epoch=self.source.epoch)
+                                reference_epoch=self.source.epoch, sha256=self.source.sha256)
 
     def on_epoch_end(self, run: RunContext, epoch: int) -> None:
         with self.timer(run):
@@ -182,23 +135,28 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         cfg = run.config
         eps = cfg.epsilon
         gen = run.generator(self.name)
-        every = self.options.pgd_every
-        with_pgd = every > 0 and (epoch % every == 0 or epoch == cfg.epochs)
+        o, last = self.options, epoch == cfg.epochs
+        with_pgd = o.pgd_every > 0 and (epoch % o.pgd_every == 0 or last)
+        with_fixed = not self.fixed or epoch % o.noise_every == 0 or last
         fgsm = FGSM(eps)
         pgd = PGD(eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts)
-        specs = {"none": CLEAN, "fgsm": fgsm.spec(), "noise-sign": AttackSpec("noise-sign", eps, 0, eps, 0),
-                 "noise-uniform": AttackSpec("noise-uniform", eps, 0, eps, 0)}
+        specs = {"fgsm": fgsm.spec()}
+        if with_fixed:
+            specs.update({"none": CLEAN, "noise-sign": AttackSpec("noise-sign", eps, 0, eps, 0),
+                          "noise-uniform": AttackSpec("noise-uniform", eps, 0, eps, 0)})
         if with_pgd:
             specs["pgd"] = pgd.spec()
         correct = Mean()
-        for x, y in take(run.probe_batches(), self.options.n):
-            deltas = {"none": torch.zeros_like(x)}
+        for x, y in take(run.probe_batches(), o.n):
+            deltas = {}
             with autocast():
                 deltas["fgsm"] = fgsm(model, x, y)
                 if with_pgd:
                     deltas["pgd"] = pgd(model, x, y, gen)
-            deltas["noise-sign"] = project(x, sign_noise(x, eps, gen), eps)
-            deltas["noise-uniform"] = project(x, uniform_noise(x, eps, gen), eps)
+            if with_fixed:
+                deltas["none"] = torch.zeros_like(x)
+                deltas["noise-sign"] = project(x, sign_noise(x, eps, gen), eps)
+                deltas["noise-uniform"] = project(x, uniform_noise(x, eps, gen), eps)
             hits = {}
             for name, d in deltas.items():
                 _, logits = losses(ref, x + d, y, autocast)
@@ -209,4 +167,6 @@ class ReferenceStrengthDiagnostic(Diagnostic):
         acc = correct.means()
         for name, spec in specs.items():
             self.log(run, "ref_acc", acc[name.replace("-", "_")], spec=spec, n=correct.count)
-        self.publish(run, ref_acc_fgsm=acc["fgsm"], ref_acc_noise=acc["noise_sign"], ref_acc_clean=acc["none"])
+        if with_fixed:
+            self.fixed = {"clean": acc["none"], "noise": acc["noise_sign"]}
+        self.publish(run, ref_acc_fgsm=acc["fgsm"], ref_acc_noise=self.fixed["noise"], ref_acc_clean=self.fixed["clean"])

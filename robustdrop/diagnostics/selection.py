@@ -90,8 +90,7 @@ def select(words: Sequence[str], *, reference: str | None = None) -> dict[str, d
             chosen.setdefault(name, {})
         elif name in chosen:
             if name in named:
-                raise RobustdropError(f"the {name} diagnostic needs a reference model: pass --reference RUN_DIR "
-                                      "(train one with `robustdrop track --preset quick --method pgd --pgd-steps 5 "
-                                      "--name ref-quick`)")
+                raise RobustdropError(f"the {name} diagnostic needs a reference model: pass --reference auto "
+                                      "(trains one for this setting once and caches it), builtin:quick or RUN_DIR")
             del chosen[name]
     return {name: chosen[name] for name in DIAGNOSTICS if name in chosen}

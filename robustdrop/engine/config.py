@@ -26,6 +26,7 @@ def _eval_attack_names() -> list[str]:
     return EVAL_ATTACKS.names()
 
 ON_COLLAPSE = ("warn", "stop", "rollback")
+EVAL_PRECISIONS = ("fp32", "bf16")
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -107,12 +108,17 @@ class TrackConfig:
     final_eval_size: int = opt(1000, "--final-eval: seeded class-balanced test subset size (0 = the whole test set)")
     # -- diagnostics ----------------------------------------------------------------------
     diagnostics: list = opt(["default"], "default | all | none | a list of names (see README)", nargs="+", item=str)
-    reference: str | None = opt(None, "frozen reference model (run dir or checkpoint) for the strength measure")
+    reference: str | None = opt(None, "frozen referee for the paper's strength measure: a run dir or checkpoint, "
+                                      "builtin:NAME (shipped: builtin:quick), auto (train once per data/model/ε and "
+                                      "cache it) or none")
     on_collapse: str = opt("warn", "what to do when the collapse detector fires", choices=ON_COLLAPSE)
     # -- run ------------------------------------------------------------------------------
     seed: int = opt(0, "seed of every random choice")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = opt(True, "bf16 autocast of the training steps on CUDA (ignored on CPU); see --eval-precision")
+    eval_precision: str = opt("fp32", "precision of every evaluation attack and diagnostic on CUDA: fp32, or bf16 "
+                                      "autocast (faster; low-precision gradients can make an attack look weaker)",
+                              choices=EVAL_PRECISIONS)
     channels_last: bool = opt(True, "channels_last memory format on CUDA (ignored on CPU)")
     checkpoint_every: int = opt(0, "also keep checkpoints/epoch_XXXX.pt every N epochs (0 = only last.pt)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
@@ -142,6 +148,10 @@ class TrackConfig:
         check_model(self.model)
         if self.optimizer not in OPTIMIZERS:
             raise RobustdropError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.eval_precision not in EVAL_PRECISIONS:
+            raise RobustdropError(f"--eval-precision must be one of {', '.join(EVAL_PRECISIONS)}, got {self.eval_precision!r}")
+        if isinstance(self.reference, str) and self.reference.strip().lower() in ("", "none"):
+            self.reference = None  # `--reference none` turns a preset's referee off
         if self.on_collapse not in ON_COLLAPSE:
             raise RobustdropError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE)}, got {self.on_collapse!r}")
         for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_restarts", "eval_batch_size", "eval_every"):
@@ -199,6 +209,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="cifar10-jpeg", model="cnn1", width=4, method="fgsm", epsilon=10 / 255, epochs=30,
         batch_size=128, optimizer="adam", lr=0.003, weight_decay=5e-4, schedule="cyclic",
         lr_peak_at=0.4, probe_size=1000, val_size=1000, test_every=0, eval_pgd_step_size=2.5 / 255,
+        reference="builtin:quick",  # the shipped referee (docs/referee.md): Figure 2 from the first command
     ),
 }
 
@@ -220,5 +231,12 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrackConfig:
         if preset not in PRESETS:
             raise RobustdropError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+    if "reference" not in overrides and _no_diagnostics(overrides.get("diagnostics")):
+        values.pop("reference", None)  # a preset's referee gives way to an explicit --diagnostics none
     values.update(overrides)
     return TrackConfig.from_dict(values).validate()
+
+
+def _no_diagnostics(words: Any) -> bool:
+    words = [words] if isinstance(words, str) else list(words or [])
+    return [str(w).strip().lower() for w in words] == ["none"]

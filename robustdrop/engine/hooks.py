@@ -77,7 +77,7 @@ class RunContext:
         eval_specs: the evaluation's attacks by name (``none``, ``fgsm``, ``pgd``), as in the
             ``{split}/acc/{attack}`` names of ``metrics``.
         metrics: the channel: this epoch's values by name (see the module docstring).
-        autocast_factory: makes the run's autocast context (use :meth:`autocast`).
+        autocast_factory: makes the autocast context of evaluation and diagnostics (use :meth:`autocast`).
         channels_last: whether batches are channels_last (use :meth:`probe_batches`).
         stop_request: ``(reason, rollback_to_epoch)`` once a hook called :meth:`request_stop`.
     """
@@ -107,7 +107,8 @@ class RunContext:
         return torch.Generator(device=self.device).manual_seed(zlib.crc32(key.encode()))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The run's autocast context (bf16 on CUDA with ``amp``, a no-op elsewhere)."""
+        """The autocast context for evaluation attacks and diagnostics: a no-op (fp32) unless
+        ``--eval-precision bf16`` on CUDA. Training's bf16 (``--amp``) never reaches hooks."""
         return self.autocast_factory()
 
     def probe_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

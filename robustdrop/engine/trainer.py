@@ -144,7 +144,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         on_cuda = self.device.type == "cuda"
         self._channels_last = cfg.channels_last and on_cuda
-        self._autocast = autocast_for(self.device, cfg.amp)
+        self._autocast = autocast_for(self.device, cfg.amp)  # the training steps only
+        # Evaluation attacks and diagnostics: fp32 unless --eval-precision bf16 (bf16 gradients can
+        # make an attack look weaker than it is).
+        self._eval_autocast = autocast_for(self.device, cfg.eval_precision == "bf16")
         if on_cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -191,7 +194,7 @@ class Trainer:
         self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method,
                               optimizer=self.optimizer, device=self.device,
                               data=data, train_images=self.train_images, probe=self.probe,
-                              steps_per_epoch=steps_per_epoch, autocast_factory=self._autocast,
+                              steps_per_epoch=steps_per_epoch, autocast_factory=self._eval_autocast,
                               eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
                               channels_last=self._channels_last)
 
@@ -378,7 +381,7 @@ class Trainer:
         for split, (images, labels), attacks in sets:
             results = evaluate(self.model, images, labels, attacks, split=split, batch_size=cfg.eval_batch_size,
                                device=self.device, generator=self.run.generator(f"eval/{split}"),
-                               autocast=self._autocast, channels_last=self._channels_last)
+                               autocast=self._eval_autocast, channels_last=self._channels_last)
             for r in results:
                 self._eval.append(r)
                 self.run.metrics[f"{split}/acc/{r.spec.attack}"] = r.acc
@@ -456,6 +459,7 @@ class Trainer:
             "device_name": device_name,
             "threads": torch.get_num_threads(),
             "amp_bf16": self.device.type == "cuda" and self.config.amp,
+            "eval_bf16": self.device.type == "cuda" and self.config.eval_precision == "bf16",
             "channels_last": self._channels_last,
             "git_commit": commit,
             "host": socket.gethostname(),

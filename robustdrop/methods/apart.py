@@ -468,5 +468,5 @@ def _apart(config) -> TrainingMethod:
 
 @register_method("fgsm+")
 def _fgsm_plus(config) -> TrainingMethod:
-    """FGSM+ = APART without layer-wise perturbations (paper.md E2 working hypothesis)."""
+    """FGSM+ as we read the paper (a hypothesis, paper.md E2): APART without layer-wise perturbations."""
     return Apart(config, name="fgsm+", layerwise=False)

@@ -117,8 +117,9 @@ def add_plot_parsers(subparsers: Any) -> None:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help=_OUT_HELP)
     p.add_argument("--paper", action="store_true", help="overlay the curves digitized from the paper's Fig. 2")
-    p.add_argument("--reference-free", action="store_true",
-                   help="add panels with the measures that need no reference model (loss increase, ratio, alignment)")
+    p.add_argument("--reference-free", action=argparse.BooleanOptionalAction, default=None,
+                   help="panels with the measures that need no referee (loss increase of FGSM and noise, their "
+                        "difference, alignment); default: drawn when a run has no referee curves")
     p.set_defaults(func=_cmd_collapse)
 
     p = sub.add_parser("perturbations", help="the paper's Fig. 1: probe images and their perturbations per epoch")
