@@ -32,6 +32,7 @@ from robustdrop.diagnostics.collapse import (
     Signal,
     Verdict,
     detect_collapse,
+    first_epochs,
     signals_from_metrics,
 )
 from robustdrop.diagnostics.landscape import LandscapeDiagnostic, LandscapeOptions, compute_landscape
@@ -64,6 +65,6 @@ __all__ = [
     "LandscapeDiagnostic", "LandscapeOptions", "Options", "ReferenceOptions", "ReferenceStrengthDiagnostic",
     "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic", "StrengthOptions", "Verdict",
     "build_hooks", "build_reference", "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats",
-    "detect_collapse", "find_reference", "option", "per_example_cos", "pick_snapshot_indices",
+    "detect_collapse", "find_reference", "first_epochs", "option", "per_example_cos", "pick_snapshot_indices",
     "register_diagnostic", "schema", "select", "sign_agreement", "signals_from_metrics",
 ]
