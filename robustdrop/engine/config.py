@@ -154,6 +154,7 @@ class TrackConfig:
             raise RobustdropError("--on-collapse switch and --switch-to METHOD go together (e.g. --on-collapse switch "
                                   "--switch-to rs-fgsm); give both or neither")
         if self.switch_to is not None:  # a bad spec fails now, not mid-run
+            parse_switch(self.switch_to)
             try:
                 create_method(switched_config(self, self.switch_to))
             except RobustdropError as exc:
@@ -232,7 +233,10 @@ def parse_switch(spec: str) -> tuple[str, dict[str, Any]]:
     :data:`SWITCH_FIELDS` (``-`` or ``_``), values parsed as their flags (``alpha=2/255``)."""
     method, _, rest = str(spec).partition(":")
     method = method.strip()
-    check_method(method)
+    try:
+        check_method(method)
+    except RobustdropError as exc:
+        raise RobustdropError(f"--switch-to {spec}: {exc}") from None
     fields = {f.name: f for f in dataclasses.fields(TrackConfig)}
     values: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
