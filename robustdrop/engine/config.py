@@ -219,11 +219,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_fraction(text: str | float) -> float:
-    """Parse '8/255', '0.031' or 0.031 into a float."""
+    """Parse '8/255', '2.5/255' (the way ε and steps are printed), '0.031' or 0.031 into a float."""
     if isinstance(text, (int, float)):
         return float(text)
     try:
-        return float(Fraction(text.strip()))
+        num, *den = text.split("/")
+        if len(den) > 1:
+            raise ValueError(text)
+        return float(Fraction(num.strip()) / Fraction(den[0].strip() if den else 1))
     except (ValueError, ZeroDivisionError):
         raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
 
