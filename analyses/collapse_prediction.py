@@ -39,6 +39,7 @@ from lib.prediction import (
     ROWS,
     VERY_EARLY,
     RunSummary,
+    by_epsilon,
     calibrate,
     find_run_dirs,
     leads,
@@ -251,6 +252,17 @@ def display_signals(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def display_by_epsilon(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, t in table.iterrows():
+        n, c = int(t["collapsing_runs"]), int(t["control_runs"])
+        rows.append({"ε": format_eps(t["epsilon"]), "signal": f"`{t['signal']}`",
+                     "hit": f"{int(t['hits'])}/{n}" if n else "–",
+                     "median lead": "" if math.isnan(t["lead_median"]) else f"{t['lead_median']:+.1f}",
+                     "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–"})
+    return pd.DataFrame(rows, columns=["ε", "signal", "hit", "median lead", "false alarms"])
+
+
 def display_strength(table: pd.DataFrame) -> pd.DataFrame:
     def pm(m: float, se: float) -> str:
         return "" if math.isnan(m) else format_pct(m) + ("" if math.isnan(se) else f" ± {format_pct(se)}")
@@ -360,6 +372,7 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
              "<details><summary>by ε</summary>", "", frame_markdown(by_eps.reset_index()) if len(by_eps) else "",
              "</details>", "",
              "## Warning lead and false alarms per signal", "", frame_markdown(display_signals(table)), "",
+             "Per ε (the trend signals and both rules):", "", frame_markdown(display_by_epsilon(by_epsilon(runs))), "",
              "## Threshold trade-off (trend signals)", "",
              frame_markdown(trade.assign(**{c: trade[c].map(lambda x: fixed(x)) for c in
                                             ("hit_rate", "lead_median", "false_alarm_rate")})) if len(trade) else "(none)",

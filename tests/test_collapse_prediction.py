@@ -107,6 +107,9 @@ def test_outcomes_leads_hits_and_false_alarms(study, sweep):
     assert table.loc["ref_weak", "collapsing_runs"] == 0  # no referee in these runs: not evaluated
     assert table.loc["misaligned", "lead_median"] == 1  # 0.45 < 0.5 at epoch 8, one epoch ahead
 
+    per_eps = lib.by_epsilon(evaluation).set_index(["epsilon", "signal"])
+    assert per_eps.loc[(EPS, "early"), "hits"] == 3 and per_eps.loc[(EPS, "early"), "lead_median"] == 2
+    assert per_eps.loc[(12 / 255, "early"), "lead_median"] == 0 and per_eps.loc[(12 / 255, "early"), "control_runs"] == 0
     trade = lib.tradeoff(evaluation)
     align = trade[trade["signal"] == "align_fall"].set_index("value")
     assert list(align.index) == list(lib.FALLS)

@@ -216,6 +216,19 @@ def signal_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def by_epsilon(runs: Sequence[RunSummary], rows: Sequence[str] = ("align_fall", "cos_fall", "early", "confirm")) \
+        -> pd.DataFrame:
+    """:func:`signal_table` per ε for a few ``rows``: ε, signal, hits, collapsing runs, median lead,
+    false alarms, control runs."""
+    out = []
+    for eps in sorted({r.epsilon for r in runs}):
+        table = signal_table([r for r in runs if r.epsilon == eps])
+        for _, t in table[table["signal"].isin(rows)].iterrows():
+            out.append({"epsilon": eps, **{k: t[k] for k in ("signal", "hits", "collapsing_runs", "lead_median",
+                                                            "false_alarms", "control_runs")}})
+    return pd.DataFrame(out)
+
+
 def tradeoff(runs: Sequence[RunSummary]) -> pd.DataFrame:
     """Each trend signal at every threshold of :data:`FALLS` / :data:`REF_FALLS`: hit rate, median
     lead and false-alarm rate (how the warning's earliness trades against its false alarms)."""
