@@ -1,19 +1,19 @@
 """What one cell of the collapse-prediction study costs, per training method.
 
-Trains each of the study's methods (analyses/collapse_prediction.py: FGSM, RS-FGSM, PGD-3, APART,
-FGSM+) for two epochs with the study's values (the quick preset, ``--threads 1``,
-``--eval-batch-size 128``, default diagnostics), one after another, ``--repeats`` rounds
-interleaved so that a change of load on a shared machine hits every method alike. Epoch 1 gives
-the seconds of an ordinary epoch (train, evaluation of the probe and validation sets,
-diagnostics); epoch 2 also evaluates the full test set, which a 30-epoch cell does once, at its
-end. A cell is estimated as ``(epochs − 1) × epoch 1 + epoch 2`` and printed in minutes, with
-each method's ratio to FGSM::
+Runs each of the study's methods (analyses/collapse_prediction.py: FGSM, RS-FGSM, PGD-3, APART,
+FGSM+) with the study's values (the quick preset, ``--threads 1``, ``--eval-batch-size 128``,
+default diagnostics) twice: for 1 epoch and for 2 epochs, ``--repeats`` rounds interleaved. It
+measures the **CPU seconds of this process** (``time.process_time``), which another job on a
+shared machine inflates far less than wall time. The 1-epoch run's last epoch also evaluates the
+full test set, as a 30-epoch cell does once at its end; the difference of the two runs is one
+ordinary epoch (training, probe and validation evaluation, diagnostics). A cell is estimated as
+``cpu(1 epoch) + (epochs − 1) × (cpu(2 epochs) − cpu(1 epoch))``, in minutes of one core, with each
+method's ratio to FGSM::
 
     python benchmarks/bench_study_cells.py                 # 1 round, the quick preset's full data
     python benchmarks/bench_study_cells.py --repeats 2 --methods fgsm pgd3
 
-The estimate is for one cell running alone on one thread; two cells at once on two cores take
-about as long each when the machine is otherwise idle.
+Two cells at once on a 2-core machine take about these minutes each when nothing else runs.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-
-import pandas as pd
 
 from robustdrop.api import track
 from robustdrop.engine import make_config
@@ -39,10 +37,12 @@ METHODS = {
 }
 
 
-def epoch_seconds(metrics: pd.DataFrame, epoch: int) -> float:
-    rows = metrics[(metrics["source"] == "train") & (metrics["epoch"] == epoch)
-                   & metrics["metric"].isin(["time_train_s", "time_eval_s", "time_diag_s"])]
-    return float(rows["value"].sum())
+def cpu_seconds(name: str, epochs: int, runs_dir: str, tag: str) -> float:
+    """CPU seconds of this process for one run of ``name`` with ``epochs`` epochs."""
+    cfg = make_config("quick", epochs=epochs, threads=1, eval_batch_size=128, **METHODS[name])
+    start = time.process_time()
+    track(cfg, runs_dir=runs_dir, name=f"{name}-{epochs}-{tag}", progress=False)
+    return time.process_time() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,20 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name in args.methods:
-                cfg = make_config("quick", epochs=2, threads=1, eval_batch_size=128, **METHODS[name])
-                start = time.perf_counter()
-                store = track(cfg, runs_dir=tmp, name=f"{name}-{r}", progress=False)
-                m = store.metrics()
-                seen[name].append((epoch_seconds(m, 1), epoch_seconds(m, 2)))
-                print(f"[{name} round {r}] epoch 1 {seen[name][-1][0]:.1f}s, epoch 2 (with the test set) "
-                      f"{seen[name][-1][1]:.1f}s, wall {time.perf_counter() - start:.0f}s", flush=True)
-    cell = {n: statistics.median((args.epochs - 1) * a + b for a, b in v) / 60 for n, v in seen.items()}
+                one, two = cpu_seconds(name, 1, tmp, str(r)), cpu_seconds(name, 2, tmp, str(r))
+                seen[name].append((one, two - one))
+                print(f"[{name} round {r}] CPU s: 1 epoch (with the test set) {one:.1f}, an ordinary epoch "
+                      f"{two - one:.1f}", flush=True)
+    cell = {n: statistics.median(last + (args.epochs - 1) * epoch for last, epoch in v) / 60 for n, v in seen.items()}
     base = cell.get("fgsm")
-    print(f"\n{'method':<8} {'epoch s':>8} {'test-epoch s':>13} {'cell min':>9} {'vs FGSM':>8}")
+    print(f"\n{'method':<8} {'epoch CPU s':>12} {'last-epoch CPU s':>17} {'cell CPU min':>13} {'vs FGSM':>8}")
     for n, v in seen.items():
         ratio = f"{cell[n] / base:.2f}×" if base else ""
-        print(f"{n:<8} {statistics.median(a for a, _ in v):>8.1f} {statistics.median(b for _, b in v):>13.1f} "
-              f"{cell[n]:>9.1f} {ratio:>8}")
+        print(f"{n:<8} {statistics.median(e for _, e in v):>12.1f} {statistics.median(a for a, _ in v):>17.1f} "
+              f"{cell[n]:>13.1f} {ratio:>8}")
     print(f"\n{environment()}")
     return 0
 
