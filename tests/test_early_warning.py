@@ -215,7 +215,7 @@ def test_bad_mode_and_switch_specs_are_one_line_errors():
         small_config(switch_to="rs-fgsm")
     with pytest.raises(RobustdropError, match="--switch-to nope: unknown method 'nope'"):
         small_config(on_collapse="switch", switch_to="nope")
-    with pytest.raises(RobustdropError, match="bad --switch-to item 'steps=2'.*alpha, pgd_steps, attack_bn"):
+    with pytest.raises(RobustdropError, match="bad --switch-to item 'steps=2'.*one of alpha, pgd_steps, nfgsm_noise"):
         small_config(on_collapse="switch", switch_to="pgd:steps=2")
     with pytest.raises(RobustdropError, match="--pgd-steps must be at least 1"):
         small_config(on_collapse="switch", switch_to="pgd:pgd_steps=0")
@@ -223,6 +223,7 @@ def test_bad_mode_and_switch_specs_are_one_line_errors():
     new = switched_config(cfg, cfg.switch_to)
     assert (new.method, new.pgd_steps, new.alpha, new.epsilon) == ("pgd", 2, pytest.approx(3 / 255), cfg.epsilon)
     assert switched_config(cfg, "rs-fgsm").alpha is None  # the fgsm run's α does not carry over
+    assert switched_config(cfg, "gradalign:gradalign_lambda=0.5").gradalign_lambda == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
