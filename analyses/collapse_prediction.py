@@ -440,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     if args.plan:
+        if setting.scale != "quick":
+            print("# the study is defined on the quick preset (CPU); at the paper's scale replace --preset quick by "
+                  "--preset paper and the minutes by GPU measurements\n")
         print(plan_text(setting), end="")
         return 0
     if args.matched_from:
