@@ -14,6 +14,7 @@ from robustdrop.schedules import Schedule
 def test_parse_fraction():
     assert parse_fraction("8/255") == pytest.approx(8 / 255)
     assert parse_fraction("0.5") == 0.5
+    assert parse_fraction("12.5/255") == pytest.approx(12.5 / 255)  # as format_eps writes steps
     with pytest.raises(RobustdropError):
         parse_fraction("eight")
 

@@ -320,6 +320,9 @@ def test_docs_table_shows_the_declared_defaults():
             if key == "every":  # the cadence column
                 continue
             text = listed[key].split()[0]
+            if isinstance(f.default, str):
+                assert text == f.default, (name, key)
+                continue
             assert (text == "yes") == f.default if isinstance(f.default, bool) else float(text) == f.default, (name, key)
 
 
@@ -567,7 +570,8 @@ def test_detector_fires_once_at_the_onset_of_a_recorded_collapse():
     assert onset(verdicts) == 8
     assert sum(v.fired for v in verdicts) == 1
     fired = next(v for v in verdicts if v.fired)
-    assert fired.flags == {"pgd_drop": True, "gap_widening": True, "weak_fgsm": True, "misaligned": True}
+    assert fired.flags == {"pgd_drop": True, "gap_widening": True, "weak_fgsm": True, "misaligned": True,
+                           "align_fall": True}  # the early rule's trend signal (it warned at the same epoch)
     assert fired.values["best_pgd_acc"] == pytest.approx(0.33) and fired.values["best_epoch"] == 6
     assert [v.score for v in verdicts][:7] == [0.0] * 7 and verdicts[7].score == 1.0
     # accuracies alone (no strength diagnostic) suffice: the PGD drop plus the FGSM−PGD gap
@@ -610,9 +614,11 @@ def test_detector_patience_reference_signal_and_state_round_trip():
 
 def test_signals_are_defined_once_and_documented():
     names = [s.name for s in SIGNALS]
-    assert names == ["pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned"]  # the events' order
+    assert names == ["pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned",  # the events' order
+                     "align_fall", "cos_fall", "ref_fall"]
     fired = next(v for v in detect_collapse(series(**COLLAPSING)) if v.fired)
-    assert list(fired.flags) == [n for n in names if n != "ref_weak"]  # no reference in the series
+    # no reference and no cos_fgsm_pgd in the series
+    assert list(fired.flags) == [n for n in names if n not in ("ref_weak", "cos_fall", "ref_fall")]
     docs = (Path(__file__).parent.parent / "docs" / "diagnostics.md").read_text()
     listed = re.findall(r"^- `([a-z_]+)`:", docs, flags=re.M)
     assert listed == names

@@ -32,7 +32,8 @@ class AttackSpec:
             return "clean"
         eps = f"ε={format_eps(self.epsilon)}"
         if self.steps <= 1:
-            return f"{self.attack} ({eps})"
+            smaller = self.step_size == self.step_size and self.step_size < self.epsilon * (1 - 1e-9)
+            return f"{self.attack} ({eps}, step {format_eps(self.step_size)})" if smaller else f"{self.attack} ({eps})"
         return f"{self.attack}-{self.steps} ({eps}, step {format_eps(self.step_size)}, {self.restarts} restart(s))"
 
 

@@ -34,6 +34,7 @@ from robustdrop.diagnostics.collapse import (
     Signal,
     Verdict,
     detect_collapse,
+    first_epochs,
     signals_from_metrics,
 )
 from robustdrop.diagnostics.landscape import LandscapeDiagnostic, LandscapeOptions, compute_landscape
@@ -77,6 +78,6 @@ __all__ = [
     "ReferenceStrengthDiagnostic", "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic",
     "StrengthOptions", "Verdict", "auto_referee", "build_hooks", "build_reference", "builtin_names",
     "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats", "detect_collapse", "find_reference",
-    "load_builtin", "option", "per_example_cos", "pick_snapshot_indices", "referee_config", "register_diagnostic",
-    "schema", "select", "sign_agreement", "signals_from_metrics", "verify_builtin",
+    "first_epochs", "load_builtin", "option", "per_example_cos", "pick_snapshot_indices", "referee_config",
+    "register_diagnostic", "schema", "select", "sign_agreement", "signals_from_metrics", "verify_builtin",
 ]

@@ -13,7 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 from robustdrop.errors import RobustdropError
-from robustdrop.methods import available_methods, check_method
+from robustdrop.methods import available_methods, check_method, create_method
 from robustdrop.models import available_models, check_model
 
 OPTIMIZERS = ("sgd", "adam")
@@ -25,8 +25,11 @@ def _eval_attack_names() -> list[str]:
 
     return EVAL_ATTACKS.names()
 
-ON_COLLAPSE = ("warn", "stop", "rollback")
+
+ON_COLLAPSE = ("warn", "stop", "rollback", "switch")
 EVAL_PRECISIONS = ("fp32", "bf16")
+# The fields a --switch-to spec may set (the rest of the run's config stays).
+SWITCH_FIELDS = ("alpha", "pgd_steps", "nfgsm_noise", "gradalign_lambda", "attack_bn")
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -56,8 +59,8 @@ class TrackConfig:
     # -- training method ------------------------------------------------------------------
     method: str = opt("fgsm", "training method", choices=available_methods)
     epsilon: float = opt(8 / 255, "L-inf radius, e.g. 8/255", fraction=True)
-    alpha: float | None = opt(None, "training attack step (default: ε for fgsm, n-fgsm and gradalign, 1.25ε for rs-fgsm, "
-                                    "ε/4 for pgd)", fraction=True)
+    alpha: float | None = opt(None, "training attack step (default: ε for fgsm, which also takes a smaller step, "
+                                    "n-fgsm and gradalign, 1.25ε for rs-fgsm, ε/4 for pgd)", fraction=True)
     pgd_steps: int = opt(10, "PGD steps of --method pgd")
     nfgsm_noise: float = opt(2.0, "N-FGSM: k of the noise U(−kε, kε) around the input (de Jorge et al. 2022: 2)")
     gradalign_lambda: float = opt(0.2, "GradAlign: weight λ of the alignment regulariser (authors: 0.2 at ε=8/255)")
@@ -111,7 +114,10 @@ class TrackConfig:
     reference: str | None = opt(None, "frozen referee for the paper's strength measure: a run dir or checkpoint, "
                                       "builtin:NAME (shipped: builtin:quick), auto (train once per data/model/ε and "
                                       "cache it) or none")
-    on_collapse: str = opt("warn", "what to do when the collapse detector fires", choices=ON_COLLAPSE)
+    on_collapse: str = opt("warn", "what to do when the collapse detector fires (switch: train with --switch-to "
+                                   "from then on)", choices=ON_COLLAPSE)
+    switch_to: str | None = opt(None, "with --on-collapse switch: the method to continue with, METHOD[:key=value,...] "
+                                      f"with keys {', '.join(SWITCH_FIELDS)}, e.g. rs-fgsm or pgd:pgd_steps=2")
     # -- run ------------------------------------------------------------------------------
     seed: int = opt(0, "seed of every random choice")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -154,6 +160,15 @@ class TrackConfig:
             self.reference = None  # `--reference none` turns a preset's referee off
         if self.on_collapse not in ON_COLLAPSE:
             raise RobustdropError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE)}, got {self.on_collapse!r}")
+        if (self.on_collapse == "switch") != (self.switch_to is not None):
+            raise RobustdropError("--on-collapse switch and --switch-to METHOD go together (e.g. --on-collapse switch "
+                                  "--switch-to rs-fgsm); give both or neither")
+        if self.switch_to is not None:  # a bad spec fails now, not mid-run
+            parse_switch(self.switch_to)
+            try:
+                create_method(switched_config(self, self.switch_to))
+            except RobustdropError as exc:
+                raise RobustdropError(f"--switch-to {self.switch_to}: {exc}") from None
         for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_restarts", "eval_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -215,13 +230,52 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_fraction(text: str | float) -> float:
-    """Parse '8/255', '0.031' or 0.031 into a float."""
+    """Parse '8/255', '2.5/255' (the way ε and steps are printed), '0.031' or 0.031 into a float."""
     if isinstance(text, (int, float)):
         return float(text)
     try:
-        return float(Fraction(text.strip()))
+        num, *den = text.split("/")
+        if len(den) > 1:
+            raise ValueError(text)
+        return float(Fraction(num.strip()) / Fraction(den[0].strip() if den else 1))
     except (ValueError, ZeroDivisionError):
         raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
+
+
+def parse_switch(spec: str) -> tuple[str, dict[str, Any]]:
+    """``METHOD[:key=value,...]`` (``--switch-to``) → ``(method, {field: value})``; keys are the
+    :data:`SWITCH_FIELDS` (``-`` or ``_``), values parsed as their flags (``alpha=2/255``)."""
+    method, _, rest = str(spec).partition(":")
+    method = method.strip()
+    try:
+        check_method(method)
+    except RobustdropError as exc:
+        raise RobustdropError(f"--switch-to {spec}: {exc}") from None
+    fields = {f.name: f for f in dataclasses.fields(TrackConfig)}
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in SWITCH_FIELDS or not eq:
+            raise RobustdropError(f"bad --switch-to item {item!r}; write METHOD:key=value,... with key one of "
+                                  f"{', '.join(SWITCH_FIELDS)} (e.g. pgd:pgd_steps=2,alpha=4/255)")
+        f = fields[key]
+        try:
+            values[key] = parse_fraction(text) if f.metadata.get("fraction") else type(f.default)(text.strip())
+        except ValueError:
+            raise RobustdropError(f"--switch-to {key}={text!r} is not a valid value") from None
+        choices = f.metadata.get("choices")
+        if isinstance(choices, tuple) and values[key] not in choices:
+            raise RobustdropError(f"--switch-to {key} must be one of {', '.join(choices)}, got {text!r}")
+    return method, values
+
+
+def switched_config(config: TrackConfig, spec: str) -> TrackConfig:
+    """The config a run continues with after ``--on-collapse switch``: ``config`` with the method of
+    ``spec`` (:func:`parse_switch`); ``alpha`` goes back to that method's default unless the spec sets it."""
+    method, values = parse_switch(spec)
+    return dataclasses.replace(config, method=method, alpha=values.pop("alpha", None), on_collapse="warn",
+                               switch_to=None, **values).validate()
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> TrackConfig:

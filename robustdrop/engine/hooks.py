@@ -80,6 +80,7 @@ class RunContext:
         autocast_factory: makes the autocast context of evaluation and diagnostics (use :meth:`autocast`).
         channels_last: whether batches are channels_last (use :meth:`probe_batches`).
         stop_request: ``(reason, rollback_to_epoch)`` once a hook called :meth:`request_stop`.
+        switch_request: ``(reason, method)`` once a hook called :meth:`request_switch`.
     """
 
     config: TrackConfig
@@ -99,6 +100,7 @@ class RunContext:
     autocast_factory: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
     stop_request: tuple[str, int | None] | None = None
+    switch_request: tuple[str, str] | None = None
 
     def generator(self, name: str, epoch: int | None = None) -> torch.Generator:
         """A generator on ``device`` seeded by (run seed, ``name``, ``epoch``): reproducible and
@@ -126,6 +128,12 @@ class RunContext:
         """Stop after this epoch; with ``rollback_to_epoch``, keep the newest checkpoint at or before
         that epoch as the run's result (``checkpoints/result.pt``)."""
         self.stop_request = (reason, rollback_to_epoch)
+
+    def request_switch(self, reason: str, *, to: str) -> None:
+        """Train with the method ``to`` (``METHOD[:key=value,...]``, as ``--switch-to``) from the next
+        epoch on. The trainer records the event ``method_switch`` and keeps the switch in its
+        checkpoints, so ``--resume`` continues with the same method."""
+        self.switch_request = (reason, to)
 
 
 class Hook:

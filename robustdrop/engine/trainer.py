@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import robustdrop
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
-from robustdrop.engine.config import TrackConfig
+from robustdrop.engine.config import TrackConfig, switched_config
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.errors import RobustdropError
@@ -119,6 +119,7 @@ class Trainer:
         self.progress = progress
         self.data = data
         self.run: RunContext | None = None
+        self._switches: list[dict[str, Any]] = []  # method switches so far: {"epoch", "to"} (checkpointed)
         self._eval: list[EvalResult] = []  # the epoch's evaluation, for the metrics rows and the summary
 
     # The loop's counters and a hook's stop request live on the RunContext; read-only here.
@@ -184,8 +185,9 @@ class Trainer:
         total = steps_per_epoch * cfg.epochs
         self.optimizer, self.schedule = make_optimizer(cfg, self.model, steps_per_epoch)
         self.method = create_method(cfg)
-        self.method.setup(self.model, MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total,
-                                                    steps_per_epoch, self.device))
+        self._method_context = MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total, steps_per_epoch,
+                                             self.device)
+        self.method.setup(self.model, self._method_context)
         eval_eps = cfg.epsilon if cfg.eval_epsilon is None else cfg.eval_epsilon
         self.eval_attacks: list[Attack | None] = [
             None, FGSM(eval_eps),
@@ -212,6 +214,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "method": self.method.state_dict(),
+            "switches": self._switches,
             "hooks": {h.state_key: h.state_dict() for h in self.hooks},
             "hooks_by": "state_key",
             "rng": _rng_state(),
@@ -240,6 +243,9 @@ class Trainer:
             diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
                                   "restore config.json or start a new run")
+        for switch in state.get("switches", []):  # continue with the method the run had switched to
+            self._switch_method(switch["to"])
+        self._switches = list(state.get("switches", []))
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -316,6 +322,8 @@ class Trainer:
             finished = last or self._stop is not None
             if self._stop is not None:
                 self._handle_stop()
+            elif self.run.switch_request is not None and not last:
+                self._handle_switch()
             if finished:
                 self._emit("on_run_end")
             self.store.flush()
@@ -427,6 +435,22 @@ class Trainer:
         to_epoch = int(load_checkpoint_file(result)["epoch"])
         self.store.log_event("rollback", epoch=self.epoch, step=self.step, to_epoch=to_epoch,
                              checkpoint=f"checkpoints/{result.name}")
+
+    def _switch_method(self, to: str) -> None:
+        """Train with the method of ``to`` (a ``--switch-to`` spec) from now on, same model and optimizer."""
+        method = create_method(switched_config(self.config, to))
+        method.setup(self.model, self._method_context)
+        self.method = self.run.method = method
+
+    def _handle_switch(self) -> None:
+        reason, to = self.run.switch_request
+        self.run.switch_request = None
+        before = self.method.name
+        self._switch_method(to)
+        self._switches.append({"epoch": self.epoch, "to": to})
+        self.store.log_event("method_switch", epoch=self.epoch, step=self.step, to=to, method=self.method.name,
+                             previous=before, spec=self.method.perturbation_spec().as_columns(), reason=reason)
+        print(f"switched training from {before} to {to} after epoch {self.epoch}: {reason}", flush=True)
 
     def _print_summary(self, times: dict[str, float]) -> None:
         loss, acc, _, lr = self._train_stats

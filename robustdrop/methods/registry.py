@@ -37,9 +37,12 @@ def create_method(config: Any) -> TrainingMethod:
 
 @register_method("fgsm")
 def _fgsm(config) -> TrainingMethod:
-    if config.alpha is not None and abs(config.alpha - config.epsilon) > 1e-12:
-        raise RobustdropError("--method fgsm steps exactly ε; for another step use --method rs-fgsm --alpha A")
-    return AttackTraining("fgsm", FGSM(config.epsilon, train_mode=config.attack_bn == "train"))
+    # A step α < ε from zero init is the matched-strength control of APART (docs/collapse-prediction.md);
+    # a larger one would be clipped back to ε.
+    if config.alpha is not None and config.alpha > config.epsilon * (1 + 1e-9):
+        raise RobustdropError(f"--method fgsm steps at most ε (got --alpha {config.alpha:.6g} > --epsilon "
+                              f"{config.epsilon:.6g}); for a larger step from a random start use --method rs-fgsm")
+    return AttackTraining("fgsm", FGSM(config.epsilon, step_size=config.alpha, train_mode=config.attack_bn == "train"))
 
 
 @register_method("rs-fgsm")

@@ -1,0 +1,457 @@
+"""The collapse-prediction study (issue 12): how early, how reliably and at what false-alarm rate
+the strength signals and the detector's early rule announce the robustness drop, and what APART's
+"no collapse" is made of (matched-strength FGSM controls).
+
+Reads run directories (sweep directories, or runs; every run's ``config.json`` says its method,
+ε, step and seed): FGSM runs over seeds × ε (most collapse) and the controls (PGD-3, RS-FGSM,
+APART, FGSM+, FGSM with APART's step). Runs are classified by their outcome, not their method. The
+detector is replayed offline on each run's metrics (``robustdrop.diagnostics.detect_collapse``);
+nothing is trained. Definitions: ``lib/prediction.py`` and docs/collapse-prediction.md.
+
+Writes ``<out>/collapse_prediction.{png,pdf,md}`` (the figure; the numbers, definitions, commands
+and wall time), ``table_collapse_prediction.{md,csv,tex}`` (per signal: hits, lead, false alarms)
+and ``table_matched_strength.{md,csv,tex}``.
+
+    python analyses/collapse_prediction.py --plan                        # the study: sweep commands, cells, CPU time
+    python analyses/collapse_prediction.py --matched-from DIR [DIR ...]  # stage 2: FGSM steps from the APART runs
+    python analyses/collapse_prediction.py [--runs DIR ...] [--out DIR]  # the analysis (default runs: see --runs)
+    python analyses/collapse_prediction.py --smoke                       # seconds: tiny runs, the same code path
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lib.catalog import data_for, make_run_config
+from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
+from lib.prediction import (
+    FLOOR,
+    ROW_TEXT,
+    ROWS,
+    VERY_EARLY,
+    RunSummary,
+    by_epsilon,
+    calibrate,
+    find_run_dirs,
+    leads,
+    matched_values,
+    rescore,
+    signal_table,
+    strength_table,
+    summarize,
+    tradeoff,
+)
+from lib.setting import REPO, Setting, build_parser, setting_from_args
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from robustdrop.api import track
+from robustdrop.diagnostics import CollapseRule
+from robustdrop.environment import environment
+from robustdrop.formatting import fixed, format_eps, format_pct
+from robustdrop.plots._common import new_figure
+from robustdrop.store import RunStore
+
+# ---------------------------------------------------------------------------------------------
+# The study definition: one list of cells, printed as sweep commands (--plan), trained in --smoke
+# ---------------------------------------------------------------------------------------------
+EPSILONS = (8, 10, 12)           # ε in /255: FGSM collapses at 10 and 12 on the quick preset, 8 is the edge
+SEEDS = (0, 5)                   # seeds 0..4 (a range a:b, b excluded, as `robustdrop sweep --grid seed=0:5`)
+CALIBRATION_SEEDS = (100, 103)   # optional: seeds 100..102 to calibrate the thresholds on
+PGD_STEPS = 3                    # the PGD control: PGD-3, step 2.5ε/3 (the analyses' PGD row and referee recipe)
+MAIN_METHODS = ("fgsm", "rs-fgsm", "apart", "fgsm+")
+FIXED = {"threads": 1, "eval_batch_size": 128}  # evaluation batch only: cnn1's attacks are faster so on a CPU
+# Minutes per quick cell, two cells at once with one thread each on the 2-core machine: FGSM as
+# measured for the sweep (about 4 minutes); the others add 30 × their extra training seconds per
+# epoch over FGSM (figures/table_cost.md; evaluation and diagnostics cost the same for every
+# method). docs/collapse-prediction.md, "Cost".
+CELL_MINUTES = {"fgsm": 4.0, "rs-fgsm": 4.1, "pgd3": 6.5, "apart": 5.7, "fgsm+": 5.5}
+
+
+def _eps(k: int) -> str:
+    return f"{k}/255"
+
+
+def _grid(**values: Any) -> str:
+    parts = []
+    for key, v in values.items():
+        parts.append(f"{key}={v[0]}:{v[1]}" if key == "seed" else f"{key}={','.join(map(str, v))}"
+                     if isinstance(v, (list, tuple)) else f"{key}={v}")
+    return " ".join(parts)
+
+
+def stage1(runs_dir: str, seeds: tuple[int, int] = SEEDS, tag: str = "") -> list[tuple[str, str, int, str]]:
+    """(sweep name, grid, cells, cost key) of stage 1: FGSM and the controls over seeds × ε."""
+    n_seeds = seeds[1] - seeds[0]
+    eps = [_eps(k) for k in EPSILONS]
+    out = [(f"cp{tag}-main", _grid(seed=seeds, epsilon=eps, method=list(MAIN_METHODS), **FIXED),
+            n_seeds * len(eps) * len(MAIN_METHODS), "main")]
+    for k in EPSILONS:  # PGD's step follows ε: one sweep per ε
+        alpha = f"{2.5 * k / PGD_STEPS:.4g}/255"
+        out.append((f"cp{tag}-pgd{PGD_STEPS}-eps{k}", _grid(seed=seeds, epsilon=_eps(k), method="pgd",
+                                                           pgd_steps=PGD_STEPS, alpha=alpha, **FIXED),
+                    n_seeds, "pgd3"))
+    return out
+
+
+def sweep_command(runs_dir: str, name: str, grid: str) -> str:
+    return f"robustdrop sweep --preset quick --runs-dir {runs_dir} --name {name} --jobs 2 --grid {grid}"
+
+
+def shown(path: Path) -> str:
+    """A path as the commands print it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def plan_text(setting: Setting) -> str:
+    runs_dir = shown(default_runs(setting))
+    main = stage1(runs_dir)
+    calib = stage1(runs_dir, CALIBRATION_SEEDS, tag="-cal")
+    n_seeds = SEEDS[1] - SEEDS[0]
+    per_main = sum(CELL_MINUTES[m] for m in MAIN_METHODS) / len(MAIN_METHODS)
+
+    def minutes(cells: list[tuple[str, str, int, str]]) -> float:
+        return sum(n * (per_main if key == "main" else CELL_MINUTES[key]) for _, _, n, key in cells)
+
+    matched = 2 * n_seeds * len(EPSILONS)
+    lines = ["# The collapse-prediction study on the quick preset", "",
+             f"Cells: stage 1 {sum(c[2] for c in main)} (FGSM and controls: {n_seeds} seeds × ε "
+             f"{', '.join(_eps(k) for k in EPSILONS)} × {', '.join(MAIN_METHODS)}, PGD-{PGD_STEPS}); stage 2 {matched} "
+             "(FGSM with APART's final α and with its mean |δ|, same seeds and ε); optional calibration "
+             f"{sum(c[2] for c in calib)} (seeds {CALIBRATION_SEEDS[0]}..{CALIBRATION_SEEDS[1] - 1}).",
+             f"Estimated wall time with 2 cells at once (minutes per cell {CELL_MINUTES}): stage 1 "
+             f"{minutes(main) / 2 / 60:.1f} h, stage 2 {matched * CELL_MINUTES['fgsm'] / 2 / 60:.1f} h, calibration "
+             f"{minutes(calib) / 2 / 60:.1f} h (CPU: twice that in core-hours).", "",
+             "## Stage 1: FGSM and the controls", ""]
+    lines += [sweep_command(runs_dir, name, grid) for name, grid, _, _ in main]
+    lines += ["", "## Stage 2: the matched-strength FGSM controls (after stage 1's APART runs finished)", "",
+              f"python analyses/collapse_prediction.py --matched-from {runs_dir}/cp-main",
+              "# prints, per ε, APART's final α and mean |δ| over its seeds and the two sweep commands, e.g.",
+              sweep_command(runs_dir, "cp-matched-eps10", _grid(seed=SEEDS, epsilon="10/255", method="fgsm",
+                                                                alpha=["A_FINAL", "A_DELTA"], **FIXED)),
+              "", "## Optional: calibration seeds (thresholds chosen there, evaluated on seeds 0..4)", ""]
+    lines += [sweep_command(runs_dir, name, grid) for name, grid, _, _ in calib]
+    lines += ["", "## The analysis (reads every run below the folder; nothing is trained)", "",
+              f"python analyses/collapse_prediction.py --runs {runs_dir}", "",
+              "Without the sweep command, each cell is one `robustdrop track --preset quick ...` with the same "
+              "values (e.g. `--seed 3 --epsilon 12/255 --method apart --threads 1 --eval-batch-size 128 --runs-dir "
+              f"{runs_dir}/cp-main --name apart-eps12-s3`); the analysis reads any layout."]
+    return "\n".join(lines) + "\n"
+
+
+def matched_text(runs: Sequence[RunSummary], runs_dir: str) -> str:
+    table = matched_values(runs)
+    if table.empty:
+        return "no APART runs found: run stage 1 first (see --plan)\n"
+    lines = ["APART's learned perturbation size at its last epoch (mean over seeds [range]):", ""]
+    for _, r in table.iterrows():
+        k = round(r["epsilon"] * 255)
+        a, d = r["alpha_mean"] * 255, r["delta_mean"] * 255
+        lines.append(f"ε = {format_eps(r['epsilon'])} ({int(r['runs'])} runs, seeds {r['seeds']}): final α = {a:.3g}/255 "
+                     f"[{r['alpha_min'] * 255:.3g}, {r['alpha_max'] * 255:.3g}], mean |δ| = {d:.3g}/255 "
+                     f"[{r['delta_min'] * 255:.3g}, {r['delta_max'] * 255:.3g}] = {r['delta_mean'] / r['epsilon']:.2f}ε")
+        lines.append("  " + sweep_command(runs_dir, f"cp-matched-eps{k}", _grid(
+            seed=SEEDS, epsilon=f"{k}/255", method="fgsm", alpha=[f"{a:.3g}/255", f"{d:.3g}/255"], **FIXED)))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# --smoke: a handful of tiny runs through the same path (two stages, a calibration seed)
+# ---------------------------------------------------------------------------------------------
+SMOKE_EPOCHS = 3  # the trend signals' running maxima start at epoch 2
+
+
+def smoke_runs(setting: Setting) -> Path:
+    """Train (or reuse) the smoke study's runs; stage 2's FGSM step comes from the APART run."""
+    root = default_runs(setting)
+    eps = make_run_config(setting).epsilon
+    cells = [("fgsm", 0, {}), ("fgsm", CALIBRATION_SEEDS[0], {}), ("pgd", 0, {"pgd_steps": 2, "alpha": 2.5 * eps / 2}),
+             ("apart", 0, {})]
+    for method, seed, extra in cells:
+        _train(setting, root / "stage1", f"{method}-s{seed}", method=method, seed=seed, **extra)
+    stage1_runs = [summarize(p) for p in find_run_dirs([root / "stage1"])]
+    alpha = float(matched_values(stage1_runs)["delta_mean"].iloc[0])
+    _train(setting, root / "stage2", "fgsm-matched-s0", method="fgsm", seed=0, alpha=min(max(alpha, 1e-4), eps))
+    return root
+
+
+def _train(setting: Setting, runs_dir: Path, name: str, **overrides: Any) -> None:
+    """Train the run unless a finished one with this config is there."""
+    cfg = make_run_config(setting, epochs=SMOKE_EPOCHS, **overrides)
+    path = runs_dir / name
+    if (path / RunStore.CONFIG).is_file() and (path / "checkpoints" / "last.pt").is_file():
+        same = json.loads((path / RunStore.CONFIG).read_text()) == cfg.to_dict()
+        done = torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True).get("finished")
+        if same and done:
+            print(f"reusing finished run {path}", flush=True)
+            return
+    track(cfg, runs_dir=runs_dir, name=name, overwrite=True, progress=False, data=data_for(setting))
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis
+# ---------------------------------------------------------------------------------------------
+def default_runs(setting: Setting) -> Path:
+    return setting.runs_dir / "collapse-prediction"
+
+
+def caption(setting: Setting, runs: Sequence[RunSummary]) -> str:
+    """What the runs are: the scale, the preset's model and data, and what varies between runs."""
+    cfg = make_run_config(setting)
+    eps = ", ".join(format_eps(e) for e in sorted({r.epsilon for r in runs}))
+    seeds = sorted({r.seed for r in runs})
+    what = (f"{model_text(cfg)} on {dataset_text(cfg)}, the quick preset's training; {len(runs)} runs: "
+            f"ε {eps}; {', '.join(dict.fromkeys(sorted(r.label for r in runs)))}; seeds {_seeds(seeds)}")
+    if setting.smoke:
+        return f"SMOKE TEST (not a result): {what}"
+    return f"{setting.scale} scale — {what}"
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) else \
+        ",".join(map(str, seeds))
+
+
+def split_calibration(runs: Sequence[RunSummary]) -> tuple[list[RunSummary], list[RunSummary]]:
+    lo, hi = CALIBRATION_SEEDS
+    cal = [r for r in runs if lo <= r.seed < hi]
+    return [r for r in runs if not lo <= r.seed < hi], cal
+
+
+def _range(lo: float, hi: float) -> str:
+    return "" if math.isnan(lo) else (f"{lo:+.0f}" if lo == hi else f"{lo:+.0f} … {hi:+.0f}")
+
+
+def display_signals(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, t in table.iterrows():
+        n, c = int(t["collapsing_runs"]), int(t["control_runs"])
+        rows.append({
+            "signal": f"`{t['signal']}`: {ROW_TEXT[t['signal']]}",
+            "hit (lead ≥ 0)": f"{int(t['hits'])}/{n}" if n else "–",
+            f"of which > {VERY_EARLY} early": str(int(t["very_early"])) if n else "",
+            "late / missed": f"{int(t['late'])} / {int(t['missed'])}" if n else "",
+            "lead, epochs: median [IQR]": "" if math.isnan(t["lead_median"]) else
+            f"{t['lead_median']:+.1f} [{t['lead_q25']:+.1f}, {t['lead_q75']:+.1f}]",
+            "lead range": _range(t["lead_min"], t["lead_max"]),
+            "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–",
+            "false-alarm runs": t["false_alarm_methods"],
+        })
+    return pd.DataFrame(rows)
+
+
+def display_by_epsilon(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, t in table.iterrows():
+        n, c = int(t["collapsing_runs"]), int(t["control_runs"])
+        rows.append({"ε": format_eps(t["epsilon"]), "signal": f"`{t['signal']}`",
+                     "hit": f"{int(t['hits'])}/{n}" if n else "–",
+                     "median lead": "" if math.isnan(t["lead_median"]) else f"{t['lead_median']:+.1f}",
+                     "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–"})
+    return pd.DataFrame(rows, columns=["ε", "signal", "hit", "median lead", "false alarms"])
+
+
+def display_strength(table: pd.DataFrame) -> pd.DataFrame:
+    def pm(m: float, se: float) -> str:
+        return "" if math.isnan(m) else format_pct(m) + ("" if math.isnan(se) else f" ± {format_pct(se)}")
+
+    rows = []
+    for _, t in table.iterrows():
+        rows.append({"ε": format_eps(t["epsilon"]), "method": t["method"], "runs (seeds)": f"{t['runs']} ({t['seeds']})",
+                     "collapsed": f"{t['collapsed']}/{t['runs']}",
+                     f"final test PGD-20 % (n={t['test_n']})": pm(t["final_test_pgd"], t["final_test_pgd_se"]),
+                     "final probe PGD-20 %": pm(t["final_pgd"], t["final_pgd_se"]),
+                     "best probe PGD-20 %": pm(t["best_pgd"], t["best_pgd_se"]),
+                     "final test clean %": format_pct(t["final_test_clean"]),
+                     "training mean |δ| / ε": fixed(t["delta_over_eps"])})
+    return pd.DataFrame(rows)
+
+
+def draw(setting: Setting, runs: list[RunSummary], table: pd.DataFrame, trade: pd.DataFrame,
+         strength: pd.DataFrame) -> Figure:
+    fig = new_figure((17, 5.6))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2.2, 1.2, 1.4]})
+    epsilons = sorted({r.epsilon for r in runs})
+    cmap = colormaps["viridis"]
+    colors = {e: cmap(0.1 + 0.7 * i / max(len(epsilons) - 1, 1)) for i, e in enumerate(epsilons)}
+    _draw_leads(axes[0], runs, table, colors)
+    _draw_tradeoff(axes[1], trade)
+    _draw_strength(axes[2], runs, strength, colors)
+    add_caption(fig, caption(setting, runs))
+    return fig
+
+
+def _draw_leads(ax: Any, runs: list[RunSummary], table: pd.DataFrame, colors: dict[float, Any]) -> None:
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(ROWS):
+        for r in runs:
+            if r.outcome == "collapsing" and r.lead(row) is not None:
+                ax.scatter(i + rng.uniform(-0.18, 0.18), r.lead(row), s=18, color=colors[r.epsilon], alpha=0.8, lw=0)
+        got = leads(runs, row)
+        if got:
+            ax.hlines(np.median(got), i - 0.3, i + 0.3, color="black", lw=1.5)
+        t = table[table["signal"] == row].iloc[0]
+        ax.annotate(f"hit {int(t['hits'])}/{int(t['collapsing_runs'])}\nFA {int(t['false_alarms'])}/"
+                    f"{int(t['control_runs'])}", (i, 1), xycoords=("data", "axes fraction"), xytext=(0, -4),
+                    textcoords="offset points", ha="center", va="top", fontsize=7)
+    ax.axhline(0, color="gray", lw=0.8, ls="--")
+    ax.set_xlim(-0.5, len(ROWS) - 0.5)
+    ax.set_xticks(range(len(ROWS)), ROWS, rotation=20, fontsize=8)
+    ax.set_ylabel("lead over the PGD drop (epochs; > 0 = before it)")
+    ax.set_title("(a) warning lead per signal on collapsing runs (bar: median; FA: false alarms on controls)",
+                 fontsize=9)
+    ymin, ymax = ax.get_ylim()
+    ax.set_ylim(ymin, ymax + 0.25 * (ymax - ymin))  # room for the counts
+    for e, c in colors.items():
+        ax.scatter([], [], color=c, s=18, label=f"ε={format_eps(e)}")
+    if colors:
+        ax.legend(fontsize=7, loc="lower left")
+
+
+def _draw_tradeoff(ax: Any, trade: pd.DataFrame) -> None:
+    for (signal, option), rows in trade.groupby(["signal", "option"], sort=False):
+        ok = rows.dropna(subset=["lead_median"])
+        fa = ok["false_alarm_rate"].fillna(0)
+        ax.plot(fa, ok["lead_median"], marker="o", ms=3, label=f"{signal} ({option})")
+        for x, (_, p) in zip(fa, ok.iterrows()):
+            ax.annotate(f"{p['value']:g}", (x, p["lead_median"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            if p["value"] == getattr(CollapseRule(), str(option)):
+                ax.scatter([x], [p["lead_median"]], s=70, facecolors="none", edgecolors="black")
+    ax.axhline(0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("false-alarm rate (non-collapsing runs)")
+    ax.set_ylabel("median lead (epochs)")
+    ax.set_title("(b) threshold trade-off (circled: the a-priori value)", fontsize=9)
+    if len(trade):
+        ax.legend(fontsize=7)
+
+
+def _draw_strength(ax: Any, runs: list[RunSummary], strength: pd.DataFrame, colors: dict[float, Any]) -> None:
+    labels = list(dict.fromkeys(strength["method"])) if len(strength) else []
+    for r in runs:
+        x = labels.index(r.label) + (r.epsilon * 255 - 10) * 0.06
+        y = r.final_test_pgd if not math.isnan(r.final_test_pgd) else r.final_pgd
+        ax.scatter(x, y, s=24, color=colors[r.epsilon], marker="x" if r.outcome == "collapsing" else "o", lw=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7, ha="right")
+    ax.set_ylabel("final PGD-20 accuracy (test split; probe if none)")
+    ax.set_title("(c) final robust accuracy per run (x: collapsed)", fontsize=9)
+
+
+def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSummary], table: pd.DataFrame,
+             trade: pd.DataFrame, strength: pd.DataFrame, calibrated: dict[str, float],
+             calibrated_table: pd.DataFrame | None, paths: Sequence[Path], wall: float) -> str:
+    counts = pd.crosstab(pd.Series([r.label for r in runs], name="method"),
+                         pd.Series([r.outcome for r in runs], name="outcome")) if runs else pd.DataFrame()
+    by_eps = pd.crosstab(pd.Series([f"{r.label} ε={format_eps(r.epsilon)}" for r in runs], name="runs"),
+                         pd.Series([r.outcome for r in runs], name="outcome")) if runs else pd.DataFrame()
+    secs = pd.DataFrame([{"method": r.label, "s": r.seconds} for r in runs])
+    cost = secs.groupby("method")["s"].agg(["count", "mean", "sum"]) if len(secs) else pd.DataFrame()
+    lines = [f"# Collapse prediction ({setting.tag})", "", caption(setting, runs), "",
+             "Runs read: " + ", ".join(f"`{p}`" for p in paths) + f" ({len(runs)} runs for evaluation, "
+             f"{len(calibration)} calibration runs with seeds {CALIBRATION_SEEDS[0]}..{CALIBRATION_SEEDS[1] - 1}).", "",
+             "## Definitions", "",
+             f"* PGD drop epoch: first epoch with probe PGD-20 accuracy below 0.5 × its running best, the best ≥ {FLOOR}.",
+             "* Runs are classified by outcome: collapsing (a PGD drop), non-collapsing (best ≥ floor, no drop), "
+             "never robust (best < floor; left out).",
+             "* Warning epoch: a signal's first epoch on; a rule's firing epoch. Lead = drop − warning (> 0: early).",
+             f"* Hit: lead ≥ 0 (listed apart: more than {VERY_EARLY} epochs early). False alarm: any warning on a "
+             "non-collapsing run.",
+             "* Thresholds: the detector's a-priori defaults (docs/diagnostics.md, \"The early warning\").", "",
+             "## Runs by outcome", "", frame_markdown(counts.reset_index()) if len(counts) else "(none)", "",
+             "<details><summary>by ε</summary>", "", frame_markdown(by_eps.reset_index()) if len(by_eps) else "",
+             "</details>", "",
+             "## Warning lead and false alarms per signal", "", frame_markdown(display_signals(table)), "",
+             "Per ε (the trend signals and both rules):", "", frame_markdown(display_by_epsilon(by_epsilon(runs))), "",
+             "## Threshold trade-off (trend signals)", "",
+             frame_markdown(trade.assign(**{c: trade[c].map(lambda x: fixed(x)) for c in
+                                            ("hit_rate", "lead_median", "false_alarm_rate")})) if len(trade) else "(none)",
+             ""]
+    if calibrated_table is not None:
+        chosen = ", ".join(f"`{k}` = {v:g}" for k, v in calibrated.items()) or "none (no collapsing run or no trend " \
+            "signal there), so the a-priori values"
+        lines += ["## Calibrated thresholds", "",
+                  f"Chosen on the calibration runs (the longest median lead with no false alarm there): {chosen}. "
+                  "The same table on the evaluation runs with them:", "", frame_markdown(display_signals(calibrated_table)),
+                  ""]
+    lines += ["## Matched-strength controls and robust accuracy", "", frame_markdown(display_strength(strength))
+              if len(strength) else "(none)", "",
+              "## Commands and wall time", "",
+              "The study's cells: `python analyses/collapse_prediction.py --plan`; this analysis:", "",
+              f"    python analyses/collapse_prediction.py {' '.join(sys.argv[1:])}".rstrip(), "",
+              f"Training compute of the runs read (train + evaluation + diagnostics seconds, from their metrics): "
+              f"{secs['s'].sum() / 3600:.2f} h in total." if len(secs) else "", "",
+              frame_markdown(cost.reset_index().rename(columns={"count": "runs", "mean": "s per run", "sum": "s total"})
+                             .round(0)) if len(cost) else "", "",
+              f"This analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
+    return "\n".join(lines)
+
+
+def analyse(setting: Setting, paths: Sequence[Path]) -> int:
+    start = time.perf_counter()
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        print(f"no run directories under {', '.join(map(str, paths))}; train the study first (--plan)", file=sys.stderr)
+        return 2
+    every = [summarize(p) for p in dirs]
+    runs, calibration = split_calibration(every)
+    table, trade, strength = signal_table(runs), tradeoff(runs), strength_table(runs)
+    calibrated, calibrated_table = {}, None
+    if calibration:
+        calibrated = calibrate(calibration)
+        calibrated_table = signal_table(rescore(runs, CollapseRule(**calibrated)))
+    out = setting.out
+    write_table(display_signals(table), table, out, "table_collapse_prediction",
+                "Collapse prediction: warning lead and false alarms per signal",
+                [f"{caption(setting, runs)}. Lead = PGD-drop epoch − warning epoch; "
+                 f"false alarms over the non-collapsing runs. Definitions: collapse_prediction.md."])
+    write_table(display_strength(strength), strength, out, "table_matched_strength",
+                "Matched-strength controls: does FGSM with APART's step collapse?",
+                [f"{caption(setting, runs)}. Mean ± standard error over seeds; collapsed = a PGD drop "
+                 f"(probe PGD accuracy below half its best, best ≥ {FLOOR})."])
+    write_figure(draw(setting, runs, table, trade, strength), out, "collapse_prediction")
+    text = markdown(setting, runs, calibration, table, trade, strength, calibrated, calibrated_table, paths,
+                    time.perf_counter() - start)
+    write_text(out / "collapse_prediction.md", text)
+    for _, t in table.iterrows():
+        print(f"{t['signal']}: hit {int(t['hits'])}/{int(t['collapsing_runs'])}, median lead "
+              f"{fixed(t['lead_median'], 1) or '–'} epochs, false alarms {int(t['false_alarms'])}/"
+              f"{int(t['control_runs'])}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(__doc__)
+    parser.add_argument("--runs", type=Path, nargs="+", default=None,
+                        help="run or sweep directories to read (default: <runs-dir>/collapse-prediction)")
+    parser.add_argument("--plan", action="store_true", help="print the study's sweep commands, cells and CPU time")
+    parser.add_argument("--matched-from", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="print the matched-strength FGSM steps (and sweep commands) from the APART runs there")
+    args = parser.parse_args(argv)
+    setting = setting_from_args(args)
+    if args.plan:
+        if setting.scale != "quick":
+            print("# the study is defined on the quick preset (CPU); at the paper's scale replace --preset quick by "
+                  "--preset paper and the minutes by GPU measurements\n")
+        print(plan_text(setting), end="")
+        return 0
+    if args.matched_from:
+        runs = [summarize(p) for p in find_run_dirs(args.matched_from)]
+        print(matched_text(runs, shown(default_runs(setting))), end="")
+        return 0
+    paths = args.runs or [smoke_runs(setting) if setting.smoke else default_runs(setting)]
+    return analyse(setting, paths)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

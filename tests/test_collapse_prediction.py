@@ -1,0 +1,180 @@
+"""The collapse-prediction study (analyses/collapse_prediction.py, analyses/lib/prediction.py) on
+run directories with known series: outcomes by result not method, lead times, hits, false alarms,
+the threshold trade-off, calibration, matched-strength values, and the files it writes; plus the
+study definition (--plan) and the --smoke path."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_early_warning import FLAT, LEADING
+
+from robustdrop.store import RunStore, metric_row
+
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+EPS = 10 / 255
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(ANALYSES))
+    try:
+        yield importlib.import_module("collapse_prediction"), importlib.import_module("lib.prediction")
+    finally:
+        sys.path.remove(str(ANALYSES))
+
+
+def write_run(root: Path, name: str, *, method="fgsm", seed=0, epsilon=EPS, alpha=None, pgd=None, fgsm=None,
+              align=None, cos=None, apart=None) -> Path:
+    """A run directory with probe accuracies, the strength rows, a final test evaluation and (for
+    ``apart``: (α, mean |δ|) at the last epoch) APART's own rows."""
+    store = RunStore.create(root, name)
+    store.write_json(RunStore.CONFIG, {"method": method, "seed": seed, "epsilon": epsilon, "alpha": alpha,
+                                       "pgd_steps": 3})
+    rows = []
+    for e, p in enumerate(pgd, start=1):
+        rows += [metric_row(e, e, "probe", "acc", p, attack="pgd", source="eval", n=1000),
+                 metric_row(e, e, "probe", "acc", fgsm[e - 1] if fgsm else p + .05, attack="fgsm", source="eval",
+                            n=1000),
+                 metric_row(e, e, "train", "time_train_s", 10.0, source="train")]
+        for metric, series in (("grad_alignment", align), ("cos_fgsm_pgd", cos)):
+            if series is not None:
+                rows.append(metric_row(e, e, "probe", metric, series[e - 1], attack="x", source="strength"))
+        rows.append(metric_row(e, e, "train", "delta_abs_mean", 0.9 * (alpha or epsilon), attack="train-perturbation",
+                               source="strength"))
+        if apart is not None:
+            rows += [metric_row(e, e, "train", "alpha", apart[0] * e / len(pgd), source=method),
+                     metric_row(e, e, "train", "delta_abs_mean", apart[1] * e / len(pgd), source=method)]
+    last = len(pgd)
+    rows += [metric_row(last, last, "test", "acc", pgd[-1] - .01, attack="pgd", source="eval", n=10000),
+             metric_row(last, last, "test", "acc", 0.3, attack="none", source="eval", n=10000)]
+    store.log_metrics(rows)
+    store.flush()
+    return store.path
+
+
+LATE = dict(LEADING, align=[.97, .85, .86, .84, .85, .84, .85, .84, .30, .15, .10, .10],  # falls with the drop
+            cos=[.90, .80, .79, .80, .78, .79, .80, .79, .25, .10, .06, .05])
+WOBBLY = dict(FLAT, align=[.97, .85, .86, .83, .85, .60, .82, .85, .83, .84, .82, .83])  # one deep dip: an alarm
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A sweep directory (runs one level down) and a loose run next to it: three collapsing FGSM
+    runs (two warned 2 epochs ahead, one at the drop), an RS-FGSM run that collapses too (a control
+    by method, collapsing by outcome), PGD-3 and APART controls (one false alarm: APART), a
+    matched-strength FGSM run, and two calibration-seed runs (a collapsing FGSM run, a PGD run with
+    one dip of its gradient alignment)."""
+    root = tmp_path_factory.mktemp("study")
+    sweep = root / "cp-main"
+    write_run(sweep, "fgsm-s0", seed=0, **LEADING)
+    write_run(sweep, "fgsm-s1", seed=1, **LEADING)
+    write_run(sweep, "fgsm-s2", seed=2, epsilon=12 / 255, **LATE)
+    write_run(sweep, "rs-fgsm-s0", method="rs-fgsm", **LEADING)
+    write_run(sweep, "pgd-s0", method="pgd", alpha=2.5 * EPS / 3, **FLAT)
+    write_run(sweep, "apart-s0", method="apart", apart=(2.2 / 255, 2.6 / 255), **WOBBLY)
+    write_run(sweep, "apart-s1", method="apart", seed=1, apart=(2.4 / 255, 2.8 / 255), **FLAT)
+    write_run(sweep, "fgsm-s100", seed=100, **LEADING)
+    write_run(sweep, "pgd-s101", method="pgd", seed=101, **WOBBLY)
+    (sweep / "sweep.json").write_text("{}")
+    write_run(root, "fgsm-matched-s0", alpha=2.6 / 255, **FLAT)
+    return root
+
+
+def test_outcomes_leads_hits_and_false_alarms(study, sweep):
+    _, lib = study
+    dirs = lib.find_run_dirs([sweep])
+    assert len(dirs) == 10 and all((d / "config.json").is_file() for d in dirs)
+    runs = [lib.summarize(d) for d in dirs]
+    evaluation, calibration = study[0].split_calibration(runs)
+    assert [r.seed for r in calibration] == [100, 101] and len(evaluation) == 8
+    by = {r.path.name: r for r in evaluation}
+    assert by["rs-fgsm-s0"].outcome == "collapsing" and by["pgd-s0"].outcome == "non-collapsing"
+    assert by["fgsm-s0"].drop == 9 and by["fgsm-s0"].lead("early") == 2 and by["fgsm-s2"].lead("early") == 0
+    assert by["fgsm-matched-s0"].label == "FGSM α=2.6/255" and by["pgd-s0"].label == "PGD-3"
+
+    table = lib.signal_table(evaluation).set_index("signal")
+    early = table.loc["early"]
+    assert (early["collapsing_runs"], early["hits"], early["late"], early["missed"]) == (4, 4, 0, 0)
+    assert early["lead_median"] == 2 and early["lead_min"] == 0 and early["lead_max"] == 2
+    assert (early["control_runs"], early["false_alarms"], early["false_alarm_methods"]) == (4, 1, "APART")
+    confirm = table.loc["confirm"]
+    assert confirm["hits"] == 4 and confirm["lead_median"] == 0 and confirm["false_alarms"] == 0
+    assert table.loc["ref_weak", "collapsing_runs"] == 0  # no referee in these runs: not evaluated
+    assert table.loc["misaligned", "lead_median"] == 1  # 0.45 < 0.5 at epoch 8, one epoch ahead
+
+    per_eps = lib.by_epsilon(evaluation).set_index(["epsilon", "signal"])
+    assert per_eps.loc[(EPS, "early"), "hits"] == 3 and per_eps.loc[(EPS, "early"), "lead_median"] == 2
+    assert per_eps.loc[(12 / 255, "early"), "lead_median"] == 0 and per_eps.loc[(12 / 255, "early"), "control_runs"] == 0
+    trade = lib.tradeoff(evaluation)
+    align = trade[trade["signal"] == "align_fall"].set_index("value")
+    assert list(align.index) == list(lib.FALLS)
+    assert align.loc[0.05, "false_alarm_rate"] >= align.loc[0.2, "false_alarm_rate"] >= align.loc[0.4, "false_alarm_rate"]
+    assert align.loc[0.2, "false_alarm_rate"] == pytest.approx(0.25) and align.loc[0.3, "false_alarm_rate"] == 0
+    # the dip (0.86 → 0.60) is a false alarm up to fall = 0.25; of 0.3 and 0.4 (both lead 1) the larger
+    assert lib.calibrate(calibration) == {"fall": 0.4}
+    assert lib.calibrate(calibration[:1]) == {}  # no control there: nothing can be judged
+    strength = lib.strength_table(evaluation).set_index(["epsilon", "method"])
+    assert strength.loc[(EPS, "FGSM"), "collapsed"] == 2 and strength.loc[(EPS, "APART"), "runs"] == 2
+    assert strength.loc[(EPS, "FGSM α=2.6/255"), "delta_over_eps"] == pytest.approx(0.9 * 2.6 / 10)
+
+
+def test_matched_values_and_commands(study, sweep, capsys):
+    script, lib = study
+    runs = [lib.summarize(d) for d in lib.find_run_dirs([sweep])]
+    values = lib.matched_values(runs).iloc[0]
+    assert values["runs"] == 2 and values["alpha_mean"] * 255 == pytest.approx(2.3)
+    assert values["delta_mean"] * 255 == pytest.approx(2.7)
+    assert script.main(["--matched-from", str(sweep / "cp-main")]) == 0
+    out = capsys.readouterr().out
+    assert "final α = 2.3/255" in out and "mean |δ| = 2.7/255" in out
+    assert "--grid seed=0:5 epsilon=10/255 method=fgsm alpha=2.3/255,2.7/255" in out
+
+
+def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_path, capsys):
+    script, _ = study
+    assert script.main(["--runs", str(sweep), "--out", str(tmp_path)]) == 0
+    for stem in ("collapse_prediction.png", "collapse_prediction.pdf", "collapse_prediction.md",
+                 "table_collapse_prediction.csv", "table_collapse_prediction.md", "table_matched_strength.csv"):
+        assert (tmp_path / stem).stat().st_size > 0, stem
+    text = (tmp_path / "collapse_prediction.md").read_text()
+    assert "| `early`: early rule (any of the above) | 4/4 | 0 | 0 / 0 | +2.0 [+1.5, +2.0] | +0 … +2 | 1/4 | APART |" \
+        in text
+    assert "## Calibrated thresholds" in text and "`fall` = 0.4" in text
+    raw = pd.read_csv(tmp_path / "table_collapse_prediction.csv")
+    assert list(raw["signal"]) == ["weak_fgsm", "ref_weak", "misaligned", "align_fall", "cos_fall", "ref_fall",
+                                   "early", "confirm"]
+    assert "early: hit 4/4, median lead 2.0 epochs, false alarms 1/4" in capsys.readouterr().out
+
+
+def test_plan_lists_every_cell(study, capsys):
+    script, _ = study
+    assert script.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 75" in out and "stage 2 30" in out and "optional calibration 45" in out
+    assert "--grid seed=0:5 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+" in out
+    assert out.count("method=pgd pgd_steps=3") == 6  # one sweep per ε (the step follows ε), evaluation + calibration
+    assert "alpha=8.333/255" in out  # PGD-3's step at ε = 10/255: 2.5ε/3
+
+
+def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
+    assert study[0].main(["--runs", str(tmp_path)]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_trains_both_stages_and_reuses_them(study, tmp_path, capsys):
+    script, _ = study
+    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert script.main(argv) == 0
+    root = tmp_path / "runs" / "collapse-prediction"
+    assert sorted(p.name for p in (root / "stage1").iterdir()) == ["apart-s0", "fgsm-s0", "fgsm-s100", "pgd-s0"]
+    assert (root / "stage2" / "fgsm-matched-s0" / "config.json").is_file()
+    assert (tmp_path / "out" / "collapse_prediction.png").is_file()
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert capsys.readouterr().out.count("reusing finished run") == 5
