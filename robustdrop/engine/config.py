@@ -204,13 +204,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_fraction(text: str | float) -> float:
-    """Parse '8/255', '0.031' or 0.031 into a float."""
+    """Parse '8/255', '2.5/255', '0.031' or 0.031 into a float."""
     if isinstance(text, (int, float)):
         return float(text)
     try:
         return float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
-        raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
+        pass
+    num, slash, den = text.partition("/")
+    try:  # 2.5/255: Fraction reads no decimal numerator
+        if slash and float(den) != 0:
+            return float(num) / float(den)
+    except ValueError:
+        pass
+    raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
+
+
+def field_parser(f: dataclasses.Field) -> Any:
+    """The function that reads one command-line word as a value of the TrackConfig field ``f``
+    (``parse_fraction`` for ε-like fields, else ``int``/``float``/``str`` from the annotation)."""
+    if f.metadata.get("fraction"):
+        return parse_fraction
+    text = str(f.type)
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    return str
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> TrackConfig:
