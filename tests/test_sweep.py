@@ -339,7 +339,7 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
              "--temp-dir", str(temp), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         started.append(subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", *common],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0:2", "lr=0.003,0.001", "--name", "r",
+        cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0:2", "weight-decay=0.0005,0.001", "--name", "r",
                "--runs-dir", str(tmp_path), "--backend", "ray", "--address", f"127.0.0.1:{port}",
                "--cpus-per-cell", "1", "--no-progress", *_flags(tiny_fixed(tiny_env["dataset"]))]
         for _ in range(60):  # wait for both nodes
@@ -364,3 +364,24 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_a_sweep_dir_that_a_ray_node_cannot_see_is_a_one_line_error(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustdrop[cluster]')")
+    from robustdrop.sweeps.ray_backend import check_shared_filesystem
+
+    class Elsewhere:  # a cluster whose one node writes the token on its own disk, not here
+        def nodes(self):
+            return [{"Alive": True, "NodeID": "ab" * 28, "NodeManagerAddress": "10.0.0.7"}]
+
+        def remote(self, *args, **kw):  # ray.remote(...)(f) and f.options(...).remote(folder, token)
+            return self
+
+        __call__ = options = remote
+
+        def get(self, ref, timeout=None):
+            return "node7"
+
+    with pytest.raises(RobustdropError, match="not shared with Ray node 10.0.0.7 .*shares") as info:
+        check_shared_filesystem(Elsewhere(), tmp_path)
+    assert "\n" not in str(info.value) and not (tmp_path / ".ray-check").exists()
