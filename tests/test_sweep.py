@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from PIL import Image
+import torch
 
 import robustdrop
 from robustdrop.cli import main
-from robustdrop.data import load_dataset, make_synthetic
+from robustdrop.data import load_dataset, make_synthetic, write_image_folder
 from robustdrop.errors import RobustdropError
 from robustdrop.plots.sweeps import compare_sweep, format_sweep_table, plot_onset, sweep_metrics
 from robustdrop.store import RunStore, SweepRecord
@@ -149,14 +149,11 @@ def tiny_folder(tmp_path_factory):
     """A 16x16 image tree (384 train / 96 test, 4 classes) and a private, pre-filled dataset cache."""
     root = tmp_path_factory.mktemp("tiny-images")
     data = make_synthetic(n_train=384, n_test=96, num_classes=4, size=16, seed=0)
-    for split, xs, ys in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            folder = root / "data" / split / f"class{int(y)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
-    cache = root / "cache"
-    load_dataset(f"folder:{root / 'data'}", cache_dir=str(cache))
-    return {"dataset": f"folder:{root / 'data'}", "cache": str(cache)}
+    write_image_folder(data, root / "data")
+    back = load_dataset(f"folder:{root / 'data'}", cache_dir=str(root / "cache"))  # read back exactly (by class)
+    order = torch.argsort(data.train_y, stable=True)
+    assert torch.equal(back.train_x, data.train_x[order]) and torch.equal(back.train_y, data.train_y[order])
+    return {"dataset": f"folder:{root / 'data'}", "cache": str(root / "cache")}
 
 
 @pytest.fixture
