@@ -311,6 +311,22 @@ def test_the_tidy_table_carries_the_varied_values(tmp_path):
     assert set(one.cfg_seed) == {1} and set(one.cfg_epsilon) == {12 / 255}
 
 
+@pytest.mark.slow
+def test_the_demonstration_analysis_in_smoke_mode(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "analyses"))
+    monkeypatch.setenv("ROBUSTDROP_CACHE", str(tmp_path / "cache"))
+    import sweep_demo
+
+    assert sweep_demo.main(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    out = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"sweep_demo.png", "sweep_demo.pdf", "sweep_demo.md", "sweep_demo.csv", "sweep_demo.tex"} <= out
+    md = (tmp_path / "out" / "sweep_demo.md").read_text()
+    assert "robustdrop sweep --preset quick --grid seed=0:2 epsilon=8/255,12/255" in md and "| 12/255 | 2 |" in md
+    assert md.count("| finished |") == 4
+    csv = pd.read_csv(tmp_path / "out" / "sweep_demo.csv")
+    assert csv["runs"].tolist() == [2, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------

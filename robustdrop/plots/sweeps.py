@@ -250,22 +250,32 @@ def compare_sweep(paths: Sequence[PathLike] | PathLike | SweepRuns) -> pd.DataFr
     return df
 
 
-def _notes(sr: SweepRuns) -> list[str]:
-    """How the numbers were obtained: the probe PGD spec(s) and probe size(s) of the runs."""
+def _probe_pgd(sr: SweepRuns) -> tuple[str, str]:
+    """(the probe PGD attack of the runs, the probe size): one spec, or the spec without ε when
+    the runs differ only in ε (each is evaluated at its own ε), e.g. ``PGD-20 (step 2.5/255, ...)``."""
     specs, sizes = set(), set()
     for r in sr.runs:
         rows = select(r.run.metrics, source="eval", metric="acc", attack="pgd", split="probe")
         spec = modal_spec(rows)
         if spec is not None:
-            specs.add(attack_text("pgd", spec))
+            specs.add(spec)
         if len(rows):
             sizes.add(int(rows["n"].iloc[-1]))
-    pgd = " / ".join(sorted(specs)) or "PGD"
     n = "/".join(map(str, sorted(sizes))) or "?"
+    if len(specs) == 1:
+        return attack_text("pgd", next(iter(specs))), n
+    if len({s[1:] for s in specs}) == 1:  # only ε differs
+        return attack_text("pgd", (None, *next(iter(specs))[1:])) + " at each run's ε", n
+    return " / ".join(sorted(attack_text("pgd", s) for s in specs)) or "PGD", n
+
+
+def _notes(sr: SweepRuns) -> list[str]:
+    """How the numbers were obtained: the probe PGD attack and probe size of the runs."""
+    pgd, n = _probe_pgd(sr)
     return [f"accuracies in %: {pgd} on the probe set (n={n}); best = highest over epochs, final = last epoch; "
             "± = standard error over the runs (seeds)",
-            "onset = collapse detector's onset epoch: median (min–max) over collapsed runs; collapsed = runs where "
-            "it fired / runs that had the detector"]
+            "onset = the collapse detector's onset epoch: median (min–max) over collapsed runs; collapsed = runs "
+            "where it fired / runs that had the detector"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +287,8 @@ def _pm(mean: float, se: float) -> str:
     return format_pct(mean, 1) + ("" if is_missing(se) else f" ± {format_pct(se, 1)}")
 
 
-def _display(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+def sweep_table_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of :func:`compare_sweep`'s table (accuracies in %, onset "median (min–max)")."""
     keys = df.attrs.get("keys", [])
     headers = [*keys, "runs", "collapsed", "onset ep.", "best PGD %", "final PGD %", "s/epoch"]
     cells = []
@@ -299,7 +310,7 @@ def format_sweep_table(df: pd.DataFrame, fmt: str = "terminal") -> str:
     notes = df.attrs.get("notes", [])
     if fmt == "csv":
         return df.to_csv(index=False)
-    headers, cells = _display(df)
+    headers, cells = sweep_table_cells(df)
     if fmt == "terminal":
         return text_table(headers, cells) + "".join(f"{n}\n" for n in notes)
     if fmt == "markdown":
@@ -338,7 +349,7 @@ def onset_figure(paths: Sequence[PathLike] | PathLike | SweepRuns):
             det = g[g["detector"]]
             onsets = det["onset_epoch"].dropna().astype(float).to_numpy()
             if len(onsets):
-                ax_onset.boxplot([onsets], positions=[i], widths=0.5, showfliers=False, vert=True,
+                ax_onset.boxplot([onsets], positions=[i], widths=0.5, showfliers=False,
                                  medianprops={"color": colors[i]})
             ys = np.concatenate([onsets, np.full(len(det) - len(onsets), none_y)])
             if len(ys):
@@ -361,11 +372,11 @@ def onset_figure(paths: Sequence[PathLike] | PathLike | SweepRuns):
         ax_onset.set_ylabel("collapse onset epoch")
         ax_onset.set_title("onset per run (detector's first onset; none = no collapse)", fontsize="small")
         ax_curve.set_xlabel("epoch")
-        ax_curve.set_ylabel("probe PGD accuracy (%)")
-        ax_curve.set_title("robust accuracy: mean ± 1 s.e. over runs (thin: single runs)", fontsize="small")
+        pgd, n = _probe_pgd(sr)
+        ax_curve.set_ylabel(f"probe PGD accuracy (%, n={n})")
+        ax_curve.set_title(f"{pgd}: mean ± 1 s.e. over runs (thin: single runs)", fontsize="small")
         ax_curve.legend(fontsize="x-small")
-        fig.suptitle(f"{sr.name}: " + _notes(sr)[0].split(";")[0].replace("accuracies in %: ", ""),
-                     fontsize="small", style="italic")
+        fig.suptitle(sr.name, fontsize="small", style="italic")
     return fig
 
 
@@ -376,5 +387,5 @@ def plot_onset(paths: Sequence[PathLike] | PathLike | SweepRuns, out: PathLike, 
 
 __all__ = [
     "GROUP_COLUMNS", "SweepRun", "SweepRuns", "compare_sweep", "format_sweep_table", "load_sweep",
-    "onset_figure", "open_sweep_runs", "plot_onset", "run_summary", "runs_table", "sweep_metrics",
+    "onset_figure", "open_sweep_runs", "plot_onset", "run_summary", "runs_table", "sweep_metrics", "sweep_table_cells",
 ]
