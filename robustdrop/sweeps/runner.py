@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -123,6 +124,24 @@ def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = F
     return record
 
 
+def _alive_cell_process(pid: Any) -> bool:
+    """Whether ``pid`` is a live cell process on this machine (its command line runs robustdrop.sweeps)."""
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, TypeError, ValueError):
+        return False
+    return b"robustdrop.sweeps" in cmdline
+
+
+def check_not_running(record: SweepRecord) -> None:
+    """Refuse to drive a sweep whose cells are still running here under another driver."""
+    host = socket.gethostname()
+    for cell, entry in record.cells.items():
+        if entry.get("status") == "running" and entry.get("host") == host and _alive_cell_process(entry.get("pid")):
+            raise RobustdropError(f"cell {cell} of {record.path} is running (pid {entry['pid']}): another "
+                                  "`robustdrop sweep` drives this sweep; wait for it or stop it first")
+
+
 def _has_checkpoint(record: SweepRecord, cell: str) -> bool:
     return (record.run_dir(cell) / "checkpoints" / "last.pt").is_file()
 
@@ -181,6 +200,9 @@ def run_sweep(
         raise RobustdropError(f"--jobs must be at least 1, got {jobs}")
     if cpus_per_cell is not None and cpus_per_cell <= 0:
         raise RobustdropError(f"--cpus-per-cell must be positive, got {cpus_per_cell}")
+    path = Path(runs_dir) / plan.name
+    if is_sweep_dir(path):
+        check_not_running(SweepRecord.open(path))
     record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
     finished = [c.name for c in plan.cells if record.status(c.name) == "finished" and _has_checkpoint(record, c.name)]
     todo = [c.name for c in plan.cells if c.name not in finished]
