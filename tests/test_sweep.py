@@ -188,6 +188,7 @@ def comparable(path: Path) -> pd.DataFrame:
     return frame[~frame.metric.str.startswith("time_")].reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_env, tmp_path, capsys):
     fixed = tiny_fixed(tiny_env["dataset"])
     datasets = [fixed.pop("dataset"), f"folder:{tmp_path / 'missing'}"]  # the second fails when it starts
