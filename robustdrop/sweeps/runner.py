@@ -23,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import robustdrop
+from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
 from robustdrop.sweeps.grid import SweepPlan, json_value
@@ -96,7 +97,8 @@ def check_compatible(record: SweepRecord, plan: SweepPlan, *, extend: bool) -> N
                                   "keep every value of the recorded grid")
     for cell in plan.cells:
         if cell.name in record.cells:
-            recorded = record.cells[cell.name]["config"]
+            # Fields added to TrackConfig since the record was written take their defaults.
+            recorded = _jsonable(TrackConfig.from_dict(record.cells[cell.name]["config"]).to_dict())
             diff = _differing(_jsonable(cell.config.to_dict()), recorded)
             if diff:
                 raise RobustdropError(f"cell {cell.name}'s config differs from {where} (in {', '.join(diff)}): the "
