@@ -103,6 +103,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from robustdrop.store import atomic_write_text
 
     fmt = args.format or (_SUFFIX_FORMAT.get(Path(args.out).suffix.lower(), "terminal") if args.out else "terminal")
+    if args.robustbench and _is_sweep(args):
+        raise RobustdropError("--robustbench writes one file per run directory; give run directories, not a sweep")
     if _is_sweep(args):
         from robustdrop.plots.sweeps import compare_sweep, format_sweep_table
 
@@ -118,8 +120,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     if args.robustbench:
-        if _is_sweep(args):
-            raise RobustdropError("--robustbench writes one file per run directory; give run directories, not a sweep")
         for run in args.runs:
             print(write_robustbench_json(run))
     return 0
