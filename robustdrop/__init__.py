@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["TrackConfig", "make_config", "resume", "track"]
+__all__ = ["TrackConfig", "load_sweep", "make_config", "resume", "sweep", "track"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,14 @@ def __getattr__(name: str):
         from robustdrop import api
 
         return getattr(api, name)
+    if name == "sweep":  # the function; the package is robustdrop.sweeps
+        from robustdrop.sweeps import sweep
+
+        return sweep
+    if name == "load_sweep":
+        from robustdrop.plots.sweeps import load_sweep
+
+        return load_sweep
     if name in ("TrackConfig", "make_config"):
         from robustdrop.engine import config
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import robustdrop._threads  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
-from robustdrop.engine.config import PRESETS, TrackConfig, make_config, parse_fraction
+from robustdrop.engine.config import PRESETS, TrackConfig, field_parser, make_config
 from robustdrop.errors import RobustdropError
 
 
@@ -17,16 +17,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _field_type(f: dataclasses.Field):
-    if f.metadata.get("fraction"):
-        return parse_fraction
-    text = str(f.type)
-    for name, kind in (("int", int), ("float", float), ("str", str)):
-        if text.startswith(name):
-            return kind
-    return str
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +38,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif "nargs" in f.metadata:
             group.add_argument(flag, nargs=f.metadata["nargs"], type=f.metadata["item"], **kwargs)
         else:
-            group.add_argument(flag, type=_field_type(f), choices=choices, **kwargs)
+            group.add_argument(flag, type=field_parser(f), choices=choices, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     _add_config_flags(track)
     track.set_defaults(func=_cmd_track)
+
+    _add_sweep_parser(sub)
 
     from robustdrop.plots.cli import add_plot_parsers
     from robustdrop.tools_cli import add_tool_parsers
@@ -97,16 +89,84 @@ def _cmd_track(args: argparse.Namespace) -> int:
     return 0
 
 
+_SWEEP_EPILOG = """\
+grid words: key=v1,v2 (values read as track's flag reads them: 8/255, fgsm, true; list keys join
+items with +: diagnostics=none,default+landscape) or key=a:b (integers a..b-1: seed=0:5 is seeds
+0,1,2,3,4). Keys are track's flags (train-subset or train_subset). Cells are named by their varied
+values: epsilon=8_255-seed=0. Config flags below are fixed for every cell.
+
+--file study.toml:
+  [sweep]
+  name = "eps-study"
+  preset = "quick"
+  [sweep.grid]
+  seed = "0:5"
+  epsilon = ["8/255", "10/255", "12/255"]
+  [sweep.fixed]
+  epochs = 10
+
+Rerun the same command to continue: finished cells are skipped, killed ones resume from their
+checkpoints. Read the results with `robustdrop compare SWEEP_DIR` and `robustdrop plot onset SWEEP_DIR`.
+"""
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sw = sub.add_parser("sweep", help="run a grid of track configurations as one experiment (local or Ray)",
+                        description="Run every combination of the grid's values as one run directory in "
+                                    "<runs-dir>/<name>/, with sweep.json recording the grid and each cell's "
+                                    "config and status.",
+                        epilog=_SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("--grid", nargs="+", default=[], metavar="KEY=VALUES",
+                    help="varied values, e.g. seed=0:5 epsilon=8/255,10/255 method=fgsm,apart")
+    sw.add_argument("--file", help="a TOML file with [sweep] name, preset, grid and fixed (see below)")
+    sw.add_argument("--preset", choices=sorted(PRESETS), help="every cell starts from this preset")
+    sw.add_argument("--name", help="sweep directory name (default: <preset>-<grid keys>, e.g. quick-epsilon-seed)")
+    sw.add_argument("--runs-dir", default="runs", help="parent folder of the sweep directory (default: ./runs)")
+    sw.add_argument("--extend", action="store_true",
+                    help="add cells (more values of the same keys) to an existing sweep; fixed values cannot change")
+    sw.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="local: processes on this machine (default); ray: tasks on a Ray cluster (--address)")
+    sw.add_argument("--jobs", type=int, help="local: cells at once (default: the CPU cores)")
+    sw.add_argument("--address", help="ray: the head's HOST:PORT (the runs dir must be on a shared filesystem)")
+    sw.add_argument("--cpus-per-cell", type=float,
+                    help="CPU threads per cell (local default: cores // jobs; ray default: 1, the task's num_cpus)")
+    sw.add_argument("--gpus-per-cell", type=float, default=0.0, help="ray: GPUs per task (default 0)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished cell)")
+    _add_config_flags(sw)
+    sw.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from robustdrop.sweeps import parse_grid, plan_sweep, read_toml, run_sweep
+
+    names = {f.name for f in dataclasses.fields(TrackConfig)}
+    fixed = {k: v for k, v in vars(args).items() if k in names}
+    spec = read_toml(args.file) if args.file else {"name": None, "preset": None, "grid": {}, "fixed": {}}
+    grid = dict(spec["grid"])
+    for key, values in parse_grid(args.grid).items():
+        if key in grid:
+            raise RobustdropError(f"sweep key {key} is in both --file and --grid; give it once")
+        grid[key] = values
+    plan = plan_sweep(grid, preset=args.preset or spec["preset"], fixed={**spec["fixed"], **fixed},
+                      name=args.name or spec["name"])
+    result = run_sweep(plan, runs_dir=args.runs_dir, backend=args.backend, jobs=args.jobs, address=args.address,
+                       cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, extend=args.extend,
+                       progress=not args.no_progress, command=["robustdrop", *args.argv])
+    return 1 if result.failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except RobustdropError as exc:
         print(f"robustdrop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("robustdrop: interrupted; resume with `robustdrop track --resume RUN_DIR`", file=sys.stderr)
+        todo = "rerun the same command" if args.command == "sweep" else "`robustdrop track --resume RUN_DIR`"
+        print(f"robustdrop: interrupted; resume with {todo}", file=sys.stderr)
         return 130
 
 

@@ -123,3 +123,15 @@ def latex_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], note: str
         lines.append(f"\\multicolumn{{{len(heads)}}}{{p{{0.95\\linewidth}}}}{{\\footnotesize {latex_escape(note)}}} \\\\")
     lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"
+
+
+def text_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table for a terminal: columns aligned (numbers right, text left), a rule under the header."""
+    heads, cells = _cells(headers, rows)
+    widths = [max([len(h)] + [len(r[j]) for r in cells]) for j, h in enumerate(heads)]
+    numeric = [bool(cells) and all(is_number(r[j].split(" ")[0]) for r in cells if r[j]) for j in range(len(heads))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(heads), "  ".join("-" * w for w in widths), *map(line, cells)]) + "\n"

@@ -18,6 +18,7 @@ from robustdrop.data.augment import (
 from robustdrop.data.cache import default_cache_dir
 from robustdrop.data.cifar10_jpeg import CIFAR10_CLASSES, CIFAR10_JPEG_SHA256, embedded_archive_path
 from robustdrop.data.datasets import DATASET_SPECS, load_dataset
+from robustdrop.data.folder import write_image_folder
 from robustdrop.data.image_data import ImageData
 from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation
 from robustdrop.data.synthetic import make_synthetic
@@ -42,4 +43,5 @@ __all__ = [
     "probe_indices",
     "sample_crop_flip",
     "split_validation",
+    "write_image_folder",
 ]

@@ -70,3 +70,19 @@ def _load_folder(path: Path, cache_dir: str | None) -> ImageData:
         return ImageData(name, train_x, train_y, test_x, test_y, classes)
 
     return _cached(cache, build)
+
+
+def write_image_folder(data: ImageData, path: str | os.PathLike) -> Path:
+    """Write ``data`` as the ``train/<class>/NNNNN.png`` + ``test/<class>/NNNNN.png`` tree that
+    ``folder:PATH`` reads back exactly (PNG is lossless; in class order). Makes a dataset that other processes can
+    load by name, e.g. small synthetic data for the cells of a sweep. Returns ``path``."""
+    from PIL import Image
+
+    root = Path(path)
+    for split, xs, ys in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / str(data.classes[int(y)])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = x.permute(1, 2, 0).numpy()
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / f"{i:05d}.png")
+    return root

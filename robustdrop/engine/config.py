@@ -242,6 +242,18 @@ def parse_fraction(text: str | float) -> float:
         raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
 
 
+def field_parser(f: dataclasses.Field) -> Any:
+    """The function that reads one command-line word as a value of the TrackConfig field ``f``
+    (``parse_fraction`` for ε-like fields, else ``int``/``float``/``str`` from the annotation)."""
+    if f.metadata.get("fraction"):
+        return parse_fraction
+    text = str(f.type)
+    for name, kind in (("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
 def parse_switch(spec: str) -> tuple[str, dict[str, Any]]:
     """``METHOD[:key=value,...]`` (``--switch-to``) → ``(method, {field: value})``; keys are the
     :data:`SWITCH_FIELDS` (``-`` or ``_``), values parsed as their flags (``alpha=2/255``)."""

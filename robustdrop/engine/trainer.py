@@ -26,6 +26,7 @@ from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices,
 from robustdrop.engine.config import TrackConfig, switched_config
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
+from robustdrop.engine.memory import keep_freed_memory
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import MethodContext, create_method
@@ -144,6 +145,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         on_cuda = self.device.type == "cuda"
+        if not on_cuda:
+            keep_freed_memory()  # a CPU step otherwise page-faults its buffers anew (engine/memory.py)
         self._channels_last = cfg.channels_last and on_cuda
         self._autocast = autocast_for(self.device, cfg.amp)  # the training steps only
         # Evaluation attacks and diagnostics: fp32 unless --eval-precision bf16 (bf16 gradients can

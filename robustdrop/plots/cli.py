@@ -85,12 +85,32 @@ def _cmd_apart(args: argparse.Namespace) -> int:
 _SUFFIX_FORMAT = {".csv": "csv", ".md": "markdown", ".tex": "latex", ".txt": "terminal"}
 
 
+def _cmd_onset(args: argparse.Namespace) -> int:
+    from robustdrop.plots.sweeps import plot_onset
+
+    return _print_paths(plot_onset(args.runs, default_out(args.runs, args.out)))
+
+
+def _is_sweep(args: argparse.Namespace) -> bool:
+    """compare aggregates over seeds for a sweep directory, or with --by-group."""
+    from robustdrop.store import is_sweep_dir
+
+    return args.by_group or any(is_sweep_dir(p) for p in args.runs)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from robustdrop.plots.tables import compare, format_table, write_robustbench_json
     from robustdrop.store import atomic_write_text
 
     fmt = args.format or (_SUFFIX_FORMAT.get(Path(args.out).suffix.lower(), "terminal") if args.out else "terminal")
-    text = format_table(compare(args.runs), fmt)
+    if args.robustbench and _is_sweep(args):
+        raise RobustdropError("--robustbench writes one file per run directory; give run directories, not a sweep")
+    if _is_sweep(args):
+        from robustdrop.plots.sweeps import compare_sweep, format_sweep_table
+
+        text = format_sweep_table(compare_sweep(args.runs), fmt)
+    else:
+        text = format_table(compare(args.runs), fmt)
     if args.out:
         out = Path(args.out)
         if out.is_dir():
@@ -106,7 +126,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_plot_parsers(subparsers: Any) -> None:
-    """Register ``plot`` (collapse, perturbations, landscape, curves, apart) and ``compare``."""
+    """Register ``plot`` (collapse, perturbations, landscape, curves, onset, apart) and ``compare``."""
     plot = subparsers.add_parser(
         "plot", help="draw figures from run directories (PNG + PDF)",
         description="Draw figures from run directories; each command prints the files it wrote. --out DIR: " + _OUT_HELP + ".",
@@ -142,17 +162,30 @@ def add_plot_parsers(subparsers: Any) -> None:
                    help="overlay the paper's digitized 200-epoch PGD-10 and APART curves")
     p.set_defaults(func=_cmd_curves)
 
+    p = sub.add_parser("onset", help="a sweep's collapse-onset epochs and mean robust-accuracy curves per group",
+                       description="Per group of a sweep (varied values except seed): the distribution of the "
+                                   "collapse detector's onset epoch over the runs (runs without a collapse shown "
+                                   "as 'none') and the probe PGD accuracy per epoch, mean ± 1 standard error.")
+    p.add_argument("runs", nargs="+", help="a sweep directory, or run directories")
+    p.add_argument("--out", help=_OUT_HELP)
+    p.set_defaults(func=_cmd_onset)
+
     p = sub.add_parser("apart", help="APART's learned step sizes and perturbation size over training")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", help=_OUT_HELP)
     p.set_defaults(func=_cmd_apart)
 
     c = subparsers.add_parser(
-        "compare", help="one table row per run: best/final accuracy, collapse onset, cost",
+        "compare", help="one table row per run (or per sweep group): best/final accuracy, collapse onset, cost",
         description="Compare runs: best (by val, else probe, PGD accuracy) and final clean/FGSM/PGD accuracy, "
-                    "collapse onset, seconds per epoch, passes per step and cost relative to a PGD-10 run.",
+                    "collapse onset, seconds per epoch, passes per step and cost relative to a PGD-10 run. "
+                    "Given a sweep directory (or --by-group): one row per group of varied values except seed, "
+                    "aggregated over the seeds: runs, collapse rate, onset epoch median (range), best and final "
+                    "probe PGD accuracy mean ± standard error, seconds per epoch.",
     )
-    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("runs", nargs="+", help="run directories, or a sweep directory")
+    c.add_argument("--by-group", action="store_true",
+                   help="aggregate the given run directories over seeds, as for a sweep directory")
     c.add_argument("--format", choices=["terminal", "csv", "markdown", "latex"],
                    help="table format (default: from the --out suffix .csv/.md/.tex, else terminal)")
     c.add_argument("--out", help="write the table to this file instead of printing it")

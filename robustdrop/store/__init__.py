@@ -1,4 +1,4 @@
-"""Run directory: config, manifest, tidy metrics, events, arrays and checkpoints."""
+"""Run directory: config, manifest, tidy metrics, events, arrays and checkpoints; a sweep's record (``sweep.json``)."""
 
 from robustdrop._files import atomic_write_bytes, atomic_write_text
 from robustdrop.store.checkpoints import (
@@ -11,9 +11,10 @@ from robustdrop.store.checkpoints import (
     result_checkpoint,
 )
 from robustdrop.store.run_store import METRIC_COLUMNS, RunStore, load_checkpoint_file, metric_row
+from robustdrop.store.sweep_record import SWEEP_FILE, SweepRecord, is_sweep_dir
 
 __all__ = [
     "KEEP_ROLLING", "LAST", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunStore", "atomic_write_bytes",
     "atomic_write_text", "epoch_checkpoint_name", "load_checkpoint_file", "metric_row", "parse_epoch",
-    "result_checkpoint",
+    "result_checkpoint", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
 ]

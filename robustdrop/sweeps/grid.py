@@ -1,0 +1,280 @@
+"""A sweep's grid: parsing ``key=v1,v2`` and ``key=a:b``, the TOML file, cell names, and the plan.
+
+Grid words (``robustdrop sweep --grid ...``), one per key:
+
+* ``key=v1,v2,...``: a list of values, each read as the ``robustdrop track`` flag of that key reads
+  it (``epsilon=8/255,10/255``; ``method=fgsm,apart``; booleans ``true``/``false``; ``none`` for
+  an unset optional value such as ``width``; a list-valued key joins its items with ``+``:
+  ``diagnostics=none,default+landscape``);
+* ``key=a:b``: the integers ``a, a+1, ..., b-1`` (Python's ``range``: ``seed=0:5`` is seeds 0..4);
+  ranges and values mix: ``seed=0:3,10``.
+
+Keys are :class:`~robustdrop.engine.TrackConfig` fields (``train-subset`` or ``train_subset``).
+
+**Cell names** come from the varied values only, keys in alphabetical order, ``key=value`` joined by
+``-``: ``epsilon=8_255-method=fgsm-seed=0``. A radius (ε, step sizes) is written in units of
+1/255: ``8_255``, ``2.5_255`` (3 significant digits); other numbers as Python writes them;
+characters other than letters, digits and ``._+`` become ``_``. Names are stable (independent of the order of the words) and safe
+as folder names; two cells with the same name are an error.
+
+The TOML file (``--file study.toml``) says the same::
+
+    [sweep]
+    name = "eps-study"          # optional (default: see default_sweep_name)
+    preset = "quick"            # optional
+    [sweep.grid]
+    seed = "0:5"                # a string is read like a grid word's value; or a TOML list:
+    epsilon = ["8/255", "10/255", "12/255"]
+    [sweep.fixed]               # overrides for every cell, like track's flags
+    epochs = 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from robustdrop.engine.config import PRESETS, TrackConfig, field_parser, make_config
+from robustdrop.errors import RobustdropError
+from robustdrop.formatting import eps_in_255ths
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrackConfig)}
+_RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+@dataclass
+class Cell:
+    """One run of the sweep: its name, the grid values that make it, its resolved config."""
+
+    name: str
+    values: dict[str, Any]
+    config: TrackConfig
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep: every cell's config resolved (nothing created yet)."""
+
+    name: str
+    preset: str | None
+    grid: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    cells: list[Cell]
+
+    def cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and values
+# --------------------------------------------------------------------------------------------
+def config_key(key: str) -> str:
+    """``train-subset`` / ``train_subset`` -> ``train_subset``; an unknown key is a one-line error."""
+    name = key.strip().lstrip("-").replace("-", "_")
+    if name not in _FIELDS:
+        raise RobustdropError(f"unknown sweep key {key.strip()!r}; valid keys (TrackConfig fields): "
+                              f"{', '.join(_FIELDS)}")
+    return name
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def parse_value(key: str, text: Any) -> Any:
+    """One value of ``key`` from a grid word, a TOML string or a TOML value (as ``track``'s flag reads it)."""
+    f = _FIELDS[config_key(key)]
+    default = _default(f)
+    if not isinstance(text, str):  # a TOML number, boolean or list: checked by the config's validation
+        return list(text) if isinstance(text, (list, tuple)) else text
+    word = text.strip()
+    if not word:
+        raise RobustdropError(f"empty value for sweep key {f.name}; write e.g. {f.name}=a,b")
+    try:
+        if isinstance(default, bool):
+            if word.lower() in _TRUE:
+                return True
+            if word.lower() in _FALSE:
+                return False
+            raise ValueError
+        if word.lower() == "none" and default is None:
+            return None
+        if "nargs" in f.metadata:
+            return [f.metadata["item"](part) for part in word.split("+")]
+        value = field_parser(f)(word)
+    except (ValueError, TypeError):
+        kind = "true or false" if isinstance(default, bool) else getattr(field_parser(f), "__name__", "a value")
+        raise RobustdropError(f"sweep key {f.name}: cannot read {word!r} as {kind}") from None
+    choices = f.metadata.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices and value not in choices:
+        raise RobustdropError(f"sweep key {f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def parse_values(key: str, spec: Any) -> list[Any]:
+    """The values of ``key``: a grid word's right-hand side (``8/255,10/255``, ``0:5``), or a TOML list."""
+    name = config_key(key)
+    if isinstance(spec, (list, tuple)):
+        values = [parse_value(name, v) for v in spec]
+    elif isinstance(spec, str):
+        values = []
+        for part in spec.split(","):
+            m = _RANGE.match(part)
+            if m and isinstance(_default(_FIELDS[name]), int) and not isinstance(_default(_FIELDS[name]), bool):
+                start, stop = int(m.group(1)), int(m.group(2))
+                if stop <= start:
+                    raise RobustdropError(f"sweep range {name}={part.strip()} is empty; a:b means a, a+1, ..., b-1 "
+                                          f"(e.g. {name}=0:5 for 0..4)")
+                values.extend(range(start, stop))
+            elif m:
+                raise RobustdropError(f"sweep key {name} is not an integer; a:b ranges are for integer keys such as seed")
+            else:
+                values.append(parse_value(name, part))
+    else:
+        values = [parse_value(name, spec)]
+    if not values:
+        raise RobustdropError(f"sweep key {name} has no values; write e.g. {name}=a,b")
+    seen: list[Any] = []
+    for v in values:
+        if v in seen:
+            raise RobustdropError(f"sweep key {name} lists {v!r} twice; give each value once")
+        seen.append(v)
+    return values
+
+
+def parse_grid(words: Iterable[str]) -> dict[str, list[Any]]:
+    """``["seed=0:5", "epsilon=8/255,10/255"]`` -> ``{"seed": [0..4], "epsilon": [...]}``."""
+    grid: dict[str, list[Any]] = {}
+    for word in words:
+        key, sep, spec = str(word).partition("=")
+        if not sep or not key.strip():
+            raise RobustdropError(f"grid word {word!r} is not key=values; write e.g. seed=0:5 or epsilon=8/255,10/255")
+        name = config_key(key)
+        if name in grid:
+            raise RobustdropError(f"sweep key {name} given twice in the grid; list all its values once: {name}=a,b")
+        grid[name] = parse_values(name, spec)
+    return grid
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``[sweep]`` table of a TOML file: ``name``, ``preset``, ``grid`` and ``fixed`` (typed values)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise RobustdropError("reading a sweep file needs Python 3.11 (tomllib) or `pip install tomli`") from None
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RobustdropError(f"sweep file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RobustdropError(f"sweep file {path} is not valid TOML ({exc})") from None
+    table = doc.get("sweep")
+    if not isinstance(table, dict):
+        raise RobustdropError(f"sweep file {path} has no [sweep] table; see `robustdrop sweep --help`")
+    unknown = sorted(set(table) - {"name", "preset", "grid", "fixed"})
+    if unknown:
+        raise RobustdropError(f"sweep file {path}: unknown entries {unknown} in [sweep]; use name, preset, grid, fixed")
+    grid_table = table.get("grid") or {}
+    if not isinstance(grid_table, dict) or not grid_table:
+        raise RobustdropError(f"sweep file {path} has no [sweep.grid] values; add e.g. seed = \"0:5\"")
+    return {
+        "name": table.get("name"),
+        "preset": table.get("preset"),
+        "grid": {config_key(k): parse_values(k, v) for k, v in grid_table.items()},
+        "fixed": {config_key(k): parse_value(k, v) for k, v in (table.get("fixed") or {}).items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+def value_text(key: str, value: Any) -> str:
+    """A value as it appears in a cell name (see the module docstring)."""
+    f = _FIELDS[key]
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "+".join(value_text(key, v) for v in value)
+    if isinstance(value, float) and f.metadata.get("fraction") and value > 0:
+        return f"{eps_in_255ths(value)}_255"
+    if isinstance(value, float):
+        text = repr(value)
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+]", "_", text)
+
+
+def cell_name(values: Mapping[str, Any]) -> str:
+    """``{"seed": 0, "epsilon": 8/255}`` -> ``epsilon=8_255-seed=0``."""
+    return "-".join(f"{k}={value_text(k, values[k])}" for k in sorted(values))
+
+
+def default_sweep_name(preset: str | None, grid: Mapping[str, Any]) -> str:
+    """``<preset>-<keys>``, e.g. ``quick-epsilon-seed``: the same for every run of the same command
+    (so a rerun resumes) and for ``--extend`` with more values of the same keys."""
+    return "-".join([preset or "sweep", *sorted(grid)])
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+def plan_sweep(grid: Mapping[str, Sequence[Any]], *, preset: str | None = None, fixed: Mapping[str, Any] | None = None,
+               name: str | None = None) -> SweepPlan:
+    """Every cell of ``grid`` (the product of its values) with ``preset`` and ``fixed`` resolved and
+    validated through :func:`~robustdrop.engine.make_config` and the diagnostics selection, before
+    anything is created. Raises :class:`RobustdropError` on the first bad cell."""
+    from robustdrop.diagnostics import select
+
+    fixed = {config_key(k): v for k, v in (fixed or {}).items()}
+    grid = {config_key(k): list(v) for k, v in grid.items()}
+    if not grid:
+        raise RobustdropError("a sweep needs a grid: e.g. --grid seed=0:5 epsilon=8/255,10/255")
+    if preset is not None and preset not in PRESETS:
+        raise RobustdropError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    both = sorted(set(grid) & set(fixed))
+    if both:
+        raise RobustdropError(f"{', '.join(both)} is both varied (grid) and fixed; give it in one place")
+    name = name or default_sweep_name(preset, grid)
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+        raise RobustdropError(f"sweep name {name!r} is not a safe folder name; use letters, digits and ._+=-")
+    keys = sorted(grid)
+    cells: list[Cell] = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        cname = cell_name(values)
+        try:
+            config = make_config(preset, **{**fixed, **values})
+            select(config.diagnostics, reference=config.reference)
+        except RobustdropError as exc:
+            raise RobustdropError(f"cell {cname}: {exc}") from None
+        except TypeError as exc:  # a TOML value of the wrong type, e.g. a list for a number
+            raise RobustdropError(f"cell {cname}: {exc}") from None
+        cells.append(Cell(cname, values, config))
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RobustdropError(f"two cells would share the name {twice[0]}; give values that differ in their first "
+                              "3 significant digits")
+    return SweepPlan(name, preset, grid, fixed, cells)
+
+
+def json_value(value: Any) -> Any:
+    """A grid or fixed value as it is kept in sweep.json (NaN is not JSON)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

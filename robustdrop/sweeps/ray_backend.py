@@ -1,0 +1,116 @@
+"""The Ray backend: each cell is a Ray task asking for its CPUs (and GPUs) on a Ray cluster.
+
+Ray does the scheduling; a task runs the cell exactly as the local backend does (a fresh process,
+:func:`~robustdrop.sweeps.worker.run_cell_blocking`) on whichever node Ray picks, so **the sweep
+directory must be on a filesystem every node shares** (NFS, a cluster filesystem): the cells
+write their run directories there and the driver reads them. Before any cell starts, one small
+task per node writes a token file into the sweep directory and the driver checks that it sees it;
+a node that cannot is a one-line error. The nodes need robustdrop (and its data cache or
+``--data-dir``) installed as on the driver.
+
+    ray start --head --port 6379                      # on the head node
+    ray start --address HEAD:6379                     # on every other node
+    robustdrop sweep ... --backend ray --address HEAD:6379 --runs-dir /shared/runs
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from robustdrop.errors import RobustdropError
+from robustdrop.sweeps.worker import run_cell_blocking
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RobustdropError("--backend ray needs Ray on this machine and every node: "
+                              "pip install 'robustdrop[cluster]'") from None
+    return ray
+
+
+def _write_token(folder: str, token: str) -> str:
+    """(A Ray task) write ``<folder>/<token>`` and return this node's host name."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / token).write_text(socket.gethostname())
+    except OSError:
+        pass  # the driver will not find the file and say so
+    return socket.gethostname()
+
+
+def check_shared_filesystem(ray: Any, sweep_dir: Path) -> None:
+    """One task per alive node writes a token into ``sweep_dir``; every token must be visible here."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = sweep_dir / ".ray-check"
+    writer = ray.remote(num_cpus=0, max_retries=0)(_write_token)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    tokens = {}
+    for node in nodes:
+        token = f"{node['NodeID'][:12]}-{secrets.token_hex(4)}"
+        strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+        tokens[token] = (node.get("NodeManagerAddress", "?"),
+                         writer.options(scheduling_strategy=strategy).remote(str(folder), token))
+    try:
+        for token, (address, ref) in tokens.items():
+            host = ray.get(ref, timeout=120)
+            if not (folder / token).is_file():
+                raise RobustdropError(
+                    f"the sweep directory {sweep_dir} is not shared with Ray node {address} ({host}): a file a task "
+                    "wrote there is not visible here; put --runs-dir on a filesystem every node shares")
+    finally:
+        for token in tokens:
+            (folder / token).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def run_ray(
+    sweep_dir: Path,
+    cells: Sequence[str],
+    *,
+    address: str | None,
+    cpus_per_cell: float,
+    gpus_per_cell: float,
+    threads: int,
+    on_start: Callable[..., None],
+    on_done: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Submit every cell as a Ray task (``num_cpus=cpus_per_cell``, ``num_gpus=gpus_per_cell``,
+    no retries: a rerun of the sweep resumes a failed cell) and report each as it ends.
+
+    ``address``: ``HOST:PORT`` of a running cluster's head (``None``: Ray's own default, i.e.
+    ``$RAY_ADDRESS``, else a new single-machine instance).
+    """
+    ray = _import_ray()
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RobustdropError(f"cannot connect to the Ray cluster at {address or 'the default address'} ({first}); "
+                              "check --address HOST:PORT (`ray status` on the head)") from None
+    try:
+        check_shared_filesystem(ray, sweep_dir)
+        task = ray.remote(run_cell_blocking).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)
+        refs = {}
+        for cell in cells:
+            refs[task.remote(str(sweep_dir), cell, threads)] = cell
+            on_start(cell, host="ray", pid=None)
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            cell = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as exc:  # a lost node, a worker that died: this cell's failure
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                result = {"ok": False, "error": f"Ray task failed: {first}", "wall_s": float("nan")}
+            on_done(cell, result)
+    finally:
+        ray.shutdown()

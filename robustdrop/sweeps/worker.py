@@ -1,0 +1,158 @@
+"""One cell of a sweep in its own process: ``python -m robustdrop.sweeps SWEEP_DIR CELL``.
+
+Every backend runs a cell the same way: a fresh Python process (never a fork of a process that
+has torch loaded) whose environment fixes the CPU thread budget before torch starts its thread
+pool (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads that
+spin while they wait make neighbouring cells much slower on a shared CPU), with its output
+appended to ``logs/<cell>.log``. The process reads the cell's config from ``sweep.json`` and
+
+* resumes the run exactly (:func:`robustdrop.api.resume`) when its run directory has
+  ``checkpoints/last.pt`` (a killed cell; a finished one returns at once),
+* else starts it (:func:`robustdrop.api.track`, replacing a directory that died before its
+  first checkpoint),
+
+then writes ``logs/<cell>.result.json`` (``{"ok": true}`` or ``{"ok": false, "error": one line}``).
+A process killed before that leaves no result file; :func:`finish_cell` reports its signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from robustdrop._files import atomic_write_text
+from robustdrop.errors import RobustdropError
+from robustdrop.store.sweep_record import SweepRecord
+
+
+@dataclass
+class CellProcess:
+    """A started cell: its process, log file and start time (``time.perf_counter``)."""
+
+    sweep_dir: Path
+    cell: str
+    proc: subprocess.Popen
+    log: Any
+    start: float
+
+
+def result_path(sweep_dir: str | os.PathLike, cell: str) -> Path:
+    return Path(sweep_dir) / "logs" / f"{cell}.result.json"
+
+
+def cell_env(threads: int) -> dict[str, str]:
+    """The environment of a cell process: this one's, plus the thread budget."""
+    env = dict(os.environ)
+    n = str(max(1, int(threads)))
+    env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_cell(sweep_dir: str | os.PathLike, cell: str, threads: int) -> CellProcess:
+    """Start ``cell`` in a new process (see the module docstring); returns at once."""
+    record = SweepRecord(sweep_dir, {})
+    log_path = record.log_path(cell)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path(sweep_dir, cell).unlink(missing_ok=True)
+    log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by finish_cell
+    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {cell}, {threads} thread(s)\n")
+    log.flush()
+    cmd = [sys.executable, "-m", "robustdrop.sweeps", str(Path(sweep_dir).resolve()), cell,
+           "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=cell_env(threads))
+    return CellProcess(Path(sweep_dir), cell, proc, log, time.perf_counter())
+
+
+def finish_cell(started: CellProcess) -> dict[str, Any]:
+    """The result of a cell whose process has exited: ``{"ok", "error", "wall_s", "returncode"}``."""
+    code = started.proc.wait()
+    wall = time.perf_counter() - started.start
+    started.log.close()
+    path = result_path(started.sweep_dir, started.cell)
+    result: dict[str, Any] = {"ok": False, "error": None}
+    if path.is_file():
+        try:
+            result.update(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            pass
+    if code != 0 and result.get("ok"):
+        result["ok"] = False
+    if not result.get("ok") and not result.get("error"):
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            result["error"] = f"the cell's process was killed by {name}; rerun the sweep to resume it"
+        else:
+            result["error"] = f"the cell's process exited with status {code}; see {started.log.name}"
+    result.update(wall_s=wall, returncode=code)
+    return result
+
+
+def run_cell_blocking(sweep_dir: str, cell: str, threads: int) -> dict[str, Any]:
+    """Run ``cell`` to its end in a new process and return its result (the body of a Ray task).
+    Fails with a one-line error when ``sweep_dir`` is not visible here (no shared filesystem)."""
+    if not (Path(sweep_dir) / "sweep.json").is_file():
+        return {"ok": False, "wall_s": 0.0, "host": socket.gethostname(),
+                "error": f"{sweep_dir} is not visible on host {socket.gethostname()}; put --runs-dir on a "
+                         "filesystem every node shares"}
+    result = finish_cell(start_cell(sweep_dir, cell, threads))
+    result["host"] = socket.gethostname()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Inside the cell's process
+# --------------------------------------------------------------------------------------------
+def _run(sweep_dir: Path, cell: str) -> None:
+    from robustdrop.api import resume, track
+    from robustdrop.engine import TrackConfig
+
+    record = SweepRecord.open(sweep_dir)
+    if cell not in record.cells:
+        raise RobustdropError(f"{sweep_dir}/sweep.json has no cell {cell!r}")
+    run_dir = record.run_dir(cell)
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        resume(run_dir, progress=False)
+    else:
+        config = TrackConfig.from_dict(record.cells[cell]["config"])
+        track(config, runs_dir=sweep_dir, name=cell, overwrite=True, progress=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m robustdrop.sweeps", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("cell")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    result: dict[str, Any] = {"ok": True, "error": None, "pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        _run(args.sweep_dir, args.cell)
+    except RobustdropError as exc:
+        result.update(ok=False, error=str(exc))
+        print(f"robustdrop: error: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        result.update(ok=False, error="interrupted; rerun the sweep to resume it")
+    except Exception as exc:  # any bug in a cell is that cell's failure, not the sweep's
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        result.update(ok=False, error=f"{type(exc).__name__}: {first}", traceback=traceback.format_exc())
+        traceback.print_exc()
+    atomic_write_text(result_path(args.sweep_dir, args.cell), json.dumps(result, indent=2) + "\n")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

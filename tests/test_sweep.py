@@ -1,0 +1,417 @@
+"""``robustdrop sweep``: grid parsing and naming, the sweep record (resume / --extend rules), real
+cells in worker processes (a failing cell, SIGKILL + resume), reading a sweep, and the Ray backend.
+
+Cells that train use a tiny image-folder dataset (``folder:PATH``, 16x16, a few hundred images)
+cached in a test-private ``$ROBUSTDROP_CACHE``, cnn1 and one thread, so a cell takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import robustdrop
+from robustdrop.cli import main
+from robustdrop.data import load_dataset, make_synthetic, write_image_folder
+from robustdrop.errors import RobustdropError
+from robustdrop.plots.sweeps import compare_sweep, format_sweep_table, plot_onset, sweep_metrics
+from robustdrop.store import RunStore, SweepRecord
+from robustdrop.sweeps import parse_grid, plan_sweep, read_toml
+from robustdrop.sweeps.runner import open_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Grid words, values, names
+# --------------------------------------------------------------------------------------------
+def test_grid_words_read_values_like_track_flags():
+    grid = parse_grid(["seed=0:3,10", "epsilon=8/255,0.05", "method=fgsm,rs-fgsm", "augment=true,no",
+                       "diagnostics=none,default+landscape", "width=none,4", "train-subset=100"])
+    assert grid["seed"] == [0, 1, 2, 10]  # a:b is range(a, b)
+    assert grid["epsilon"] == [8 / 255, 0.05]
+    assert grid["method"] == ["fgsm", "rs-fgsm"]
+    assert grid["augment"] == [True, False]
+    assert grid["diagnostics"] == [["none"], ["default", "landscape"]]
+    assert grid["width"] == [None, 4.0]
+    assert grid["train_subset"] == [100]
+
+
+@pytest.mark.parametrize("words, message", [
+    (["foo=1"], "unknown sweep key 'foo'; valid keys .*seed"),
+    (["seed=3:1"], "empty"),
+    (["epsilon=0:3"], "not an integer"),
+    (["epochs=ten"], "cannot read 'ten' as int"),
+    (["seed=1,1"], "twice"),
+    (["method=fgsm,nope"], "not one of fgsm"),
+    (["seed"], "not key=values"),
+    (["seed=1", "seed=2"], "given twice"),
+])
+def test_bad_grid_words_are_one_line_errors(words, message):
+    with pytest.raises(RobustdropError, match=message) as info:
+        plan_sweep(parse_grid(words), preset="quick")
+    assert "\n" not in str(info.value)
+
+
+def test_cell_names_come_from_the_varied_values_only_and_are_stable():
+    plan = plan_sweep(parse_grid(["seed=0:2", "epsilon=8/255,2.5/255", "method=fgsm+"]), preset="quick",
+                      fixed={"epochs": 3})
+    names = [c.name for c in plan.cells]
+    assert "epsilon=8_255-method=fgsm+-seed=0" in names
+    assert "epsilon=2.5_255-method=fgsm+-seed=1" in names
+    assert all("/" not in n and " " not in n and "epochs" not in n for n in names)
+    swapped = plan_sweep(parse_grid(["method=fgsm+", "epsilon=8/255,2.5/255", "seed=0:2"]), preset="quick",
+                         fixed={"epochs": 3})
+    assert sorted(c.name for c in swapped.cells) == sorted(names)
+    cell = plan.cell("epsilon=8_255-method=fgsm+-seed=1")
+    assert (cell.config.epsilon, cell.config.seed, cell.config.epochs, cell.config.model) == (8 / 255, 1, 3, "cnn1")
+    assert plan.name == "quick-epsilon-method-seed"
+
+
+def test_every_cell_is_validated_before_anything_is_created(tmp_path):
+    with pytest.raises(RobustdropError, match=r"cell epsilon=510_255.*--epsilon must be in"):
+        plan_sweep(parse_grid(["epsilon=8/255,2"]), preset="quick")
+    with pytest.raises(RobustdropError, match="unknown diagnostic|diagnostic"):
+        plan_sweep(parse_grid(["diagnostics=default,nosuch"]), preset="quick")
+    with pytest.raises(RobustdropError, match="both varied"):
+        plan_sweep(parse_grid(["seed=0:2"]), fixed={"seed": 3})
+    code = main(["sweep", "--preset", "quick", "--grid", "seed=0:2", "epsilon=8/255,2", "--runs-dir", str(tmp_path)])
+    assert code == 2 and not any(tmp_path.iterdir())
+
+
+def test_toml_file_says_the_same_as_grid_words(tmp_path):
+    toml = tmp_path / "study.toml"
+    toml.write_text('[sweep]\nname = "eps-study"\npreset = "quick"\n[sweep.grid]\nseed = "0:3"\n'
+                    'epsilon = ["8/255", "12/255"]\nmethod = "fgsm,apart"\n[sweep.fixed]\nepochs = 10\n'
+                    'eval_epsilon = "8/255"\n')
+    spec = read_toml(toml)
+    from_file = plan_sweep(spec["grid"], preset=spec["preset"], fixed=spec["fixed"], name=spec["name"])
+    from_words = plan_sweep(parse_grid(["seed=0:3", "epsilon=8/255,12/255", "method=fgsm,apart"]), preset="quick",
+                            fixed={"epochs": 10, "eval_epsilon": 8 / 255}, name="eps-study")
+    assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in from_words.cells]
+    assert len(from_file.cells) == 12 and from_file.name == "eps-study"
+    (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'quick'\n")
+    with pytest.raises(RobustdropError, match="no \\[sweep.grid\\]"):
+        read_toml(tmp_path / "bad.toml")
+
+
+# --------------------------------------------------------------------------------------------
+# The record: reruns, --extend, fixed values
+# --------------------------------------------------------------------------------------------
+def _plan(seeds: str, **fixed):
+    return plan_sweep(parse_grid([f"seed={seeds}", "epsilon=8/255,12/255"]), preset="quick", name="s",
+                      fixed={"epochs": 2, **fixed})
+
+
+def test_a_changed_grid_is_refused_unless_extend_which_only_adds(tmp_path):
+    record = open_sweep(_plan("0:2"), tmp_path, command=["robustdrop", "sweep"])
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert doc["grid"] == {"seed": [0, 1], "epsilon": [8 / 255, 12 / 255]} and doc["command"] == ["robustdrop", "sweep"]
+    assert doc["robustdrop"] == robustdrop.__version__
+    cell = doc["cells"]["epsilon=8_255-seed=1"]
+    assert cell["status"] == "pending" and cell["config"]["seed"] == 1 and cell["config"]["epochs"] == 2
+    assert set(record.cells) == {c.name for c in _plan("0:2").cells}
+
+    open_sweep(_plan("0:2"), tmp_path)  # the same grid again: fine
+    with pytest.raises(RobustdropError, match="--extend"):
+        open_sweep(_plan("0:3"), tmp_path)
+    grown = open_sweep(_plan("0:3"), tmp_path, extend=True)
+    assert len(grown.cells) == 6 and SweepRecord.open(tmp_path / "s").grid["seed"] == [0, 1, 2]
+    with pytest.raises(RobustdropError, match="only adds cells"):
+        open_sweep(_plan("1:3"), tmp_path, extend=True)
+    with pytest.raises(RobustdropError, match="fixed values differ.*epochs.*also with --extend"):
+        open_sweep(_plan("0:3", epochs=3), tmp_path, extend=True)
+    with pytest.raises(RobustdropError, match="keys"):
+        open_sweep(plan_sweep(parse_grid(["seed=0:3"]), preset="quick", name="s", fixed={"epochs": 2}), tmp_path,
+                   extend=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(RobustdropError, match="not a sweep directory"):
+        open_sweep(plan_sweep(parse_grid(["seed=0:2"]), name="other"), tmp_path)
+    assert (tmp_path / "other" / "x.txt").read_text() == "mine"
+
+
+def test_a_sweep_still_running_under_another_driver_is_refused(tmp_path):
+    from robustdrop.sweeps import run_sweep
+
+    plan = _plan("0:1")
+    record = open_sweep(plan, tmp_path)
+    cell = plan.cells[0].name
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "robustdrop.sweeps"])
+    try:
+        record.set_status(cell, "running", pid=busy.pid, host=socket.gethostname())
+        with pytest.raises(RobustdropError, match=f"cell {cell} .* is running \\(pid {busy.pid}\\)"):
+            run_sweep(plan, runs_dir=tmp_path, progress=False)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Real cells
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 16x16 image tree (384 train / 96 test, 4 classes) and a private, pre-filled dataset cache."""
+    root = tmp_path_factory.mktemp("tiny-images")
+    data = make_synthetic(n_train=384, n_test=96, num_classes=4, size=16, seed=0)
+    write_image_folder(data, root / "data")
+    back = load_dataset(f"folder:{root / 'data'}", cache_dir=str(root / "cache"))  # read back exactly (by class)
+    order = torch.argsort(data.train_y, stable=True)
+    assert torch.equal(back.train_x, data.train_x[order]) and torch.equal(back.train_y, data.train_y[order])
+    return {"dataset": f"folder:{root / 'data'}", "cache": str(root / "cache")}
+
+
+@pytest.fixture
+def tiny_env(tiny_folder, monkeypatch):
+    monkeypatch.setenv("ROBUSTDROP_CACHE", tiny_folder["cache"])  # the cells' processes inherit it
+    return tiny_folder
+
+
+def tiny_fixed(dataset: str, epochs: int = 2) -> dict:
+    return dict(dataset=dataset, model="cnn1", width=4, epochs=epochs, batch_size=64, val_size=32, probe_size=32,
+                eval_pgd_steps=2, eval_batch_size=128, diagnostics=["none"], threads=1, optimizer="adam", lr=0.003)
+
+
+def comparable(path: Path) -> pd.DataFrame:
+    frame = RunStore.open(path).metrics()
+    return frame[~frame.metric.str.startswith("time_")].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_env, tmp_path, capsys):
+    fixed = tiny_fixed(tiny_env["dataset"])
+    datasets = [fixed.pop("dataset"), f"folder:{tmp_path / 'missing'}"]  # the second fails when it starts
+    table = robustdrop.sweep({"seed": "0:2", "dataset": datasets}, name="f", runs_dir=tmp_path, jobs=2,
+                             progress=False, **fixed)
+    out = capsys.readouterr().out
+    record = SweepRecord.open(tmp_path / "f")
+    bad = [c for c in record.cells if "missing" in c]
+    good = [c for c in record.cells if c not in bad]
+    assert len(bad) == 2 and len(good) == 2
+    for c in bad:
+        assert record.status(c) == "failed" and "missing" in record.cells[c]["error"]
+        assert f"FAILED {c}" in out
+    for c in good:
+        assert record.status(c) == "finished" and (tmp_path / "f" / c / "metrics.parquet").is_file()
+        assert f"done   {c}: probe PGD best" in out
+    assert sorted(table.attrs["failed"]) == sorted(bad)
+    # The tidy table: every started cell's rows, its varied values as cfg_ columns.
+    assert set(table["cell"]) == set(good) and {"cfg_seed", "cfg_dataset", "epsilon", "metric"} <= set(table.columns)
+    assert set(table["cfg_seed"]) == {0, 1}
+    pd.testing.assert_frame_equal(table, robustdrop.load_sweep(tmp_path / "f"))
+    # A rerun skips the finished cells and tries the failed ones again; the exit status says so.
+    before = {c: (tmp_path / "f" / c / "metrics.csv").stat().st_mtime_ns for c in good}
+    code = main(["sweep", "--grid", "seed=0:2", f"dataset={','.join(datasets)}", "--name", "f",
+                 "--runs-dir", str(tmp_path), "--no-progress"] + _flags(fixed))
+    assert code == 1
+    assert "2 finished, 0 to resume, 2 to start" in capsys.readouterr().out
+    assert {c: (tmp_path / "f" / c / "metrics.csv").stat().st_mtime_ns for c in good} == before
+    assert all(SweepRecord.open(tmp_path / "f").cells[c]["attempts"] == 2 for c in bad)
+
+
+def _flags(fixed: dict) -> list[str]:
+    out: list[str] = []
+    for k, v in fixed.items():
+        out += [f"--{k.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return out
+
+
+def _sweep_cmd(runs_dir: Path, name: str, fixed: dict) -> list[str]:
+    return [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0:2", "--name", name, "--runs-dir",
+            str(runs_dir), "--jobs", "1", "--no-progress", *_flags(fixed)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_cell_then_rerun_equals_an_uninterrupted_sweep(tiny_env, tmp_path):
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=6)
+    straight = subprocess.run(_sweep_cmd(tmp_path, "straight", fixed), env=_env(), capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    driver = subprocess.Popen(_sweep_cmd(tmp_path, "killed", fixed), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    first = "seed=0"
+    last_pt = tmp_path / "killed" / first / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    pid = None
+    while time.monotonic() < deadline and pid is None:  # proof it is mid-cell: epoch 1 checkpointed, not finished
+        if last_pt.is_file():
+            entry = json.loads((tmp_path / "killed" / "sweep.json").read_text())["cells"][first]
+            epochs_done = RunStore.open(tmp_path / "killed" / first).metrics().epoch.max()
+            if entry["status"] == "running" and epochs_done < fixed["epochs"]:
+                pid = entry["pid"]
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    out, _ = driver.communicate(timeout=240)
+    assert pid is not None, "never saw the cell mid-run: " + out
+    assert driver.returncode == 1, out
+    record = SweepRecord.open(tmp_path / "killed")
+    assert record.status(first) == "failed" and "SIGKILL" in record.cells[first]["error"]
+    assert record.status("seed=1") == "finished"  # the other cell went on
+
+    rerun = subprocess.run(_sweep_cmd(tmp_path, "killed", fixed), env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 finished, 1 to resume, 0 to start" in rerun.stdout
+    assert "resuming" in (tmp_path / "killed" / "logs" / f"{first}.log").read_text()
+    for cell in ("seed=0", "seed=1"):
+        pd.testing.assert_frame_equal(comparable(tmp_path / "straight" / cell), comparable(tmp_path / "killed" / cell))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a sweep (synthetic run directories: the numbers are known)
+# --------------------------------------------------------------------------------------------
+def _fake_sweep(tmp_path: Path) -> Path:
+    from helpers_runs import write_synthetic_run
+
+    plan = plan_sweep(parse_grid(["seed=0:3", "epsilon=8/255,12/255"]), preset="quick", name="read")
+    record = open_sweep(plan, tmp_path)
+    onsets = {("8_255", 0): None, ("8_255", 1): 9, ("8_255", 2): None,
+              ("12_255", 0): 5, ("12_255", 1): 7, ("12_255", 2): 4}
+    for cell in plan.cells:
+        eps = "8_255" if "8_255" in cell.name else "12_255"
+        write_synthetic_run(record.path, cell.name, epochs=10, onset=onsets[eps, cell.values["seed"]],
+                            train_seconds=3.0 + cell.values["seed"], eval_seconds=1.0, seed=cell.values["seed"])
+        record.set_status(cell.name, "finished")
+    return record.path
+
+
+def test_compare_aggregates_a_sweep_over_seeds(tmp_path, capsys):
+    from helpers_runs import collapse_pgd_acc
+
+    path = _fake_sweep(tmp_path)
+    df = compare_sweep(path).set_index("epsilon")
+    big = df.loc[12 / 255]
+    assert (big["runs"], big["collapsed"], big["detector_runs"]) == (3, 3, 3)
+    assert (big["onset_median"], big["onset_min"], big["onset_max"]) == (5, 4, 7)
+    small = df.loc[8 / 255]
+    assert small["collapse_rate"] == pytest.approx(1 / 3) and small["onset_median"] == 9
+    # best probe PGD: the peak before each onset (no onset: the last epoch); final: the last epoch.
+    best = pd.Series([collapse_pgd_acc(o - 1, o) for o in (5, 7, 4)])
+    assert big["best_pgd_mean"] == pytest.approx(best.mean())
+    assert big["best_pgd_se"] == pytest.approx(best.std(ddof=1) / 3 ** 0.5)
+    assert big["final_pgd_mean"] == 0 and small["final_pgd_mean"] == pytest.approx((0.40 + 0.40 + 0) / 3)
+    assert big["s_per_epoch"] == pytest.approx(4 + 1)  # mean of (3, 4, 5) train + 1 eval
+    text = format_sweep_table(compare_sweep(path), "markdown")
+    assert "| 12/255 | 3 | 3/3 | 5 (4–7) |" in text and "PGD-20" in text and "n=1000" in text
+    assert main(["compare", str(path), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out
+    assert csv.splitlines()[0].startswith("epsilon,runs,collapsed")
+    # Run directories: the varied values are read from their configs (here only the seed differs).
+    assert main(["compare", "--by-group", *map(str, sorted(path.glob("epsilon=*")))]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["6", "4/6"]
+    paths = plot_onset(path, tmp_path / "fig")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_the_tidy_table_carries_the_varied_values(tmp_path):
+    path = _fake_sweep(tmp_path)
+    df = sweep_metrics(path)
+    assert list(df.columns[:3]) == ["cell", "cfg_epsilon", "cfg_seed"]
+    assert len(df) == sum(len(RunStore.open(p).metrics()) for p in path.glob("epsilon=*"))
+    one = df[df.cell == "epsilon=12_255-seed=1"]
+    assert set(one.cfg_seed) == {1} and set(one.cfg_epsilon) == {12 / 255}
+
+
+@pytest.mark.slow
+def test_the_demonstration_analysis_in_smoke_mode(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "analyses"))
+    monkeypatch.setenv("ROBUSTDROP_CACHE", str(tmp_path / "cache"))
+    import sweep_demo
+
+    assert sweep_demo.main(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    out = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"sweep_demo.png", "sweep_demo.pdf", "sweep_demo.md", "sweep_demo.csv", "sweep_demo.tex"} <= out
+    md = (tmp_path / "out" / "sweep_demo.md").read_text()
+    assert "robustdrop sweep --preset quick --grid seed=0:2 epsilon=8/255,12/255" in md and "| 12/255 | 2 |" in md
+    assert md.count("| finished |") == 4
+    csv = pd.read_csv(tmp_path / "out" / "sweep_demo.csv")
+    assert csv["runs"].tolist() == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustdrop[cluster]')")
+    assert ray
+    port = _free_port()
+    temp = Path(f"/tmp/rd-ray-{os.getpid()}")  # short: Ray's socket paths must stay under 107 characters
+    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(subprocess.Popen(
+            [ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
+             "--temp-dir", str(temp), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        started.append(subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", *common],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0:2", "weight-decay=0.0005,0.001", "--name", "r",
+               "--runs-dir", str(tmp_path), "--backend", "ray", "--address", f"127.0.0.1:{port}",
+               "--cpus-per-cell", "1", "--no-progress", *_flags(tiny_fixed(tiny_env["dataset"]))]
+        for _ in range(60):  # wait for both nodes
+            probe = subprocess.run([ray_cli, "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if probe.stdout.count("node_") >= 2:
+                break
+            time.sleep(1)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = SweepRecord.open(tmp_path / "r")
+        assert len(record.cells) == 4 and all(record.status(c) == "finished" for c in record.cells)
+        for cell in record.cells:
+            metrics = RunStore.open(tmp_path / "r" / cell).metrics()
+            assert metrics.epoch.max() == 2 and (metrics.metric == "acc").any()
+        assert compare_sweep(tmp_path / "r")["runs"].tolist() == [2, 2]
+    finally:
+        for proc in reversed(started):  # `ray start --block` stops its node's processes when terminated
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_a_sweep_dir_that_a_ray_node_cannot_see_is_a_one_line_error(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustdrop[cluster]')")
+    from robustdrop.sweeps.ray_backend import check_shared_filesystem
+
+    class Elsewhere:  # a cluster whose one node writes the token on its own disk, not here
+        def nodes(self):
+            return [{"Alive": True, "NodeID": "ab" * 28, "NodeManagerAddress": "10.0.0.7"}]
+
+        def remote(self, *args, **kw):  # ray.remote(...)(f) and f.options(...).remote(folder, token)
+            return self
+
+        __call__ = options = remote
+
+        def get(self, ref, timeout=None):
+            return "node7"
+
+    with pytest.raises(RobustdropError, match="not shared with Ray node 10.0.0.7 .*shares") as info:
+        check_shared_filesystem(Elsewhere(), tmp_path)
+    assert "\n" not in str(info.value) and not (tmp_path / ".ray-check").exists()
