@@ -92,6 +92,8 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
     ref = dict(method="pgd", pgd_steps=steps, alpha=2.5 * eps / steps)
     if int(k["ref_eval_every"]) != 1:
         ref["eval_every"] = int(k["ref_eval_every"])
+    if setting.ref_epochs:
+        ref["epochs"] = int(setting.ref_epochs)
     specs = [
         RunSpec(ref_name(setting), ref, what=f"PGD-{steps} (step 2.5ε/{steps}; also the reference model)"),
         # Figure 2's runs measure their strength on the referee (reference_for; during training or

@@ -92,6 +92,16 @@ def _normalized(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def config_difference(stored: dict[str, Any], cfg: TrackConfig) -> list[str]:
+    """The fields in which a run's stored ``config.json`` differs from ``cfg`` (``threads`` and the
+    folder of ``reference`` are not compared). A run made before a config field existed has the
+    field's default (as the engine's resume); raises :class:`RobustdropError` on keys this robustdrop
+    does not know."""
+    stored = TrackConfig.from_dict(stored).to_dict()
+    want, have = _normalized(cfg.to_dict()), _normalized(stored)
+    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+
+
 def _shipped_sha(reference: str) -> str | None:
     return verify_builtin(reference.split(":", 1)[1])[1].get("sha256")
 
@@ -112,17 +122,12 @@ def run_state(path: Path, cfg: TrackConfig, *, keep_best: bool = True) -> tuple[
     if not config_file.is_file():
         return "missing", "no run yet"
     try:
-        stored = json.loads(config_file.read_text())
-        # A run made before a config field existed has the field's default (as the engine's resume).
-        stored = TrackConfig.from_dict(stored).to_dict()
+        diff = config_difference(json.loads(config_file.read_text()), cfg)
     except (OSError, json.JSONDecodeError, TypeError, AttributeError):
         return "different", "unreadable config.json"
     except RobustdropError as exc:  # keys this robustdrop does not know
         return "different", str(exc)
-    want = _normalized(cfg.to_dict())
-    have = _normalized(stored)
-    if have != want:
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
         return "different", f"config differs in {diff}"
     if str(cfg.reference or "").startswith("builtin:") and _shipped_sha(cfg.reference) != _logged_sha(path):
         return "different", f"made with another {cfg.reference} than the one shipped now"
