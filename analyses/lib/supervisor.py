@@ -30,7 +30,7 @@ from lib.estimate import Assumptions
 from lib.plan import Task, startable
 
 EPOCH_LINE = re.compile(r"^(?:\[[^\]]*\] )?epoch\s+(\d+)/(\d+) \|")
-MIN_TRAIN_START_S = 60.0  # a training is not started with less time left than this (start-up cost)
+STARTUP_S = 30.0  # a child's start: Python, torch, CUDA, the data
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Supervisor:
         self.out = Outcome()
         self.stop_requested = ""
         self.injected = False
+        self.waiting: list[str] = []  # ready, but not worth starting before the deadline
 
     # -- starting ------------------------------------------------------------------------------
     def _estimate_s(self, keys: Sequence[str], k: int) -> float:
@@ -112,12 +113,17 @@ class Supervisor:
         if self.injected:
             return  # the injected deadline has passed: start nothing new
         todo = [t for t in self.order if t.key not in self.blocked]
+        self.waiting = []
         for t in startable(todo, self.finished, self._running(), self.jobs):
             k = len(self.children) + 1
             room = self.deadline - now
             if t.slot == "train":
-                if room >= MIN_TRAIN_START_S or self.stop_after is not None:
+                # worth starting only if it can write a checkpoint: its start-up and one epoch
+                epoch = t.work / max(t.epochs, 1) / (self.a.aggregate(k) / k)
+                if room >= STARTUP_S + epoch or self.stop_after is not None:
                     self._spawn([t.key], "train")
+                else:
+                    self.waiting.append(t.key)
                 continue
             keys = [t.key]
             if t.slot == "short":  # take every other ready short task too, in order, while it fits
@@ -128,10 +134,12 @@ class Supervisor:
                     if all(d in self.finished for d in u.deps):
                         keys.append(u.key)
                         running[u.key] = "short"
-            while keys and self._estimate_s(keys, k) > room:
+            while keys and STARTUP_S + self._estimate_s(keys, k) > room:
                 keys.pop()
             if keys:
                 self._spawn(keys, t.slot)
+            else:
+                self.waiting.append(t.key)
 
     # -- watching ------------------------------------------------------------------------------
     def _read_progress(self, child: Child, now: float) -> None:
@@ -252,7 +260,8 @@ class Supervisor:
                     left = [t.key for t in self.order if t.key not in self.finished]
                     self.out.reason = ("everything done" if not left else
                                        "stopped after the injected deadline" if self.injected else
-                                       f"nothing can start ({', '.join(left)})")
+                                       f"{', '.join(self.waiting)} would not finish before the deadline"
+                                       if self.waiting else f"nothing can start ({', '.join(left)})")
                     break
                 if now - last_report >= self.report_every:
                     self.say(self.report(now, started))
