@@ -34,8 +34,7 @@ def lib():
 
 def paper_setting(lib, tmp_path, **kw):
     return dataclasses.replace(lib["setting"].Setting(scale="paper", runs_dir=tmp_path / "runs", out=tmp_path / "paper",
-                                                      dataset="cifar10-jpeg", eval_n=0, jobs=3),
-                               deferred_reference=True, **kw)
+                                                      dataset="cifar10-jpeg", eval_n=0, jobs=3), **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +106,8 @@ def test_a_restored_run_is_trained_again_when_its_checkpoints_are_needed(lib):
 @pytest.mark.slow
 def test_deferred_referee_measurement_equals_the_in_training_one(lib, tmp_path, one_thread):
     setting_mod, catalog, training, deferred = lib["setting"], lib["catalog"], lib["training"], lib["deferred"]
-    inline = setting_mod.Setting(scale="paper", smoke=True, runs_dir=tmp_path / "inline", out=tmp_path / "o1")
+    inline = setting_mod.Setting(scale="paper", smoke=True, runs_dir=tmp_path / "inline", out=tmp_path / "o1",
+                                 deferred_reference=False)  # forced: the referee attached during training
     ref = catalog.ref_name(inline)
     training.train_run(inline, ref)
     training.train_run(inline, "fgsm")  # strength-ref during training
@@ -118,7 +118,7 @@ def test_deferred_referee_measurement_equals_the_in_training_one(lib, tmp_path, 
     assert sorted(deferred.weights_files(later.runs_dir / "fgsm")) == [1, 2]
     assert not deferred.is_measured(later.runs_dir / "fgsm")
     deferred.measure_run(later, "fgsm")
-    deferred.measure_run(later, "fgsm")  # again: replaces, never duplicates
+    deferred.measure_run(later, "fgsm")  # again: reused, never duplicated
 
     def ref_rows(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path / "metrics.csv")
@@ -219,3 +219,4 @@ def test_a_fresh_machine_restarts_from_the_results_that_came_back(lib, tmp_path)
     sel = plan.choose(parts, tasks, set(done), {}, only=["referee", "fgsm", "apart", "figure2"], **kw)
     assert "train:pgd10" not in sel.done and "train:fgsm" in sel.done and "measure:fgsm" in sel.done
     assert sel.timeline.start["train:pgd10"] == 0
+
