@@ -128,6 +128,11 @@ def plan_setting(args: Any) -> Setting:
     setting = setting_from_args(args)
     if args.out is None and args.smoke:
         setting.out = setting.runs_dir / "paper"
+    # The methods table's AutoAttack column is not in the plan's budget (standard AutoAttack costs
+    # ≈35× PGD-20 per image, on all 10 000 test images at paper scale; torchattacks is absent on the
+    # lent GPU machine): left empty, and the table says so.
+    setting.autoattack = False
+    setting.ref_epochs = int(args.ref_epochs or 0)  # a child gets the length its parent chose
     return setting  # Figure 2's referee, pgd10, is measured after training (lib.catalog.reference_deferred)
 
 
@@ -142,6 +147,8 @@ def child_command(setting: Setting, args: Any) -> Any:
         base += ["--dataset", setting.dataset]
     if setting.data_dir:
         base += ["--data-dir", setting.data_dir]
+    if setting.ref_epochs:  # the referee's length the plan chose (decide), else the child trains the preset's
+        base += ["--ref-epochs", str(setting.ref_epochs)]
     return lambda keys: [*base, "--child", ",".join(keys)]
 
 

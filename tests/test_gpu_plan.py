@@ -220,3 +220,18 @@ def test_a_fresh_machine_restarts_from_the_results_that_came_back(lib, tmp_path)
     assert "train:pgd10" not in sel.done and "train:fgsm" in sel.done and "measure:fgsm" in sel.done
     assert sel.timeline.start["train:pgd10"] == 0
 
+
+def test_a_child_trains_the_referee_length_its_parent_chose(lib, tmp_path):
+    """The referee's length the plan chose (--ref-epochs, or shortened to fit) reaches the child
+    processes that train it, so they train the run the plan waits for."""
+    gp = lib["gpu_plan"]
+    args = gp.parser().parse_args(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "p")])
+    parent = gp.plan_setting(args)
+    parent.ref_epochs = 3  # as decide() sets it
+    argv = gp.child_command(parent, args)(["train:pgd2"])
+    child = gp.plan_setting(gp.parser().parse_args(argv[2:]))
+    assert child.ref_epochs == 3 and argv[-2:] == ["--child", "train:pgd2"]
+    cat = lib["catalog"]
+    assert cat.config_for(child, cat.catalog(child)["pgd2"]) == cat.config_for(parent, cat.catalog(parent)["pgd2"])
+    assert cat.config_for(child, cat.catalog(child)["pgd2"]).epochs == 3
+    assert not parent.autoattack  # the table's AutoAttack column is outside the plan's budget
