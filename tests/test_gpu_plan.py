@@ -235,3 +235,44 @@ def test_a_child_trains_the_referee_length_its_parent_chose(lib, tmp_path):
     assert cat.config_for(child, cat.catalog(child)["pgd2"]) == cat.config_for(parent, cat.catalog(parent)["pgd2"])
     assert cat.config_for(child, cat.catalog(child)["pgd2"]).epochs == 3
     assert not parent.autoattack  # the table's AutoAttack column is outside the plan's budget
+
+
+@pytest.mark.slow
+def test_plan_bf16_and_bench_parts_run_on_the_cpu_in_fp32(tmp_path):
+    """Item 4's part and the CUDA benchmarks through the GPU's code path: on a CPU bf16 autocast is
+    off, so the fp32 half is measured and the bf16 half says why it is missing; on a CPU the
+    amp=True/False training pair is the same computation, so its curves must agree exactly."""
+    done = plan(tmp_path, "--only", "referee", "fgsm", "bf16", "bench", "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all chosen parts done" in done.stdout
+    out = tmp_path / "paper"
+    prec = json.loads((out / "bf16_vs_fp32.json").read_text())
+    assert len(prec["evaluation"]) == 2
+    for row in prec["evaluation"]:
+        assert row["n"] > 0 and row["bf16"].startswith("not measured: no CUDA")
+        for attack in ("clean", "fgsm", "pgd"):
+            assert 0.0 <= row["attacks"][attack]["fp32_acc"] <= 1.0 and row["attacks"][attack]["bf16_acc"] is None
+        assert row["attacks"]["pgd"]["fp32_acc"] <= row["attacks"]["clean"]["fp32_acc"]
+    bf16, fp32 = prec["training"]["prec-bf16"], prec["training"]["prec-fp32"]
+    assert bf16["amp"] and not fp32["amp"] and bf16["epochs"] == fp32["epochs"] == 2
+    assert bf16["curves"] == fp32["curves"]
+    bench = json.loads((out / "benchmarks.json").read_text())
+    assert bench["bench_train"]["ratio"] > 0 and bench["bench_apart"]["apart_over_pgd10"] > 0
+    for stem in ("bf16_vs_fp32.md", "benchmarks.md", "README.md"):
+        assert (out / stem).is_file() and (out / stem).stat().st_size > 0, stem
+
+
+def test_forward_flops_counts_two_per_multiply_add_of_convolutions_and_linear_layers():
+    """The unit of the plan's estimate (lib.estimate): checked by hand on a small model, and the
+    PreActResNet18 value docs/gpu-plan.md quotes."""
+    from torch import nn
+
+    from robustdrop.models import create_model, forward_flops
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2),
+                          nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    model.train()
+    expected = 2 * (4 * 8 * 8 * 3 * 9) + 2 * (8 * 4 * 4 * 2 * 9) + 2 * (10 * 128)
+    assert forward_flops(model, (3, 8, 8)) == expected
+    assert model.training and model[3].training  # the count leaves the model's mode as it was
+    assert forward_flops(create_model("preactresnet18"), (3, 32, 32)) / 1e9 == pytest.approx(1.111, abs=5e-4)
