@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from lib.catalog import run_dir
 from lib.outputs import setting_caption, write_figure, write_text
 from lib.setting import Setting, parse_setting
 from lib.tasks import ensure_runs
@@ -45,8 +46,14 @@ def pick_epochs(run: Run) -> tuple[list[int], int | None, int | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv)
-    paths = ensure_runs(setting, needed(setting))
-    path = paths[RUN]
+    ensure_runs(setting, needed(setting))
+    write_outputs(setting)
+    return 0
+
+
+def write_outputs(setting: Setting) -> None:
+    """Draw the figure and write its numbers from the finished FGSM run; trains nothing."""
+    path = run_dir(setting, RUN)
     run = open_run(path)
     epochs, onset, best = pick_epochs(run)
     fig = perturbations_figure(path, epochs)
@@ -69,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = auto.get(e, np.nan)
         lines.append(f"| {e} | {role} | {format_pct(pgd.get(e, np.nan))} | {fixed(a, 3)} |")
     write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Figure 2 (paper.md E2, §3): robustness and perturbation strength per epoch, and the collapse onset.
 
 The referee (``lib.catalog.reference_for``): at quick scale the one the quick preset ships
-(``builtin:quick``, docs/referee.md); at paper scale a PGD-10 run on the same data, model and ε,
-trained first. FGSM, FGSM+ and APART runs of the scale's preset carry ``reference=<referee>``, so
-every epoch logs the referee's accuracy on the FGSM δ of the current model (the paper's strength
-measure) and on random-sign / uniform noise of the same size.
+(``builtin:quick``, docs/referee.md), attached to the FGSM, FGSM+ and APART runs during training;
+at paper scale (and --smoke) a PGD-10 run on the same data, model and ε, trained alongside them:
+they keep every epoch's weights and are measured on it once both are finished
+(``lib.catalog.reference_deferred``, ``lib.deferred``). Either way every epoch gets the referee's
+accuracy on the FGSM δ of the current model (the paper's strength measure) and on random-sign /
+uniform noise of the same size.
 
 Writes ``<out>/fig2_strength.{png,pdf}`` (the three runs, with the reference-free panels),
 ``fig2_strength_fgsm.{png,pdf}`` (the FGSM run alone, the paper's layout; the digitized paper
@@ -92,7 +94,14 @@ def summarize(path: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv)
     ensure_runs(setting, needed(setting))
-    paths = [run_dir(setting, n) for n in RUNS]
+    write_outputs(setting, RUNS)
+    return 0
+
+
+def write_outputs(setting: Setting, runs: Sequence[str]) -> None:
+    """Draw the figures and write the numbers from finished (and measured) runs ``runs`` (the first
+    one also gets the paper's single-run layout); trains nothing."""
+    paths = [run_dir(setting, n) for n in runs]
     caption = setting_caption(setting)
     ref_text = referee_text(setting)
     fgsm_df = open_run(paths[0]).metrics
@@ -129,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r['run']}: peak PGD {format_pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {format_pct(r['final_pgd'])}%, "
               f"onset {r['onset']}, ref FGSM {format_pct(r['ref_fgsm_best'])}→{format_pct(r['ref_fgsm_last'])}% "
               f"vs noise {format_pct(r['ref_noise_mean'])}%")
-    return 0
 
 
 if __name__ == "__main__":

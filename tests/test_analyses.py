@@ -102,13 +102,18 @@ def test_run_all_smoke_trains_evaluates_and_writes_everything(smoke):
     assert record["failed"] == [] and record["scale"] == "quick smoke" and record["jobs"] == 2
     lib = smoke["scripts"]
     setting = lib["lib.setting"].Setting(smoke=True, runs_dir=smoke["runs"])
-    for name in lib["lib.catalog"].catalog(setting):
+    # every run of the catalog that run_all uses (the GPU plan's own runs are the plan's)
+    for name in lib["run_all"].training_order(setting) + lib["lib.catalog"].cost_run_names():
         assert (smoke["runs"] / name / "checkpoints" / "best_model.pt").is_file(), name
         # the worker's output went to the run's log, line by line
         assert (smoke["runs"] / "logs" / f"{name}.log").read_text().count("epoch ") >= 2, name
     for stems in STEMS.values():
         for stem in stems:
             assert (out / stem).is_file() and (out / stem).stat().st_size > 0, stem
+    # --smoke's referee is the tiny PGD run: Figure 2's runs were measured on it after training
+    for name in lib["fig2_strength"].RUNS:
+        df = pd.read_csv(smoke["runs"] / name / "metrics.csv")
+        assert set(df[df["source"] == "strength-ref"]["epoch"]) == {1, 2}, name
 
 
 @pytest.mark.parametrize("name", list(STEMS))
@@ -243,6 +248,29 @@ def test_reuse_rule_checks_the_shipped_referee_by_its_sha256(scripts, tmp_path):
     store.log_event("reference", epoch=0, step=0, sha256=verify_builtin("quick")[1]["sha256"])
     store.flush()
     assert training.run_state(store.path, cfg) == ("different", "no checkpoint")  # the referee matches; next check
+
+
+def test_referee_rule_attaches_a_shipped_referee_and_measures_a_catalog_one_after_training(scripts, tmp_path):
+    """The one rule: quick scale attaches builtin:quick during training; paper scale and --smoke
+    train Figure 2's runs without their PGD referee (nothing waits for it) and measure them after."""
+    setting_mod, catalog_mod = scripts["lib.setting"], scripts["lib.catalog"]
+    from lib.tasks import train_tasks
+
+    figure2 = scripts["fig2_strength"].RUNS
+    quick = setting_mod.Setting(runs_dir=tmp_path)
+    assert not catalog_mod.reference_deferred(quick)
+    assert [t.key for t in train_tasks(quick, figure2)] == [f"train:{n}" for n in figure2]
+    for scale, smoke, ref in (("paper", False, "pgd10"), ("paper", True, "pgd2"), ("quick", True, "pgd3")):
+        setting = setting_mod.Setting(scale=scale, smoke=smoke, runs_dir=tmp_path)
+        assert catalog_mod.reference_deferred(setting) and catalog_mod.reference_run(setting) == ref
+        assert catalog_mod.config_for(setting, catalog_mod.catalog(setting)["fgsm"]).reference is None
+        tasks = {t.key: t.deps for t in train_tasks(setting, figure2)}
+        assert all(tasks[f"train:{n}"] == () for n in [ref, *figure2])
+        assert all(tasks[f"measure:{n}"] == (f"train:{ref}", f"train:{n}") for n in figure2)
+        # forced the other way (the equivalence test of tests/test_gpu_plan.py): attached, waits
+        forced = setting_mod.Setting(scale=scale, smoke=smoke, runs_dir=tmp_path, deferred_reference=False)
+        assert catalog_mod.config_for(forced, catalog_mod.catalog(forced)["fgsm"]).reference == str(tmp_path / ref)
+        assert {t.key: t.deps for t in train_tasks(forced, figure2)}["train:fgsm"] == (f"train:{ref}",)
 
 
 def test_make_reference_phases_and_choice(scripts):

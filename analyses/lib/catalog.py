@@ -12,7 +12,7 @@ from typing import Any
 
 from lib.setting import QUICK_EVAL_BATCH, SMOKE_CONFIG, SMOKE_DATA, Setting
 from robustdrop.data import ImageData, load_dataset, make_synthetic
-from robustdrop.engine import TrackConfig, make_config
+from robustdrop.engine import PRESETS, TrackConfig, make_config
 
 
 def base_values(setting: Setting) -> dict[str, Any]:
@@ -27,7 +27,9 @@ def base_values(setting: Setting) -> dict[str, Any]:
     if setting.smoke:
         values.update(SMOKE_CONFIG[setting.scale])
     elif setting.scale == "paper":
-        values.update(dataset="cifar10", data_dir=setting.data_dir)
+        values.update(dataset=setting.dataset or "cifar10", data_dir=setting.data_dir)
+    elif setting.dataset:
+        values.update(dataset=setting.dataset, data_dir=setting.data_dir)
     return values
 
 
@@ -63,8 +65,21 @@ def reference_for(setting: Setting) -> str:
     return str(setting.runs_dir / ref_name(setting))
 
 
+def reference_deferred(setting: Setting) -> bool:
+    """The one referee rule of Figure 2's runs. A shipped referee (quick scale: ``builtin:quick``)
+    is attached during training. A referee that is a catalog run (paper scale: PGD-10; --smoke) is
+    not waited for: Figure 2's runs train without it, keep every epoch's weights, and are measured
+    on it once both are finished (:mod:`lib.deferred`; the rows an attached referee logs).
+    ``Setting.deferred_reference`` True/False forces one way (tests that compare the two)."""
+    shipped = reference_for(setting).startswith("builtin:")
+    if setting.deferred_reference is None:
+        return not shipped
+    return bool(setting.deferred_reference) and not shipped
+
+
 def reference_run(setting: Setting) -> str | None:
-    """The catalog run Figure 2's runs need first, or None when their referee is shipped."""
+    """The catalog run Figure 2's measurement needs (trained alongside them, :func:`reference_deferred`),
+    or None when their referee is shipped."""
     return None if reference_for(setting).startswith("builtin:") else ref_name(setting)
 
 
@@ -74,11 +89,16 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
     preset = preset_config(setting)
     eps = preset.epsilon
     steps = int(k["ref_steps"])
+    ref = dict(method="pgd", pgd_steps=steps, alpha=2.5 * eps / steps)
+    if int(k["ref_eval_every"]) != 1:
+        ref["eval_every"] = int(k["ref_eval_every"])
+    if setting.ref_epochs:
+        ref["epochs"] = int(setting.ref_epochs)
     specs = [
-        RunSpec(ref_name(setting), dict(method="pgd", pgd_steps=steps, alpha=2.5 * eps / steps),
-                what=f"PGD-{steps} (step 2.5ε/{steps}; also the reference model)"),
-        # Figure 2's runs measure their strength on the referee (reference_for). The table-only runs do
-        # not: a diagnostic never changes the training, and without it they need not wait for a reference.
+        RunSpec(ref_name(setting), ref, what=f"PGD-{steps} (step 2.5ε/{steps}; also the reference model)"),
+        # Figure 2's runs measure their strength on the referee (reference_for; during training or
+        # after it, reference_deferred). The table-only runs do not: a diagnostic never changes the
+        # training, and without it they need not wait for a reference.
         RunSpec("fgsm", dict(method="fgsm"), True, "FGSM adversarial training"),
         RunSpec("rs-fgsm", dict(method="rs-fgsm"), False, "RS-FGSM (Wong et al. 2020; step 1.25ε)"),
         RunSpec("fgsm+", dict(method="fgsm+"), True, "FGSM+ (our reading, a hypothesis: APART without layer-wise perturbations)"),
@@ -101,6 +121,15 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
                 what=f"PGD-{ls}, repeating cyclic schedule"),
         RunSpec("long-apart", dict(method="apart", **long_common), what="APART, repeating cyclic schedule"),
     ]
+    # The GPU plan's bf16-vs-fp32 training pair (FGSM, a few epochs; amp is the only difference)
+    # and APART with every value of the authors' released code (preset apart-authors).
+    prec = dict(method="fgsm", epochs=int(k["prec_epochs"]), train_subset=int(k["prec_subset"]),
+                diagnostics=["none"])
+    specs += [
+        RunSpec("prec-bf16", dict(prec, amp=True), what="FGSM, bf16 autocast (the precision comparison)"),
+        RunSpec("prec-fp32", dict(prec, amp=False), what="FGSM, fp32 (the precision comparison)"),
+        RunSpec("apart-authors", authors_overrides(setting), what="APART, the authors' released recipe"),
+    ]
     # Timing runs (table_cost): same subset and epochs, no diagnostics, a cheap final evaluation.
     cost_common = dict(train_subset=int(k["cost_subset"]), epochs=int(k["cost_epochs"]), diagnostics=["none"],
                        eval_every=int(k["cost_epochs"]), probe_size=min(100, preset.probe_size),
@@ -109,6 +138,17 @@ def catalog(setting: Setting) -> dict[str, RunSpec]:
         specs.append(RunSpec(name, dict(method=method, **_cost_extra(extra, eps), **cost_common),
                              what=f"timing run ({name[5:]})"))
     return {s.name: s for s in specs}
+
+
+def authors_overrides(setting: Setting) -> dict[str, Any]:
+    """The ``apart-authors`` preset's values as overrides over the scale's preset (the setting's
+    dataset kept; the full test set only at the end instead of every 2 epochs, which changes no
+    training; with --smoke, the smoke sizes and epochs kept)."""
+    keep = {"dataset", "data_dir", "test_every"} | (set(SMOKE_CONFIG[setting.scale]) if setting.smoke else set())
+    values = {k: v for k, v in PRESETS["apart-authors"].items() if k not in keep}
+    if not setting.smoke:
+        values["test_every"] = 0
+    return values
 
 
 # (method, extra overrides) of the timing runs; PGD-10 is the cost unit.
@@ -135,7 +175,7 @@ def long_run_names(setting: Setting) -> list[str]:
 
 def config_for(setting: Setting, spec: RunSpec) -> TrackConfig:
     overrides = dict(spec.overrides)
-    if spec.uses_reference:
+    if spec.uses_reference and not reference_deferred(setting):
         overrides.setdefault("reference", reference_for(setting))
     return make_run_config(setting, **overrides)
 

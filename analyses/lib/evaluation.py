@@ -39,9 +39,9 @@ def checkpoint_file(path: Path, which: str) -> Path:
     if which == "best":
         return path / "checkpoints" / f"{BEST_CHECKPOINT}.pt"
     found = result_checkpoint(path)
-    if found is None:
-        raise RobustdropError(f"run {path} has no checkpoints/result.pt or checkpoints/last.pt; let it finish first")
-    return found
+    # none: ``result.pt``, which does not exist; the callers read a metrics-only copy's cached rows
+    # or say the run must finish first
+    return found if found is not None else path / "checkpoints" / "result.pt"
 
 
 def eval_attacks(cfg: dict[str, Any]) -> dict[str, PGD | None]:
@@ -51,12 +51,42 @@ def eval_attacks(cfg: dict[str, Any]) -> dict[str, PGD | None]:
     return {"clean": None, "pgd": PGD(eps, **kw), "cw": PGD(eps, loss_fn=cw_margin_loss, **kw)}
 
 
+def _cached(path: Path, which: str, cache: dict[str, Any], setting: Setting, spec: str) -> tuple[str, Any]:
+    """``(key, cached row or None)`` of the ``which`` checkpoint. The key names the checkpoint file
+    (and its mtime and size, so a retrained run is evaluated again). A metrics-only copy of a run
+    (no checkpoints, e.g. the GPU plan's figures/paper/runs/) reads the row cached for the same
+    ``eval_n``, seed and attack."""
+    ckpt = checkpoint_file(path, which)
+    tail = f"n={setting.eval_n}|seed={setting.seed}|{spec}"
+    if not ckpt.is_file():
+        rows = [v for k, v in cache.items() if k.startswith(f"{which}|") and k.endswith(f"|{tail}")]
+        return "", rows[-1] if rows else None
+    stat = ckpt.stat()
+    key = f"{which}|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|{tail}"
+    return key, cache.get(key)
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    cache_file = path / EVAL_CACHE
+    return json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
+
+def evaluation_cached(setting: Setting, name: str) -> bool:
+    """Whether both rows of :func:`evaluate_run` are in the run's cache (nothing to compute)."""
+    path = run_dir(setting, name)
+    if not (path / RunStore.CONFIG).is_file():
+        return False
+    cache = _read_cache(path)
+    spec = eval_attacks(RunStore.open(path).read_json(RunStore.CONFIG))["pgd"].spec().describe()
+    return all(_cached(path, which, cache, setting, spec)[1] is not None for which in ("final", "best"))
+
+
 def evaluate_run(setting: Setting, name: str) -> dict[str, dict[str, Any]]:
     """Clean / PGD-k / CW-loss PGD-k accuracy of the run's final and best checkpoints on ``eval_n``
     test examples (seeded, class-balanced; all when 0), cached in ``<run>/analyses_eval.json``."""
     path = run_dir(setting, name)
     cache_file = path / EVAL_CACHE
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = _read_cache(path)
     cfg = RunStore.open(path).read_json(RunStore.CONFIG)
     out: dict[str, dict[str, Any]] = {}
     data: ImageData | None = None
@@ -64,12 +94,21 @@ def evaluate_run(setting: Setting, name: str) -> dict[str, dict[str, Any]]:
         ckpt = checkpoint_file(path, which)
         attacks = eval_attacks(cfg)
         spec = attacks["pgd"].spec().describe()
-        stat = ckpt.stat()
-        key = f"{which}|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|n={setting.eval_n}|seed={setting.seed}|{spec}"
-        if key in cache:
-            out[which] = cache[key]
+        key, row = _cached(path, which, cache, setting, spec)
+        if row is not None:
+            out[which] = row
             continue
+        if not key:
+            raise RobustdropError(f"run {path} has no {ckpt.relative_to(path)} and no cached {which} evaluation for "
+                                  f"eval_n={setting.eval_n}, seed {setting.seed}; let it finish first, or evaluate "
+                                  "it where it was trained")
         source = find_reference(ckpt)
+        if which == "best" and "final" in out and out["final"]["epoch"] == source.epoch:
+            # the best epoch is the last one: the same weights, evaluated once
+            row = {**out["final"], "checkpoint": ckpt.name, "same_as": "final"}
+            cache[key] = out[which] = row
+            atomic_write_text(cache_file, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+            continue
         if data is None:
             data = load_data(setting, cfg)
         device = resolve_device(setting.device)
@@ -115,9 +154,13 @@ def autoattack_final(setting: Setting, name: str, cfg: dict[str, Any], cache: di
     ``{"missing": why}``."""
     path = run_dir(setting, name)
     ckpt = checkpoint_file(path, "final")
-    stat = ckpt.stat()
     seed = setting.seed + 1  # the subset seed of the PGD rows, so the images are among theirs
-    key = f"autoattack|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|n={setting.aa_n}|seed={seed}|standard"
+    tail = f"n={setting.aa_n}|seed={seed}|standard"
+    if not ckpt.is_file():  # a metrics-only copy of the run: its cached row, if any
+        rows = [v for k, v in cache.items() if k.startswith("autoattack|") and k.endswith(f"|{tail}")]
+        return rows[-1] if rows else {"missing": f"{path} has no checkpoint and no cached AutoAttack row for {tail}"}
+    stat = ckpt.stat()
+    key = f"autoattack|{ckpt.name}|{stat.st_mtime_ns}|{stat.st_size}|{tail}"
     if key in cache:
         return cache[key]
     try:

@@ -6,6 +6,7 @@ Scales (``--scale``):
   expensive runs are scaled down where said (:data:`KNOBS`).
 * ``paper``: ``make_config("paper", dataset="cifar10", data_dir=--data-dir, ...)``: the paper's
   settings (PreActResNet18, CIFAR-10, ε=8/255, PGD-10 referee, 200-epoch long runs); needs a GPU.
+  ``--dataset cifar10-jpeg`` runs them on the embedded JPEG copy (no download, no --data-dir).
 * ``--smoke``: the same code path in seconds: 2 epochs on a tiny synthetic data set
   (``robustdrop.data.make_synthetic``), the scale's model (a 1/16-width PreActResNet18 for
   ``paper``), written into a temporary runs dir and out dir unless given.
@@ -24,27 +25,36 @@ REPO = Path(__file__).resolve().parents[2]
 SCALES = ("quick", "paper")
 
 # Scale knobs of the runs that are not plain preset runs. ``ref_steps``: PGD steps of the
-# reference / PGD row (step 2.5ε/k); ``long_*``: the long-run figure (E4); ``cost_*``: the timing
-# runs of table_cost; ``eval_n``: test examples of the tables' evaluation (0 = the whole test set);
-# ``aa_n``: test examples of the tables' AutoAttack on the final models (0 = all; a subset of the
-# ``eval_n`` images). Standard AutoAttack costs ≈35× PGD-20: 500 images ≈ 1.5 CPU-minutes per
-# robust quick model (docs/baselines.md), ±1.8 points standard error at 20 % accuracy.
+# reference / PGD row (step 2.5ε/k); ``ref_eval_every``: its probe/validation evaluation cadence
+# (paper: every 5 epochs, a tenth of a PGD-10 epoch saved each time; the test set every 10 as the
+# preset); ``long_*``: the long-run figure (E4); ``cost_*``: the timing runs of table_cost;
+# ``prec_*``: the bf16-vs-fp32 training pair of the GPU plan; ``eval_n``: test examples of the
+# tables' evaluation (0 = the whole test set); ``aa_n``: test examples of the tables' AutoAttack on
+# the final models (0 = all; a subset of the ``eval_n`` images). Standard AutoAttack costs ≈35×
+# PGD-20: 500 images ≈ 1.5 CPU-minutes per robust quick model (docs/baselines.md), ±1.8 points
+# standard error at 20 % accuracy.
 KNOBS: dict[str, dict[str, Any]] = {
-    "quick": dict(ref_steps=3, long_steps=10, long_subset=5000, long_cycle=6, long_epochs=24, long_eval_every=2,
-                  long_test_every=None, cost_subset=8192, cost_epochs=3, eval_n=2000, aa_n=500),
-    "paper": dict(ref_steps=10, long_steps=10, long_subset=0, long_cycle=30, long_epochs=200, long_eval_every=2,
-                  long_test_every=2, cost_subset=10000, cost_epochs=3, eval_n=0, aa_n=0),
+    "quick": dict(ref_steps=3, ref_eval_every=1, long_steps=10, long_subset=5000, long_cycle=6, long_epochs=24,
+                  long_eval_every=2, long_test_every=None, cost_subset=8192, cost_epochs=3, prec_epochs=3,
+                  prec_subset=8192, eval_n=2000, aa_n=500),
+    "paper": dict(ref_steps=10, ref_eval_every=5, long_steps=10, long_subset=0, long_cycle=30, long_epochs=200,
+                  long_eval_every=2, long_test_every=2, cost_subset=10000, cost_epochs=3, prec_epochs=3,
+                  prec_subset=20000, eval_n=0, aa_n=0),
 }
 QUICK_EVAL_BATCH = 128
-SMOKE_KNOBS = dict(long_subset=0, long_cycle=1, long_epochs=2, long_eval_every=1, long_test_every=None,
-                   cost_subset=0, cost_epochs=2, eval_n=64, aa_n=16)
+SMOKE_KNOBS = dict(ref_eval_every=1, long_subset=0, long_cycle=1, long_epochs=2, long_eval_every=1,
+                   long_test_every=None, cost_subset=0, cost_epochs=2, prec_epochs=2, prec_subset=0, eval_n=64,
+                   aa_n=16)
+# per scale: the paper scale's smoke referee is PGD-2 (PGD-10 is most of a smoke plan's CPU time)
+SMOKE_SCALE_KNOBS: dict[str, dict[str, Any]] = {"quick": {}, "paper": dict(ref_steps=2)}
 # Tiny synthetic data and settings of --smoke (everything else comes from the scale's preset).
 SMOKE_DATA = dict(n_train=320, n_test=128, num_classes=10, size=32, channels=3, seed=0)
 SMOKE_CONFIG: dict[str, dict[str, Any]] = {
     "quick": dict(dataset="synthetic", epochs=2, val_size=64, probe_size=64, batch_size=64, eval_batch_size=128,
                   test_every=0, diagnostics=["default", "strength:n=64"]),
-    "paper": dict(dataset="synthetic", epochs=2, val_size=64, probe_size=64, batch_size=64, eval_batch_size=256,
-                  test_every=0, width=1 / 16, diagnostics=["default", "strength:n=64"]),
+    "paper": dict(dataset="synthetic", epochs=2, val_size=32, probe_size=32, batch_size=64, eval_batch_size=256,
+                  test_every=0, width=1 / 16, eval_pgd_steps=3, eval_pgd_step_size=4 / 255,
+                  diagnostics=["default", "strength:n=32,pgd_steps=2"]),
 }
 
 
@@ -57,6 +67,12 @@ class Setting:
     runs_dir: Path = field(default_factory=lambda: REPO / "runs" / "analyses" / "quick")
     out: Path = field(default_factory=lambda: REPO / "figures")
     data_dir: str | None = None
+    dataset: str | None = None  # None: the scale's (quick: the preset's; paper: cifar10)
+    # None: the rule of lib.catalog.reference_deferred (a referee that is a catalog run is measured
+    # after training from per-epoch weights, lib.deferred; a shipped one is attached); True/False
+    # forces it (tests that compare the two ways; the same numbers).
+    deferred_reference: bool | None = None
+    ref_epochs: int = 0  # epochs of the reference run (0: the preset's); the GPU plan shortens it to fit
     threads: int = 1
     jobs: int = 1
     device: str = "auto"
@@ -69,7 +85,7 @@ class Setting:
     def knobs(self) -> dict[str, Any]:
         k = dict(KNOBS[self.scale])
         if self.smoke:
-            k.update(SMOKE_KNOBS)
+            k.update(SMOKE_KNOBS, **SMOKE_SCALE_KNOBS[self.scale])
         k["eval_n"] = self.eval_n
         k["aa_n"] = self.aa_n
         return k
@@ -92,6 +108,9 @@ def build_parser(description: str, *, jobs: int = 1) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="where figures and tables are written (default: figures/, figures/paper/ for --scale paper)")
     p.add_argument("--data-dir", default=None, help="--scale paper: folder with CIFAR-10's cifar-10-batches-py")
+    p.add_argument("--dataset", default=None,
+                   help="dataset of every run (default: the quick preset's on quick, cifar10 on paper; "
+                        "cifar10-jpeg: the embedded JPEG copy, no --data-dir needed)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per training process (default: 1 on quick/smoke, torch's default on paper)")
     p.add_argument("--jobs", type=int, default=jobs, help=f"trainings run in parallel processes (default: {jobs})")
@@ -130,9 +149,9 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     else:
         eval_n = SMOKE_KNOBS["eval_n"] if smoke else KNOBS[scale]["eval_n"]
     aa_n = args.aa_n if args.aa_n is not None else (SMOKE_KNOBS["aa_n"] if smoke else KNOBS[scale]["aa_n"])
-    return Setting(scale=scale, smoke=smoke, runs_dir=runs_dir, out=out, data_dir=args.data_dir, threads=threads,
-                   jobs=max(1, int(args.jobs)), device=args.device, seed=args.seed, eval_n=eval_n, aa_n=aa_n,
-                   autoattack=bool(args.autoattack))
+    return Setting(scale=scale, smoke=smoke, runs_dir=runs_dir, out=out, data_dir=args.data_dir,
+                   dataset=args.dataset, threads=threads, jobs=max(1, int(args.jobs)), device=args.device,
+                   seed=args.seed, eval_n=eval_n, aa_n=aa_n, autoattack=bool(args.autoattack))
 
 
 def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1) -> Setting:

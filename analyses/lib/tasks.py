@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lib.catalog import catalog, reference_run, run_dir
+from lib.catalog import catalog, reference_deferred, reference_run, run_dir
+from lib.deferred import measure_run
 from lib.evaluation import evaluate_run
 from lib.setting import Setting
 from lib.training import train_run
@@ -64,24 +65,30 @@ def prefixed_output(setting: Setting, name: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class Task:
     key: str
-    kind: str  # "train" | "eval"
+    kind: str  # "train" | "measure" | "eval"
     run: str
     deps: tuple[str, ...] = ()
 
 
 def train_tasks(setting: Setting, names: Sequence[str]) -> list[Task]:
-    """Training tasks for ``names`` and the reference run they need (none when the referee is
-    shipped), reference first."""
+    """Training tasks for ``names`` and the reference run Figure 2's runs among them need (none when
+    the referee is shipped), reference first. With a referee measured after training
+    (:func:`~lib.catalog.reference_deferred`), Figure 2's runs do not wait for it: each gets a
+    ``measure:<run>`` task after both trainings; otherwise they wait for it."""
     cat = catalog(setting)
     ref = reference_run(setting)
-    waits = {n for n in names if cat[n].uses_reference and ref is not None}
+    deferred = reference_deferred(setting)
+    uses = {n for n in names if cat[n].uses_reference and ref is not None}
     wanted: list[str] = []
     for n in names:
-        if n in waits and ref not in wanted:
+        if n in uses and ref not in wanted:
             wanted.insert(0, ref)
         if n not in wanted:
             wanted.append(n)
-    return [Task(f"train:{n}", "train", n, (f"train:{ref}",) if n in waits else ()) for n in wanted]
+    tasks = [Task(f"train:{n}", "train", n, (f"train:{ref}",) if n in uses and not deferred else ()) for n in wanted]
+    if deferred:
+        tasks += [Task(f"measure:{n}", "measure", n, (f"train:{ref}", f"train:{n}")) for n in wanted if n in uses]
+    return tasks
 
 
 def eval_tasks(setting: Setting, names: Sequence[str]) -> list[Task]:
@@ -90,11 +97,13 @@ def eval_tasks(setting: Setting, names: Sequence[str]) -> list[Task]:
 
 def _run_task(setting: Setting, task: Task) -> tuple[str, float]:
     start = time.perf_counter()
-    with prefixed_output(setting, task.run if task.kind == "train" else f"{task.run}.eval"):
+    with prefixed_output(setting, task.run if task.kind == "train" else f"{task.run}.{task.kind}"):
         if setting.threads:
             torch.set_num_threads(setting.threads)
         if task.kind == "train":
             train_run(setting, task.run)
+        elif task.kind == "measure":
+            measure_run(setting, task.run)
         else:
             evaluate_run(setting, task.run)
     return task.key, time.perf_counter() - start

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lib.catalog import catalog, config_for, data_for, run_dir
+from lib.catalog import catalog, config_for, data_for, reference_deferred, run_dir
 from lib.setting import Setting
 from robustdrop.api import resume, track
 from robustdrop.diagnostics import verify_builtin
@@ -28,6 +28,7 @@ from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore
 
 BEST_CHECKPOINT = "best_model"  # checkpoints/best_model.pt, written by KeepBest
+WEIGHTS_PREFIX = "weights_epoch_"  # checkpoints/weights_epoch_XXXX.pt, written by EpochWeights
 
 
 class KeepBest(Hook):
@@ -65,12 +66,40 @@ class KeepBest(Hook):
         self.epoch = state.get("epoch")
 
 
+class EpochWeights(Hook):
+    """Keeps the model weights of every epoch in ``checkpoints/weights_epoch_XXXX.pt`` (with the
+    config, the epoch and the step), so the referee measurement of Figure 2 can be made after
+    training, on the same weights the in-training diagnostic would have seen (:mod:`lib.deferred`).
+    A PreActResNet18 is 45 MB per epoch: these files stay on the machine that trained."""
+
+    name = "analyses-epoch-weights"
+
+    def on_epoch_end(self, run: Any, epoch: int) -> None:
+        run.store.save_checkpoint(f"{WEIGHTS_PREFIX}{epoch:04d}", {
+            "format": "robustdrop-analyses-weights-1",
+            "config": run.config.to_dict(),
+            "epoch": int(epoch),
+            "step": int(run.step),
+            "model": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
+        })
+
+
 def _normalized(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {**TrackConfig().to_dict(), **cfg}  # fields added since the run was made: their defaults
     cfg.pop("threads", None)
     if cfg.get("reference"):
         cfg["reference"] = Path(cfg["reference"]).name
     return cfg
+
+
+def config_difference(stored: dict[str, Any], cfg: TrackConfig) -> list[str]:
+    """The fields in which a run's stored ``config.json`` differs from ``cfg`` (``threads`` and the
+    folder of ``reference`` are not compared). A run made before a config field existed has the
+    field's default (as the engine's resume); raises :class:`RobustdropError` on keys this robustdrop
+    does not know."""
+    stored = TrackConfig.from_dict(stored).to_dict()
+    want, have = _normalized(cfg.to_dict()), _normalized(stored)
+    return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
 
 
 def _shipped_sha(reference: str) -> str | None:
@@ -93,17 +122,12 @@ def run_state(path: Path, cfg: TrackConfig, *, keep_best: bool = True) -> tuple[
     if not config_file.is_file():
         return "missing", "no run yet"
     try:
-        stored = json.loads(config_file.read_text())
-        # A run made before a config field existed has the field's default (as the engine's resume).
-        stored = TrackConfig.from_dict(stored).to_dict()
+        diff = config_difference(json.loads(config_file.read_text()), cfg)
     except (OSError, json.JSONDecodeError, TypeError, AttributeError):
         return "different", "unreadable config.json"
     except RobustdropError as exc:  # keys this robustdrop does not know
         return "different", str(exc)
-    want = _normalized(cfg.to_dict())
-    have = _normalized(stored)
-    if have != want:
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
         return "different", f"config differs in {diff}"
     if str(cfg.reference or "").startswith("builtin:") and _shipped_sha(cfg.reference) != _logged_sha(path):
         return "different", f"made with another {cfg.reference} than the one shipped now"
@@ -131,16 +155,19 @@ def train_run(setting: Setting, name: str) -> Path:
         print(f"reusing finished run {path}", flush=True)
         return path
     start = time.perf_counter()
+    hooks: list[Hook] = [KeepBest()]
+    if spec.uses_reference and reference_deferred(setting):
+        hooks.append(EpochWeights())
     if state == "partial":
         print(f"resuming {path} ({why})", flush=True)
-        resume(path, hooks=[KeepBest()], progress=False, data=data_for(setting))
+        resume(path, hooks=hooks, progress=False, data=data_for(setting))
     else:
         if state == "different":
             print(f"training {path} anew: {why}", flush=True)
         else:
             print(f"training {path}: {spec.what} ({cfg.method}, {cfg.epochs} epochs"
                   + (f", train subset {cfg.train_subset}" if cfg.train_subset else "") + ")", flush=True)
-        track(cfg, runs_dir=setting.runs_dir, name=name, overwrite=True, hooks=[KeepBest()], progress=False,
+        track(cfg, runs_dir=setting.runs_dir, name=name, overwrite=True, hooks=hooks, progress=False,
               data=data_for(setting))
     print(f"done {path} in {time.perf_counter() - start:.0f}s", flush=True)
     return path
