@@ -91,13 +91,19 @@ def cell_times(record: SweepRecord) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sweep_caption(setting: Setting, cells: int) -> str:
+    """The figure's caption: the preset's setting, with ε and the seed replaced by the grid's."""
+    seeds, eps = (SMOKE_SEEDS, SMOKE_EPSILONS) if setting.smoke else (SEEDS, EPSILONS)
+    return (f"{setting_caption(setting)}\nFGSM, {cells} cells: seed={seeds} × epsilon={eps} (in place of the "
+            "preset's ε and seed above), local backend; the command: sweep_demo.md")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv, jobs=2)
     result = run(setting)
     record = result.record
     cmd = " ".join(command(setting))
-    caption = (f"{setting_caption(setting)}\nFGSM, {len(record.cells)} cells (seeds × ε), local backend; the command: "
-               "sweep_demo.md")
+    caption = sweep_caption(setting, len(record.cells))
 
     fig = onset_figure(result.path)
     add_caption(fig, caption)
