@@ -97,6 +97,30 @@ def test_signal_checkpoints_mid_epoch_and_resume_is_exact(method, diagnostics, s
     assert [k for k in kinds if k != "resume"] == [e["kind"] for e in straight.events() if e["kind"] != "estimate"]
 
 
+@pytest.mark.parametrize("where", [{"step": 2 * STEPS + 3}, {"epoch": 2}], ids=["after-switch", "during-switch-epoch"])
+def test_signal_around_a_method_switch_resumes_exactly(where, synthetic_data, tmp_path, one_thread):
+    """--on-collapse switch (issue 12) and preemption: the switch is in the mid-epoch checkpoint
+    (SIGTERM in epoch 3, after it), and a SIGTERM during the epoch end whose detector asked for the
+    switch rolls the request back with the rest of that epoch end; resume redoes both exactly."""
+    from test_early_warning import switching_hooks
+    from test_engine import small_config as engine_config
+
+    cfg = engine_config(epochs=3, method="fgsm", on_collapse="switch", switch_to="pgd:pgd_steps=2")
+    straight = track(cfg, runs_dir=tmp_path, name="straight", data=synthetic_data, progress=False,
+                     hooks=switching_hooks())
+    assert [e["epoch"] for e in straight.events("method_switch")] == [2]
+    with pytest.raises(RunInterrupted):
+        track(cfg, runs_dir=tmp_path, name="stopped", data=synthetic_data, progress=False,
+              hooks=[*switching_hooks(), SignalAt(signal.SIGTERM, **where)])
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["switches"] == ([{"epoch": 2, "to": "pgd:pgd_steps=2"}] if "step" in where else [])
+    resumed = resume(tmp_path / "stopped", data=synthetic_data, progress=False, hooks=switching_hooks())
+    pd.testing.assert_frame_equal(comparable(straight), comparable(resumed))
+    kinds = [e["kind"] for e in RunStore.open(resumed.path).events() if e["kind"] not in ("estimate", "resume")]
+    assert kinds == [e["kind"] for e in straight.events() if e["kind"] != "estimate"]
+    assert resumed.load_checkpoint("last")["switches"] == [{"epoch": 2, "to": "pgd:pgd_steps=2"}]
+
+
 def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(synthetic_data, tmp_path, one_thread):
     class Twice(SignalAt):
         def on_train_step(self, run, batch, out):
