@@ -98,6 +98,13 @@ BAD = [
     (["--resume", "{runs}/existing", "--epochs", "3"], "cyclic-repeat"),
     (["--resume", "{runs}/no-such-run"], "not a robustdrop run directory"),
     (["--resume", "{runs}/existing", "--dry-run"], "--dry-run"),
+    # flags of the referee (issue 8) and the early-warning switch (issue 12)
+    (["--on-collapse", "switch"], "--switch-to"),
+    (["--on-collapse", "switch", "--switch-to", "telekinesis"], "telekinesis"),
+    (["--on-collapse", "switch", "--switch-to", "pgd:pgd_steps=two"], "pgd_steps"),
+    (["--eval-precision", "fp16"], "--eval-precision"),
+    (["--diagnostics", "default", "--reference", "builtin:nosuch"], "builtin:nosuch"),
+    (["--alpha", "2.6/0"], "alpha"),
 ]
 
 
