@@ -76,6 +76,17 @@ def test_dry_run_prints_config_and_estimate_and_writes_nothing(image_folder, fol
     assert not runs.exists()
 
 
+def test_dry_run_with_reference_auto_trains_no_referee(image_folder, folder_cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = main(["track", "--dataset", f"folder:{image_folder}", "--model", "cnn1", "--width", "2", "--epochs", "2",
+                 "--batch-size", "32", "--val-size", "32", "--probe-size", "32", "--threads", "1", "--runs-dir",
+                 str(runs), "--diagnostics", "default", "--reference", "auto", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "--reference auto: a dry run neither trains" in out
+    assert '"reference": "auto"' in out  # the resolved config is the one the run would use
+    assert not runs.exists() and not (folder_cache / "referees").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-run progress across resume
 # ---------------------------------------------------------------------------------------------
