@@ -17,9 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from robustdrop.errors import RobustdropError
+from robustdrop.errors import FileWriteError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "make_folders",
+    "sha256_file",
+    "write_error",
+]
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -31,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     ``open(path, "w")`` would; missing parent folders are created.
 
     Raises:
-        RobustdropError: the file could not be written (disk full, no permission, read-only
+        FileWriteError: the file could not be written (disk full, no permission, read-only
             folder, ...). The previous file at ``path``, if any, is unchanged and no temporary
             file is left behind.
     """
@@ -47,7 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
-        raise RobustdropError(_write_error(path, exc)) from exc
+        raise FileWriteError(write_error(path, exc)) from exc
     finally:
         if tmp is not None:
             try:
@@ -66,6 +73,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def make_folders(path: str | os.PathLike) -> list[Path]:
+    """Create the folder ``path`` and its missing parents (modes from the umask, like ``mkdir -p``).
+
+    Returns the folders this call created, outermost first, so that a start that fails later can
+    remove exactly them. Raises :class:`FileWriteError` (one line: which folder, why, what to do).
+    """
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileWriteError(write_error(path, exc, what="create folder")) from exc
+    return missing
+
+
 def _create_temp(path: Path) -> tuple[int, Path]:
     """Open a new hidden temporary file beside ``path``.
 
@@ -81,8 +103,8 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
-def _write_error(path: Path, exc: OSError) -> str:
-    """One line: which file, why, what to do."""
+def write_error(path: Path, exc: OSError, *, what: str = "write") -> str:
+    """One line: which file, why, what to do (``what``: the operation, e.g. ``create folder``)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         todo = f"free disk space (or quota) where {path.parent} lives and run again"
@@ -90,6 +112,8 @@ def _write_error(path: Path, exc: OSError) -> str:
         todo = f"make {path.parent} writable for you, or choose another folder, and run again"
     else:
         todo = f"check that {path.parent} is a writable folder with free space and run again"
+    if what != "write":
+        return f"cannot {what} {path} ({reason}): {todo}"
     return f"cannot write {path} ({reason}): {todo}; the previous file there, if any, is unchanged"
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import robustdrop._threads  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
-from robustdrop.engine.config import PRESETS, TrackConfig, field_parser, make_config
-from robustdrop.errors import RobustdropError
+from robustdrop.engine.config import PRESETS, RUNTIME_FIELDS, TrackConfig, field_parser, make_config
+from robustdrop.errors import RobustdropError, RunInterrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,6 +19,40 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _argument_type(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
+    """``parse`` for argparse: its RobustdropError becomes argparse's one-line usage error."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except RobustdropError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name  # argparse names the type in "invalid <name> value"
+    return convert
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)  # ValueError: argparse says "invalid float value"
+    if not math.isfinite(value):
+        raise RobustdropError(f"{text!r} is not a finite number")
+    return value
+
+
+FLOAT = _argument_type(_finite_float, "float")
+
+
+def _field_type(f: dataclasses.Field) -> Callable[[str], object]:
+    """The config's :func:`field_parser` for argparse: floats must be finite, and a parser's
+    RobustdropError (``8/0``) is a one-line usage error."""
+    parse = field_parser(f)
+    if parse is float:
+        return FLOAT
+    if parse in (int, str):
+        return parse
+    return _argument_type(parse, "number")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +72,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "nargs" in f.metadata:
-            group.add_argument(flag, nargs=f.metadata["nargs"], type=f.metadata["item"], **kwargs)
+            item = FLOAT if f.metadata["item"] is float else f.metadata["item"]
+            group.add_argument(flag, nargs=f.metadata["nargs"], type=item, **kwargs)
         else:
-            group.add_argument(flag, type=field_parser(f), choices=choices, **kwargs)
+            group.add_argument(flag, type=_field_type(f), choices=choices, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--runs-dir", default="runs", help="parent folder of run directories (default: ./runs)")
     track.add_argument("--name", help="run directory name (default: method-model-eps-timestamp)")
     track.add_argument("--overwrite", action="store_true", help="replace an existing run directory of that name")
-    track.add_argument("--resume", metavar="RUN_DIR", help="continue a run where its last checkpoint left it")
+    track.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run where its last checkpoint left it (with --epochs N: extend it to N "
+                            "epochs; --device and --threads apply to this invocation)")
+    track.add_argument("--dry-run", action="store_true",
+                       help="resolve the config, load the data, time a few training steps, print the config and "
+                            "the estimated cost, and exit without writing anything")
     track.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     _add_config_flags(track)
     track.set_defaults(func=_cmd_track)
@@ -68,18 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_track(args: argparse.Namespace) -> int:
-    from robustdrop.api import resume, track
+    from robustdrop.api import dry_run, resume, track
 
     names = {f.name for f in dataclasses.fields(TrackConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if args.resume:
-        allowed = {"device", "threads"}
+        allowed = {*RUNTIME_FIELDS, "epochs"}
         extra = sorted(set(overrides) - allowed) + (["preset"] if args.preset else [])
+        extra += [flag for flag, given in (("dry-run", args.dry_run), ("overwrite", args.overwrite)) if given]
         if extra:
-            raise RobustdropError(f"--resume continues a run with its own config; drop {', '.join('--' + e.replace('_', '-') for e in extra)}")
-        store = resume(args.resume, progress=not args.no_progress, device=overrides.get("device"))
+            raise RobustdropError(f"--resume continues a run with its own config (only --epochs, --device and "
+                                  f"--threads may be given); drop {', '.join('--' + e.replace('_', '-') for e in extra)}")
+        store = resume(args.resume, progress=not args.no_progress, device=overrides.get("device"),
+                       threads=overrides.get("threads"), epochs=overrides.get("epochs"))
     else:
         config = make_config(args.preset, **overrides)
+        if args.dry_run:
+            dry_run(config, runs_dir=args.runs_dir, name=args.name, overwrite=args.overwrite, verbose=True)
+            return 0
         store = track(config, runs_dir=args.runs_dir, name=args.name, overwrite=args.overwrite,
                       progress=not args.no_progress)
     from robustdrop.plots.summary import run_summary
@@ -155,18 +203,41 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).splitlines())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"robustdrop: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: bad input or environment; 130 / 143:
+    stopped by SIGINT / SIGTERM after a checkpoint)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line, no source line
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except RobustdropError as exc:
-        print(f"robustdrop: error: {exc}", file=sys.stderr)
+        print(f"robustdrop: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"robustdrop: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         todo = "rerun the same command" if args.command == "sweep" else "`robustdrop track --resume RUN_DIR`"
-        print(f"robustdrop: interrupted; resume with {todo}", file=sys.stderr)
+        print(f"robustdrop: interrupted; what the last checkpoint holds is kept (continue with {todo})",
+              file=sys.stderr)
         return 130
 
 

@@ -8,6 +8,8 @@ Examples:
     ('8/255', '2.5/255', '0')
     >>> format_pct(0.4567, 2), format_pct(float("nan"))
     ('45.67', '')
+    >>> format_duration(1023)
+    '17m03s'
     >>> print(markdown_table(["run", "PGD %"], [["fgsm", "0.00"]]), end="")
     | run | PGD % |
     |---|---|
@@ -65,6 +67,24 @@ def format_pct(x: float | None, digits: int = 1) -> str:
 def format_ratio(x: float | None, digits: int = 2) -> str:
     """A cost ratio as ``0.25×``; ``''`` when missing."""
     return "" if is_missing(x) else f"{float(x):.{digits}f}×"
+
+
+def format_duration(seconds: float | None) -> str:
+    """A wall time as ``42s``, ``17m03s``, ``2h05m`` or ``58h``; ``?`` when missing or negative.
+
+    >>> format_duration(42.4), format_duration(1023), format_duration(7500), format_duration(208800)
+    ('42s', '17m03s', '2h05m', '58h')
+    """
+    if is_missing(seconds) or float(seconds) < 0:
+        return "?"
+    s = round(float(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 48 * 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{round(s / 3600)}h"
 
 
 def is_number(text: str) -> bool:

@@ -68,8 +68,11 @@ class Schedule:
         """The run's schedule shape (``schedule``, ``lr_peak_at``, ``cycle_epochs``,
         ``lr_milestones``, ``lr_gamma`` of a :class:`~robustdrop.engine.config.TrackConfig`) with
         peak ``peak``; with ``cycle_momentum``, momentum cycled between ``base_momentum`` and
-        ``max_momentum``."""
+        ``max_momentum``. The fractions refer to ``total_steps``, or to ``schedule_epochs`` epochs
+        when the config sets it (an extended run keeps its piecewise milestones where they were)."""
         momentum = (config.base_momentum, config.max_momentum) if cycle_momentum else None
+        if getattr(config, "schedule_epochs", None):
+            total_steps = config.schedule_epochs * steps_per_epoch
         return cls(config.schedule, peak, total_steps, peak_at=config.lr_peak_at,
                    cycle_steps=config.cycle_epochs * steps_per_epoch, milestones=tuple(config.lr_milestones),
                    gamma=config.lr_gamma, momentum=momentum)

@@ -5,13 +5,22 @@
 * ``cifar10_jpeg``: the embedded CIFAR-10 JPEG copy, decoded once per test session into a
   session-private cache directory (``cifar10_jpeg_cache_dir``). Treat both as read-only.
 * ``one_thread``: one torch thread for the test (tiny models are fastest so on a shared CPU).
+* ``image_folder``: the path of a small ``train/<class>/*.png`` + ``test/<class>/*.png`` tree
+  (320 train / 128 test synthetic 16x16 images, 4 classes) for ``--dataset folder:PATH``;
+  ``folder_cache``: a ``$ROBUSTDROP_CACHE`` for it, so command-line tests never touch ``~/.cache``.
+* ``robustdrop_env``: the environment for a ``python -m robustdrop`` subprocess that imports the
+  robustdrop under test (not another installed copy).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
+import robustdrop
 from robustdrop.data import ImageData, load_dataset, make_synthetic
 
 
@@ -28,6 +37,36 @@ def cifar10_jpeg_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def cifar10_jpeg(cifar10_jpeg_cache_dir) -> ImageData:
     return load_dataset("cifar10-jpeg", cache_dir=str(cifar10_jpeg_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory):
+    from PIL import Image
+
+    data = make_synthetic(n_train=320, n_test=128, num_classes=4, size=16, seed=1)
+    root = tmp_path_factory.mktemp("image-folder")
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / data.classes[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def folder_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    cache = tmp_path_factory.getbasetemp() / "folder-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("ROBUSTDROP_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def robustdrop_env() -> dict[str, str]:
+    root = str(Path(robustdrop.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 @pytest.fixture

@@ -255,7 +255,7 @@ def test_eval_autocast_is_bf16_only_when_asked_and_on_cuda(tmp_path, tiny_data):
     for precision in ("fp32", "bf16"):  # what hooks and the evaluation get on this (CPU) run
         trainer = Trainer(tiny_config(eval_precision=precision), RunStore.create(tmp_path, precision), [],
                           progress=False, data=tiny_data)
-        trainer._prepare()
+        trainer.prepare()
         assert trainer.run.autocast_factory is contextlib.nullcontext
 
 
@@ -265,12 +265,12 @@ def test_cuda_run_keeps_training_bf16_and_evaluation_fp32(monkeypatch, tmp_path,
     seen = []
     monkeypatch.setattr("robustdrop.engine.trainer.autocast_for", lambda device, on: seen.append(on) or contextlib.nullcontext)
     trainer = Trainer(tiny_config(amp=True), RunStore.create(tmp_path, "c"), [], progress=False, data=tiny_data)
-    trainer._prepare()
+    trainer.prepare()
     assert seen == [True, False]  # training: amp; evaluation and diagnostics: eval_precision == bf16
     seen.clear()
     trainer = Trainer(tiny_config(amp=True, eval_precision="bf16"), RunStore.create(tmp_path, "d"), [],
                       progress=False, data=tiny_data)
-    trainer._prepare()
+    trainer.prepare()
     assert seen == [True, True]
 
 

@@ -17,7 +17,7 @@ from robustdrop.data.augment import (
 )
 from robustdrop.data.cache import default_cache_dir
 from robustdrop.data.cifar10_jpeg import CIFAR10_CLASSES, CIFAR10_JPEG_SHA256, embedded_archive_path
-from robustdrop.data.datasets import DATASET_SPECS, load_dataset
+from robustdrop.data.datasets import DATASET_SPECS, check_dataset_spec, load_dataset
 from robustdrop.data.folder import write_image_folder
 from robustdrop.data.image_data import ImageData
 from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation
@@ -32,6 +32,7 @@ __all__ = [
     "ImageData",
     "TrainLoader",
     "apply_crop_flip",
+    "check_dataset_spec",
     "default_cache_dir",
     "embedded_archive_path",
     "invert_crop_flip",

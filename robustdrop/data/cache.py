@@ -16,7 +16,7 @@ import torch
 
 from robustdrop._files import atomic_write
 from robustdrop.data.image_data import ImageData
-from robustdrop.errors import RobustdropError
+from robustdrop.errors import RobustdropError, first_line
 
 # Bump when the layout of the cache files changes: old files are then ignored.
 _CACHE_FORMAT = 1
@@ -49,7 +49,7 @@ def _cache_load(path: Path) -> ImageData | None:
             classes=[str(c) for c in obj["classes"]],
         )
     except Exception as exc:  # a damaged cache is rebuilt, never fatal
-        warnings.warn(f"ignoring unreadable dataset cache {path} ({exc}); decoding again", stacklevel=3)
+        warnings.warn(f"ignoring unreadable dataset cache {path} ({first_line(exc)}); decoding it again", stacklevel=3)
         return None
 
 
@@ -68,7 +68,7 @@ def _cache_save(path: Path, data: ImageData) -> None:
         atomic_write(path, lambda f: torch.save(payload, f))
     except RobustdropError as exc:
         warnings.warn(
-            f"could not write dataset cache {path} ({exc.__cause__ or exc}); the next load will decode again",
+            f"could not write dataset cache {path} ({first_line(exc.__cause__ or exc)}); the next load will decode again",
             stacklevel=3,
         )
 

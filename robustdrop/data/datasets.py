@@ -35,6 +35,7 @@ __all__ = [
     "CIFAR10_JPEG_SHA256",
     "DATASET_SPECS",
     "ImageData",
+    "check_dataset_spec",
     "default_cache_dir",
     "embedded_archive_path",
     "load_dataset",
@@ -44,22 +45,31 @@ __all__ = [
 DATASET_SPECS = ("cifar10-jpeg", "cifar10", "cifar100", "svhn", "folder:PATH")
 
 
+def check_dataset_spec(spec: str) -> None:
+    """Raise :class:`RobustdropError` unless ``spec`` names a dataset :func:`load_dataset` knows
+    (without reading any file: whether the files exist is checked when loading)."""
+    key = spec.strip().lower()
+    if key == "cifar10-jpeg" or key in _TORCHVISION:
+        return
+    if key.startswith("folder:"):
+        if not spec.strip()[len("folder:") :].strip():
+            raise RobustdropError(
+                "dataset spec 'folder:' needs a path: use folder:PATH (a train/ + test/ image tree or a .tar.gz of one)"
+            )
+        return
+    raise RobustdropError(
+        f"unknown dataset {spec!r}: use one of cifar10-jpeg (embedded), cifar10, cifar100, svhn, "
+        "or folder:PATH (a train/<class>/ + test/<class>/ image tree or a .tar.gz of one)"
+    )
+
+
 def load_dataset(spec: str = "cifar10-jpeg", data_dir: str | None = None, cache_dir: str | None = None) -> ImageData:
     """Load a dataset by spec (see the module docstring) as uint8 CPU tensors."""
+    check_dataset_spec(spec)
     spec = spec.strip()
     key = spec.lower()
     if key == "cifar10-jpeg":
         return _load_cifar10_jpeg(cache_dir)
     if key.startswith("folder:"):
-        path = spec[len("folder:") :].strip()
-        if not path:
-            raise RobustdropError(
-                "dataset spec 'folder:' needs a path: use folder:PATH (a train/ + test/ image tree or a .tar.gz of one)"
-            )
-        return _load_folder(Path(path).expanduser(), cache_dir)
-    if key in _TORCHVISION:
-        return _load_torchvision(key, data_dir, cache_dir)
-    raise RobustdropError(
-        f"unknown dataset {spec!r}: use one of cifar10-jpeg (embedded), cifar10, cifar100, svhn, "
-        "or folder:PATH (a train/<class>/ + test/<class>/ image tree or a .tar.gz of one)"
-    )
+        return _load_folder(Path(spec[len("folder:") :].strip()).expanduser(), cache_dir)
+    return _load_torchvision(key, data_dir, cache_dir)

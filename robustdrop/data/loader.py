@@ -103,21 +103,21 @@ class TrainLoader:
         c, hp, wp = self.images.shape[1:]
         return (int(c), int(hp) - 2 * self.pad, int(wp) - 2 * self.pad)
 
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        """The batches of one epoch.
+    def epoch(self, generator: torch.Generator, start: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch, from batch ``start`` on (a run resumed in mid-epoch).
 
         Draws, at call time and from the CPU ``generator``: ``randperm(N)``, then (when augmenting)
         the crop/flip parameters of all N examples in permutation order (see
-        :func:`~robustdrop.data.augment.sample_crop_flip`).
+        :func:`~robustdrop.data.augment.sample_crop_flip`); the draw does not depend on ``start``.
         """
         if generator is None or generator.device.type != "cpu":
             raise ValueError("TrainLoader.epoch needs a CPU torch.Generator")
         perm = torch.randperm(self.num_examples, generator=generator)
         params = sample_crop_flip(self.num_examples, self.pad, generator, self.device) if self.augment else None
-        return self._batches(perm.to(self.device), params)
+        return self._batches(perm.to(self.device), params, start)
 
-    def _batches(self, perm: torch.Tensor, params: CropFlip | None) -> Iterator[Batch]:
-        for i in range(len(self)):
+    def _batches(self, perm: torch.Tensor, params: CropFlip | None, start: int = 0) -> Iterator[Batch]:
+        for i in range(start, len(self)):
             sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, self.num_examples))
             index = perm[sl]
             xb = self.images.index_select(0, index)

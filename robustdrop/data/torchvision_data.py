@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,10 +21,12 @@ _TORCHVISION = {
 
 
 def _data_root(spec: str, data_dir: str | None, cache_dir: str | None) -> Path:
-    if data_dir:
-        root = Path(data_dir).expanduser()
-    elif os.environ.get("ROBUSTDROP_DATA"):
-        root = Path(os.environ["ROBUSTDROP_DATA"]).expanduser()
+    if data_dir or os.environ.get("ROBUSTDROP_DATA"):
+        root = Path(data_dir or os.environ["ROBUSTDROP_DATA"]).expanduser()
+        if not root.is_dir():  # never created as a side effect of a failed start
+            where = "--data-dir" if data_dir else "$ROBUSTDROP_DATA"
+            raise RobustdropError(f"{where} {root} is not a folder: give the folder that holds "
+                                  f"{_TORCHVISION[spec][1]}, or use --dataset cifar10-jpeg (embedded)")
     else:
         root = _resolve_cache_dir(cache_dir)
     # Accept a path to the dataset folder itself (".../cifar-10-batches-py").
@@ -53,9 +56,13 @@ def _load_torchvision(spec: str, data_dir: str | None, cache_dir: str | None) ->
         try:
             ds = _torchvision_split(spec, root, train, download=False)
         except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+            created = [p for p in (root, *root.parents) if not p.exists()]  # torchvision makes the root
             try:
                 ds = _torchvision_split(spec, root, train, download=True)
             except Exception as exc:
+                for folder in created:  # innermost first; only folders it left empty
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
                 raise RobustdropError(
                     f"{label} not found in {root} and could not be downloaded (no internet?): put {folder} there, "
                     "pass --data-dir DIR or set ROBUSTDROP_DATA, or use --dataset cifar10-jpeg (embedded)"

@@ -65,7 +65,7 @@ class StrengthDiagnostic(Diagnostic):
         self._train_time = 0.0
 
     def on_run_start(self, run: RunContext) -> None:
-        self._train = Mean()
+        # (the training-perturbation means are not reset here: a run resumed mid-epoch restores them)
         # Sample at least once per epoch even when an epoch has fewer steps than train_every.
         if self.options.train_every > 0 and run.steps_per_epoch:
             self.every_n_steps = min(self.options.train_every, run.steps_per_epoch)
@@ -133,6 +133,18 @@ class StrengthDiagnostic(Diagnostic):
             self.log(run, k, values[k], spec=fgsm_spec, n=n)
         self.publish(run, strength_ratio=ratio, grad_alignment=values["grad_alignment"],
                      cos_fgsm_pgd=values["cos_fgsm_pgd"], fgsm_delta_autocorr=values["delta_autocorr"])
+
+
+    # -- state: the epoch's training-perturbation means so far (a mid-epoch checkpoint) ----------
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_sums": {k: v.detach().cpu() for k, v in self._train.sums.items()},
+                "train_count": self._train.count, "train_time": self._train_time}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._train = Mean()
+        self._train.sums = dict(state.get("train_sums", {}))  # 0-d CPU tensors add to device values exactly
+        self._train.count = int(state.get("train_count", 0))
+        self._train_time = float(state.get("train_time", 0.0))
 
 
 def _epsilon(run: RunContext) -> float:

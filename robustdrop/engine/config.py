@@ -15,6 +15,7 @@ from typing import Any
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import available_methods, check_method, create_method
 from robustdrop.models import available_models, check_model
+from robustdrop.schedules import SCHEDULES
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -30,6 +31,10 @@ ON_COLLAPSE = ("warn", "stop", "rollback", "switch")
 EVAL_PRECISIONS = ("fp32", "bf16")
 # The fields a --switch-to spec may set (the rest of the run's config stays).
 SWITCH_FIELDS = ("alpha", "pgd_steps", "nfgsm_noise", "gradalign_lambda", "attack_bn")
+# Fields a resumed run may change without changing what it computes (`--resume RUN --device cpu`).
+RUNTIME_FIELDS = ("device", "threads")
+# Schedules defined past a run's planned end (`--resume RUN --epochs N` may extend them).
+EXTENSIBLE_SCHEDULES = ("cyclic-repeat", "constant", "piecewise")
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -90,12 +95,13 @@ class TrackConfig:
     base_momentum: float = opt(0.8, "cycled momentum at the LR peak (--cycle-momentum, --apart-psi-cycle-momentum)")
     max_momentum: float = opt(0.9, "cycled momentum at LR 0 (--cycle-momentum, --apart-psi-cycle-momentum)")
     weight_decay: float = opt(5e-4, "weight decay")
-    schedule: str = opt("cyclic", "cyclic | cyclic-repeat | piecewise | constant",
-                        choices=("cyclic", "cyclic-repeat", "piecewise", "constant"))
+    schedule: str = opt("cyclic", "cyclic | cyclic-repeat | piecewise | constant", choices=SCHEDULES)
     lr_peak_at: float = opt(0.5, "cyclic: where the LR peaks, as a fraction of the run (or of a cycle)")
     cycle_epochs: int = opt(30, "cyclic-repeat: period of the LR cycle in epochs")
     lr_milestones: list = opt([0.5, 0.75], "piecewise: fractions of the run where the LR drops", nargs="+", item=float)
     lr_gamma: float = opt(0.1, "piecewise: factor at each milestone")
+    schedule_epochs: int | None = opt(None, "epochs the schedule's fractions (--lr-milestones, cyclic's triangle) refer "
+                                            "to (default: --epochs; an extended piecewise run keeps its original)")
     # -- evaluation -----------------------------------------------------------------------
     probe_size: int = opt(1000, "fixed, seeded, class-balanced subset of the test set evaluated every epoch")
     eval_every: int = opt(1, "evaluate the probe (and validation) set every N epochs")
@@ -143,13 +149,19 @@ class TrackConfig:
         return cls(**values)
 
     def validate(self) -> TrackConfig:
-        """Raise :class:`RobustdropError` on values that cannot work; returns ``self``."""
+        """Raise :class:`RobustdropError` on values that cannot work; returns ``self``.
+
+        Checks what can be checked without the data; the dataset spec (``load_dataset``) and the
+        sizes it allows (:meth:`check_data`) are checked by the trainer's ``prepare``, still before
+        anything is written. (``dataset`` may name in-memory data handed to ``track(data=...)``.)"""
+        self._check_finite()
+        self._check_choices()
         if not (0 < self.epsilon <= 1) or math.isnan(self.epsilon):
             raise RobustdropError(f"--epsilon must be in (0, 1] (e.g. 8/255), got {self.epsilon}")
         if self.eval_epsilon is not None and (not 0 < self.eval_epsilon <= 1 or math.isnan(self.eval_epsilon)):
             raise RobustdropError(f"--eval-epsilon must be in (0, 1] (e.g. 8/255), got {self.eval_epsilon}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise RobustdropError(f"--alpha must be positive, got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha <= 1:
+            raise RobustdropError(f"--alpha must be in (0, 1] (e.g. 2/255), got {self.alpha}")
         check_method(self.method)
         check_model(self.model)
         if self.optimizer not in OPTIMIZERS:
@@ -176,8 +188,27 @@ class TrackConfig:
                      "final_eval_size"):
             if getattr(self, name) < 0:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.lr < 0 or self.weight_decay < 0:
-            raise RobustdropError("--lr and --weight-decay must be >= 0")
+        for name in ("lr", "weight_decay", "lr_gamma", "apart_alpha_init", "apart_alpha_omega_init", "apart_psi_lr",
+                     "apart_psi_weight_decay", "nfgsm_noise", "gradalign_lambda"):
+            if getattr(self, name) < 0:
+                raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise RobustdropError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.pad_value <= 1:
+            raise RobustdropError(f"--pad-value is a colour in [0, 1], got {self.pad_value}")
+        if self.width is not None and not self.width > 0:
+            raise RobustdropError(f"--width must be positive, got {self.width}")
+        if not self.eval_pgd_step_size > 0:
+            raise RobustdropError(f"--eval-pgd-step-size must be positive (e.g. 2/255), got {self.eval_pgd_step_size}")
+        if not 0 < self.lr_peak_at <= 1:
+            raise RobustdropError(f"--lr-peak-at must be in (0, 1] (a fraction of the run or cycle), got {self.lr_peak_at}")
+        if self.cycle_epochs < 1:
+            raise RobustdropError(f"--cycle-epochs must be at least 1, got {self.cycle_epochs}")
+        if not self.lr_milestones or not all(0 < m <= 1 for m in self.lr_milestones):
+            raise RobustdropError(f"--lr-milestones are fractions of the run in (0, 1], e.g. 0.5 0.75; got "
+                                  f"{' '.join(map(str, self.lr_milestones)) or 'none'}")
+        if self.schedule_epochs is not None and self.schedule_epochs < 1:
+            raise RobustdropError(f"--schedule-epochs must be at least 1, got {self.schedule_epochs}")
         if not 0 <= self.base_momentum <= self.max_momentum < 1:
             raise RobustdropError(f"need 0 <= --base-momentum <= --max-momentum < 1, got {self.base_momentum} "
                                   f"and {self.max_momentum}")
@@ -197,6 +228,69 @@ class TrackConfig:
             from robustdrop.store.tensorboard import import_summary_writer
 
             import_summary_writer()
+
+    def _check_finite(self) -> None:
+        """NaN and infinity are refused everywhere (argparse's float() accepts 'nan' and 'inf')."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise RobustdropError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if isinstance(choices, tuple) and getattr(self, f.name) not in choices:
+                raise RobustdropError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                      f"got {getattr(self, f.name)!r}")
+
+    def check_data(self, num_train: int, num_test: int, name: str = "the dataset") -> None:
+        """Raise :class:`RobustdropError` on sizes the data cannot give: called by the trainer once
+        the dataset is loaded, before anything is written."""
+        if self.val_size >= num_train:
+            raise RobustdropError(f"--val-size {self.val_size} leaves no training examples: {name} has {num_train}; "
+                                  "use a smaller --val-size (0 = none)")
+        left = num_train - self.val_size
+        if self.train_subset > left:
+            raise RobustdropError(f"--train-subset {self.train_subset} is more than the {left} training examples of "
+                                  f"{name} left after --val-size {self.val_size}; use at most {left} (0 = all)")
+        used = self.train_subset or left
+        if used < self.batch_size:
+            raise RobustdropError(f"only {used} training examples for --batch-size {self.batch_size}; "
+                                  "lower --batch-size or --val-size, or raise --train-subset")
+        for flag, size in (("--probe-size", self.probe_size),
+                           ("--final-eval-size", self.final_eval_size if self.final_eval else 0)):
+            if size > num_test:
+                raise RobustdropError(f"{flag} {size} is larger than the test set of {name} ({num_test} examples); "
+                                      f"use at most {num_test}")
+
+    def extended(self, epochs: int) -> TrackConfig:
+        """This config extended to ``epochs`` (``--resume RUN --epochs N``).
+
+        Defined where the LR schedule is defined past the planned end: ``cyclic-repeat`` (the
+        cycles go on) and ``constant``; ``piecewise`` keeps its milestones at their original epochs
+        (``schedule_epochs`` stays the planned length) and the LR continues at its last value. The
+        one-cycle ``cyclic`` ends at LR 0 at its planned end: refused, with the alternative.
+        """
+        if epochs < self.epochs:
+            raise RobustdropError(f"--epochs {epochs} is fewer than the run's planned {self.epochs}; a run can be "
+                                  "extended, not shortened")
+        if epochs == self.epochs:
+            return self
+        if self.schedule not in EXTENSIBLE_SCHEDULES:
+            raise RobustdropError(
+                f"cannot extend this run: --schedule {self.schedule} is one LR cycle over its {self.planned_epochs} "
+                f"epochs, ending at LR 0, and is not defined past them; for a longer run start a new one with "
+                f"--schedule cyclic-repeat --cycle-epochs {self.planned_epochs} --epochs {epochs} (its first cycle is "
+                "this schedule)")
+        pinned = self.planned_epochs if self.schedule == "piecewise" else self.schedule_epochs
+        return dataclasses.replace(self, epochs=epochs, schedule_epochs=pinned)
+
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs the LR schedule's fractions refer to (``schedule_epochs``, else ``epochs``)."""
+        return self.schedule_epochs or self.epochs
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -230,16 +324,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_fraction(text: str | float) -> float:
-    """Parse '8/255', '2.5/255' (the way ε and steps are printed), '0.031' or 0.031 into a float."""
+    """Parse '8/255', '2.6/255' (the way ε and steps are printed), '0.031' or 0.031 into a finite float."""
     if isinstance(text, (int, float)):
-        return float(text)
-    try:
-        num, *den = text.split("/")
-        if len(den) > 1:
-            raise ValueError(text)
-        return float(Fraction(num.strip()) / Fraction(den[0].strip() if den else 1))
-    except (ValueError, ZeroDivisionError):
-        raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255 or 0.0314") from None
+        value = float(text)
+    else:
+        try:
+            num, *den = text.strip().split("/")
+            if len(den) > 1:
+                raise ValueError(text)
+            value = float(Fraction(num.strip()) / Fraction(den[0].strip() if den else "1"))
+        except (ValueError, ZeroDivisionError):
+            raise RobustdropError(f"cannot read {text!r} as a number; write e.g. 8/255, 2.5/255 or 0.0314") from None
+    if not math.isfinite(value):
+        raise RobustdropError(f"{text!r} is not a finite number; write e.g. 8/255 or 0.0314")
+    return value
 
 
 def field_parser(f: dataclasses.Field) -> Any:

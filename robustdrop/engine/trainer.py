@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import platform
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,18 +25,23 @@ from tqdm.auto import tqdm
 import robustdrop
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
-from robustdrop.engine.config import TrackConfig, switched_config
+from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
+from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
+from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
-from robustdrop.errors import RobustdropError
-from robustdrop.formatting import eps_in_255ths
+from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
+from robustdrop.formatting import eps_in_255ths, format_duration
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
 from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore, load_checkpoint_file, metric_row
 
+# Checkpoints written since mid-epoch checkpoints also carry ``partial_epoch`` and ``elapsed_s``;
+# older ones (without) are read as epoch ends.
 CHECKPOINT_FORMAT = "robustdrop-checkpoint-1"
+ESTIMATE_EXAMPLES_CPU = 32  # probe examples the cost estimate times the evaluation on (CPU; a batch on CUDA)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,9 +50,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RobustdropError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise RobustdropError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RobustdropError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RobustdropError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise RobustdropError(f"--device {name} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -92,17 +104,61 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+@dataclass
+class EpochProgress:
+    """The epoch in progress: what a mid-epoch checkpoint holds beyond model, optimizer, method,
+    hooks and RNG states to continue the epoch at its next step exactly.
+
+    ``generator``: the data generator's state before the epoch drew its permutation and
+    augmentation (drawing again from it gives the same batches); ``steps_done``: the epoch's steps
+    already taken; ``loss_sum``, ``correct`` (device scalars), ``seen``: the epoch's training
+    accumulators; ``lr``: the last step's LR; ``train_s``, ``diag_s``: wall time spent so far.
+    """
+
+    generator: torch.Tensor
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    steps_done: int = 0
+    seen: int = 0
+    lr: float = 0.0
+    train_s: float = 0.0
+    diag_s: float = 0.0
+
+    @classmethod
+    def start(cls, generator: torch.Generator, device: torch.device) -> EpochProgress:
+        zero = torch.zeros((), device=device)
+        return cls(generator.get_state(), zero, zero.clone())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.clone(), "loss_sum": self.loss_sum.detach().cpu(),
+                "correct": self.correct.detach().cpu(), "steps_done": self.steps_done, "seen": self.seen,
+                "lr": self.lr, "train_s": self.train_s, "diag_s": self.diag_s}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
+        return cls(state["generator"], state["loss_sum"].to(device), state["correct"].to(device),
+                   int(state["steps_done"]), int(state["seen"]), float(state["lr"]), float(state["train_s"]),
+                   float(state["diag_s"]))
+
+
 class Trainer:
     """Runs one training run into a :class:`RunStore`.
 
-    Hooks receive :attr:`run`, the :class:`RunContext` the trainer builds in ``_prepare`` and keeps
+    Hooks receive :attr:`run`, the :class:`RunContext` the trainer builds in :meth:`prepare` and keeps
     current (``epoch``, ``step``, the ``metrics`` channel); the trainer itself is never handed to a hook.
+
+    :meth:`prepare` does everything that can fail on the user's input (device, data and its sizes,
+    model, optimizer, method) and writes nothing, so a caller can call it before making the run
+    directory; :meth:`fit` prepares if needed, then trains. On SIGINT / SIGTERM :meth:`fit`
+    finishes the current step, writes a mid-epoch checkpoint and raises
+    :class:`~robustdrop.errors.RunInterrupted`; ``resume`` continues from it exactly.
 
     Args:
         config: the resolved config.
-        store: the run directory (created by the caller).
+        store: the run directory (made by the caller before :meth:`fit`).
         hooks: diagnostics to emit events to.
-        resume: continue from the store's ``checkpoints/last.pt``.
+        resume: continue from the store's ``checkpoints/last.pt``; a config with more ``epochs``
+            than the checkpoint's extends the run (see :meth:`TrackConfig.extended`).
         progress: show a progress bar per epoch (summary lines are printed either way).
     """
 
@@ -121,7 +177,16 @@ class Trainer:
         self.data = data
         self.run: RunContext | None = None
         self._switches: list[dict[str, Any]] = []  # method switches so far: {"epoch", "to"} (checkpointed)
+        self.started = False  # training began (a failed start before it leaves nothing worth keeping)
         self._eval: list[EvalResult] = []  # the epoch's evaluation, for the metrics rows and the summary
+        self._interrupts = Interrupts()
+        self._progress: EpochProgress | None = None  # the epoch in progress (restored from a mid-epoch checkpoint)
+        self._elapsed0 = 0.0  # wall time of the run before this process (from the checkpoint)
+        self._loop_start: float | None = None
+        self._timer: StepTimer | None = None  # the warm-up timer until the cost estimate is out
+        self.estimate: Estimate | None = None
+        self._extended_from: int | None = None  # planned epochs before this resume extended the run
+        self._last_is_epoch_end = True  # whether checkpoints/last.pt holds an epoch end (not a mid-epoch state)
 
     # The loop's counters and a hook's stop request live on the RunContext; read-only here.
     @property
@@ -139,7 +204,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up
     # ------------------------------------------------------------------------------------------
-    def _prepare(self) -> None:
+    def prepare(self) -> Trainer:
+        """Resolve the device, load the data and check the config against it, build the model,
+        optimizer, schedule and method. Writes nothing; a second call does nothing."""
+        if self.run is not None:
+            return self
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -162,19 +231,17 @@ class Trainer:
         if self.data is None:
             self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
         data = self.data
+        cfg.check_data(len(data.train_y), len(data.test_y), data.name)
         train_idx, val_idx = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
         if cfg.train_subset:
             # A seeded random subset: the datasets are stored class by class.
             pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
             train_idx = train_idx[pick[: cfg.train_subset].sort().values]
-        if len(train_idx) < cfg.batch_size:
-            raise RobustdropError(f"only {len(train_idx)} training examples for --batch-size {cfg.batch_size}; "
-                                  "lower --batch-size or --val-size")
         self.train_images = data.train_x[train_idx]
         self.loader = TrainLoader(self.train_images, data.train_y[train_idx], cfg.batch_size, device=self.device,
                                   augment=cfg.augment, pad=4, pad_value=cfg.pad_value, channels_last=self._channels_last)
         self.val = (data.train_x[val_idx].to(self.device), data.train_y[val_idx].to(self.device))
-        probe = probe_indices(data.test_y, min(cfg.probe_size, len(data.test_y)), cfg.seed)
+        probe = probe_indices(data.test_y, cfg.probe_size, cfg.seed)
         self.probe = (data.test_x[probe].to(self.device), data.test_y[probe].to(self.device))
         self.test = (data.test_x.to(self.device), data.test_y.to(self.device))
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
@@ -202,15 +269,18 @@ class Trainer:
                               steps_per_epoch=steps_per_epoch, autocast_factory=self._eval_autocast,
                               eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
                               channels_last=self._channels_last)
+        return self
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------
-    def _state(self, finished: bool) -> dict[str, Any]:
+    def _state(self, finished: bool, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """Everything to continue the run: at an epoch end, or (``progress``) in the middle of an
+        epoch, where ``epoch`` counts the finished epochs and ``partial_epoch`` the one in progress."""
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
-            "epoch": self.epoch,
+            "epoch": self.epoch - 1 if progress is not None else self.epoch,
             "step": self.step,
             "finished": finished,
             "model": self.model.state_dict(),
@@ -224,6 +294,8 @@ class Trainer:
             "data_generator": self.data_generator.get_state(),
             "num_metric_rows": self.store.num_metric_rows,
             "num_events": self.store.num_events,
+            "partial_epoch": progress.state_dict() if progress is not None else None,
+            "elapsed_s": self._elapsed(),
         }
 
     def _checkpoint_saver(self) -> CheckpointSaver:
@@ -235,17 +307,30 @@ class Trainer:
         self._checkpoint_saver().save(self._state(finished), self.epoch)
 
     def _load_checkpoint(self) -> bool:
-        """Restore from ``last.pt``; returns whether the run had already finished."""
-        state = self.store.load_checkpoint("last", map_location=self.device)
+        """Restore from ``last.pt`` (an epoch end or a mid-epoch state); returns whether the run had
+        already finished. A config with more epochs than the checkpoint's extends the run."""
+        path = self.store.checkpoint_path("last")
+        state = self.store.load_checkpoint(
+            "last", map_location=self.device,
+            todo="copy an older checkpoints/epoch_XXXX.pt over it if there is one, or start the run again with --overwrite")
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise RobustdropError(f"{self.store.checkpoint_path('last')} is not a {CHECKPOINT_FORMAT} checkpoint")
+            raise RobustdropError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
         # Fields added to TrackConfig after the checkpoint was written take their defaults on both
         # sides (from_dict fills them), so a newer robustdrop still resumes an older run.
         saved, current = TrackConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
-        if saved != current:
-            diff = sorted(k for k in saved if saved[k] != current.get(k))
+        extending = saved["epochs"] < current["epochs"]
+        same = set(RUNTIME_FIELDS) | ({"epochs", "schedule_epochs"} if extending else set())
+        diff = sorted(k for k in saved if k not in same and saved[k] != current.get(k))
+        if diff:
             raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
                                   "restore config.json or start a new run")
+        if extending:
+            if state["finished"] and state["epoch"] < saved["epochs"]:
+                raise RobustdropError(f"{self.store.path} was stopped at epoch {state['epoch']} of {saved['epochs']} "
+                                      "(see its events.jsonl); a stopped run cannot be extended: start a new run")
+            planned = TrackConfig.from_dict(saved).extended(self.config.epochs)
+            if planned.schedule_epochs != self.config.schedule_epochs:
+                raise RobustdropError(f"--schedule-epochs of an extended run must stay {planned.schedule_epochs}")
         for switch in state.get("switches", []):  # continue with the method the run had switched to
             self._switch_method(switch["to"])
         self._switches = list(state.get("switches", []))
@@ -265,9 +350,35 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.data_generator.set_state(state["data_generator"])
         self.run.epoch, self.run.step = state["epoch"], state["step"]
+        partial = state.get("partial_epoch")
+        self._progress = EpochProgress.from_state(partial, self.device) if partial else None
+        self._last_is_epoch_end = self._progress is None
+        self._elapsed0 = float(state.get("elapsed_s", 0.0))
         self.store.truncate_logs(state["num_metric_rows"], state["num_events"])
-        self.store.log_event("resume", epoch=self.epoch, step=self.step)
+        self.store.log_event("resume", epoch=self.epoch, step=self.step,
+                             **({"steps_into_epoch": self._progress.steps_done} if self._progress else {}))
+        if extending:
+            self._extended_from = saved["epochs"]
+            self._record_extension(saved)
         return bool(state["finished"])
+
+    def _record_extension(self, saved: dict[str, Any]) -> None:
+        """The extension is an event, and config.json becomes the extended config; the manifest's
+        ``config_history`` lists every change (what, from, to, at which epoch, by which command)."""
+        cfg = self.config
+        changes = {k: [saved.get(k), getattr(cfg, k)] for k in ("epochs", "schedule_epochs")
+                   if saved.get(k) != getattr(cfg, k)}
+        self.store.log_event("extend", epoch=self.epoch, step=self.step, from_epochs=saved["epochs"],
+                             to_epochs=cfg.epochs)
+        on_disk = self.store.read_json(RunStore.CONFIG)
+        self.store.write_json(RunStore.CONFIG, {**on_disk, **{k: new for k, (_, new) in changes.items()}})
+        manifest = self.store.read_json(RunStore.MANIFEST)
+        history = manifest.setdefault("config_history", [])
+        entry = {"epoch": self.epoch, "step": self.step, "changes": changes}
+        if not history or {k: history[-1].get(k) for k in entry} != entry:  # not twice for one extension
+            history.append({**entry, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "command": sys.argv})
+            self.store.write_json(RunStore.MANIFEST, manifest)
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -299,76 +410,142 @@ class Trainer:
     # the loop
     # ------------------------------------------------------------------------------------------
     def fit(self) -> RunStore:
-        self._prepare()
+        """Train (or continue) the run to ``config.epochs``; returns the store.
+
+        Raises:
+            RunInterrupted: SIGINT / SIGTERM arrived; a checkpoint to resume from was written first.
+            RobustdropError: bad input or environment (one line); a write failure during training
+                says that the last checkpoint is intact and how to continue.
+        """
+        with self._interrupts:
+            try:
+                return self._fit()
+            except FileWriteError as exc:
+                if not self.started:
+                    raise
+                raise FileWriteError(f"{exc}; the run's last checkpoint is intact: once fixed, continue it with "
+                                     f"`robustdrop track --resume {self.store.path}`") from exc
+
+    def _fit(self) -> RunStore:
+        self.prepare()
         cfg = self.config
         if self.resume:
-            if self._load_checkpoint():
+            finished = self._load_checkpoint()
+            if finished and self._extended_from is None:
                 print(f"{self.store.path}: the run already finished at epoch {self.epoch}; nothing to resume")
                 return self.store
-            print(f"resuming {self.store.path} after epoch {self.epoch} (step {self.step})")
+            where = (f"in epoch {self.epoch + 1} after step {self._progress.steps_done} of {len(self.loader)}"
+                     if self._progress else f"after epoch {self.epoch}")
+            extended = (f", extended from {self._extended_from} to {cfg.epochs} epochs"
+                        if self._extended_from is not None else "")
+            print(f"resuming {self.store.path} {where} (step {self.step}){extended}", flush=True)
         else:
             self.store.write_json(RunStore.CONFIG, cfg.to_dict())
             self.store.write_json(RunStore.MANIFEST, self._manifest())
         self._emit("on_run_start")
-        finished = False
+        self.started = True
+        self._loop_start = time.perf_counter()
+        self._timer = StepTimer(self.device)
         while self.epoch < cfg.epochs:
             self.run.epoch += 1
             self.run.metrics.clear()
             times = self._train_epoch()
-            last = self.epoch == cfg.epochs
-            start = time.perf_counter()
-            self._evaluate_epoch(last)
-            times["eval"] = time.perf_counter() - start
-            due = [h for h in self.hooks if h.wants_epoch(self.epoch, last=last)]
-            times["diag"] += self._emit("on_epoch_end", self.epoch, hooks=due)
-            self._log_epoch(times)
-            finished = last or self._stop is not None
-            if self._stop is not None:
-                self._handle_stop()
-            elif self.run.switch_request is not None and not last:
-                self._handle_switch()
-            if finished:
-                self._emit("on_run_end")
-            self.store.flush()
-            self._save_checkpoint(finished=finished)
-            self._print_summary(times)
+            finished = self._end_epoch(times)
             if finished:
                 break
+            if self._interrupts.requested:  # arrived during the epoch's end: its checkpoint is the resume point
+                raise self._interrupted(f"after epoch {self.epoch}")
         return self.store
 
+    def _end_epoch(self, times: dict[str, float]) -> bool:
+        """Evaluate, run the diagnostics, log, checkpoint; returns whether the run is finished.
+
+        A signal during evaluation or diagnostics aborts them: the state at the end of the epoch's
+        steps (hook states and logs as before the evaluation) is checkpointed instead."""
+        cfg = self.config
+        last = self.epoch == cfg.epochs
+        if self._interrupts.requested:
+            self._stop_mid_epoch()
+        before = self._snapshot()
+        try:
+            with self._interrupts.abortable():
+                start = time.perf_counter()
+                self._evaluate_epoch()
+                times["eval"] = time.perf_counter() - start
+                due = [h for h in self.hooks if h.wants_epoch(self.epoch, last=last)]
+                times["diag"] += self._emit("on_epoch_end", self.epoch, hooks=due)
+        except Abort:
+            self._restore(before)
+            self._stop_mid_epoch()
+        self._log_epoch(times)
+        finished = last or self._stop is not None
+        if self._stop is not None:
+            self._handle_stop()
+        elif self.run.switch_request is not None and not last:
+            self._handle_switch()
+        if finished:
+            self._emit("on_run_end")
+        self.store.flush()
+        self._save_checkpoint(finished=finished)
+        self._progress, self._last_is_epoch_end = None, True
+        self._print_summary(times)
+        return finished
+
+    def _step(self, batch: Any) -> tuple[float, Any]:
+        """One optimizer step of the method on ``batch``; returns (the step's LR, its StepOutput)."""
+        lr = self.schedule.apply(self.optimizer)
+        with self._autocast():
+            out = self.method.train_step(self.model, batch, self.optimizer)
+        self.schedule.step()
+        self.run.step += 1
+        return lr, out
+
     def _train_epoch(self) -> dict[str, float]:
-        cfg, model, method = self.config, self.model, self.method
+        model = self.model
         model.train()
         step_hooks = [h for h in self.hooks if h.every_n_steps > 0]
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        seen, diag = 0, 0.0
-        bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}/{cfg.epochs}", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
-        start = time.perf_counter()
-        for i, batch in enumerate(self.loader.epoch(self.data_generator)):
-            lr = self.schedule.apply(self.optimizer)
-            with self._autocast():
-                out = method.train_step(model, batch, self.optimizer)
-            self.schedule.step()
-            self.run.step += 1
-            loss_sum += out.loss * len(batch.y)
-            correct += (out.logits.argmax(1) == batch.y).sum()
-            seen += len(batch.y)
+        p = self._progress or EpochProgress.start(self.data_generator, self.device)
+        if self._progress is not None:  # a mid-epoch checkpoint: draw the epoch again, skip what was done
+            self.data_generator.set_state(p.generator)
+        self._progress = p
+        n = len(self.loader)
+        bar = tqdm(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, disable=not self.progress,
+                   dynamic_ncols=True)
+        timer = self._timer
+        if timer is not None:
+            timer.begin()
+        start, diag, aside = time.perf_counter(), 0.0, 0.0
+        for i, batch in enumerate(self.loader.epoch(self.data_generator, start=p.steps_done), p.steps_done):
+            if self._interrupts.requested:
+                bar.close()
+                p.train_s, p.diag_s = p.train_s + time.perf_counter() - start - diag - aside, p.diag_s + diag
+                self._stop_mid_epoch()
+            p.lr, out = self._step(batch)
+            p.loss_sum += out.loss * len(batch.y)
+            p.correct += (out.logits.argmax(1) == batch.y).sum()
+            p.seen += len(batch.y)
+            p.steps_done = i + 1
             due = [h for h in step_hooks if h.wants_step(self.step)]
             if due:
                 diag += self._emit("on_train_step", batch, out, hooks=due)
-            if i % 20 == 0 or i == len(self.loader) - 1:
-                mean_loss = loss_sum.item() / seen
+            if timer is not None and timer.tick():
+                aside += self._report_estimate(timer)
+                timer = None
+            if i % 20 == 0 or i == n - 1:
+                mean_loss = p.loss_sum.item() / p.seen
                 self._check_finite(mean_loss)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{lr:.3g}")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{p.correct.item() / p.seen:.3f}", lr=f"{p.lr:.3g}")
+                bar.set_description(self._bar_text(p), refresh=False)
             bar.update(1)
         bar.close()
-        total = time.perf_counter() - start
-        loss, acc = loss_sum.item() / seen, correct.item() / seen
-        self._train_stats = (loss, acc, seen, lr)
-        self.run.metrics.update({"train/loss": loss, "train/acc": acc, "train/lr": lr})
-        return {"train": total - diag, "diag": diag}
+        if timer is not None and timer.finish():  # an epoch shorter than the warm-up
+            aside += self._report_estimate(timer)
+        p.train_s += time.perf_counter() - start - diag - aside
+        p.diag_s += diag
+        loss, acc = p.loss_sum.item() / p.seen, p.correct.item() / p.seen
+        self._train_stats = (loss, acc, p.seen, p.lr)
+        self.run.metrics.update({"train/loss": loss, "train/acc": acc, "train/lr": p.lr})
+        return {"train": p.train_s, "diag": p.diag_s}
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -379,17 +556,23 @@ class Trainer:
                 f"or --epsilon; the last good checkpoint is {self.store.checkpoint_path('last')} (resume with --resume)"
             )
 
-    def _evaluate_epoch(self, last: bool) -> None:
+    def _eval_sets(self, epoch: int) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor], list[Attack | None]]]:
+        """What the run evaluates at the end of ``epoch``: ``(split, (images, labels), attacks)``."""
         cfg = self.config
-        self._eval = []
+        last = epoch == cfg.epochs
         sets = []
-        if self.epoch % cfg.eval_every == 0 or last:
+        if epoch % cfg.eval_every == 0 or last:
             sets.append(("probe", self.probe, self.eval_attacks))
             if len(self.val[1]):
                 sets.append(("val", self.val, [self.eval_attacks[0], self.eval_attacks[2]]))
-        if last or (cfg.test_every and self.epoch % cfg.test_every == 0):
+        if last or (cfg.test_every and epoch % cfg.test_every == 0):
             sets.append(("test", self.test, self.eval_attacks))
-        for split, (images, labels), attacks in sets:
+        return sets
+
+    def _evaluate_epoch(self) -> None:
+        cfg = self.config
+        self._eval = []
+        for split, (images, labels), attacks in self._eval_sets(self.epoch):
             results = evaluate(self.model, images, labels, attacks, split=split, batch_size=cfg.eval_batch_size,
                                device=self.device, generator=self.run.generator(f"eval/{split}"),
                                autocast=self._eval_autocast, channels_last=self._channels_last)
@@ -397,6 +580,108 @@ class Trainer:
                 self._eval.append(r)
                 self.run.metrics[f"{split}/acc/{r.spec.attack}"] = r.acc
                 self.run.metrics[f"{split}/loss/{r.spec.attack}"] = r.loss
+
+    # ------------------------------------------------------------------------------------------
+    # interruption
+    # ------------------------------------------------------------------------------------------
+    def _snapshot(self) -> tuple[dict[str, Any], int, int, Any, Any]:
+        """What the epoch's end changes besides files: hook states, log lengths, a stop or switch request."""
+        states = copy.deepcopy({h.state_key: h.state_dict() for h in self.hooks})
+        return states, self.store.num_metric_rows, self.store.num_events, self.run.stop_request, self.run.switch_request
+
+    def _restore(self, snapshot: tuple[dict[str, Any], int, int, Any, Any]) -> None:
+        states, rows, events, stop, switch = snapshot
+        for hook in self.hooks:
+            hook.load_state_dict(states[hook.state_key])
+        self.store.truncate_logs(rows, events)
+        self.run.stop_request, self.run.switch_request = stop, switch
+
+    def _stop_mid_epoch(self) -> None:
+        """Checkpoint the epoch in progress (``last.pt`` only) and raise :class:`RunInterrupted`."""
+        p = self._progress
+        self.store.flush()
+        self._checkpoint_saver().save_mid_epoch(self._state(finished=False, progress=p))
+        n = len(self.loader)
+        where = f"in epoch {self.epoch} after step {p.steps_done} of {n}" if p.steps_done < n else \
+            f"after the training steps of epoch {self.epoch} (its evaluation runs on resume)"
+        raise self._interrupted(where)
+
+    def _interrupted(self, where: str) -> RunInterrupted:
+        signum = self._interrupts.signum
+        name = RunInterrupted(signum, "").signal_name
+        return RunInterrupted(signum, f"stopped by {name} {where}; checkpoint saved: continue with "
+                                      f"`robustdrop track --resume {self.store.path}`")
+
+    # ------------------------------------------------------------------------------------------
+    # cost and progress
+    # ------------------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """Wall time of the run's training loop so far, across resumes."""
+        now = time.perf_counter() - self._loop_start if self._loop_start is not None else 0.0
+        return self._elapsed0 + now
+
+    def _estimate(self, timer: StepTimer, *, epoch: int, steps_done: int) -> Estimate:
+        """The cost of the run from step ``steps_done`` of ``epoch`` on (see engine/estimate.py)."""
+        cfg, n = self.config, len(self.loader)
+        timed_on = next((s for s in (self.probe, self.val, self.test) if len(s[1])), self.probe)
+        slice_n = ESTIMATE_EXAMPLES_CPU if self.device.type == "cpu" else cfg.eval_batch_size
+        per_example = time_evaluation(self.model, *timed_on, self.eval_attacks, device=self.device,
+                                      autocast=self._autocast, channels_last=self._channels_last, n=slice_n)
+        eval_s = sum(len(labels) * sum(per_example[spec_of(a).attack] for a in attacks)
+                     for e in range(epoch, cfg.epochs + 1) for _, (_, labels), attacks in self._eval_sets(e))
+        steps_left = (cfg.epochs - epoch + 1) * n - steps_done
+        return Estimate(device=describe_device(self.device), on_cpu=self.device.type == "cpu",
+                        seconds_per_step=timer.seconds_per_step, steps_timed=timer.timed, steps_per_epoch=n,
+                        epochs=cfg.epochs, epochs_left=steps_left / n, train_s=steps_left * timer.seconds_per_step,
+                        eval_s=eval_s, eval_examples_timed=min(slice_n, len(timed_on[1])),
+                        diagnostics=any(type(h).on_epoch_end is not Hook.on_epoch_end for h in self.hooks))
+
+    def _report_estimate(self, timer: StepTimer) -> float:
+        """Print the cost estimate (one line) and record it as an event; returns the seconds it took."""
+        start = time.perf_counter()
+        p = self._progress
+        steps_before = p.steps_done - timer.steps  # the estimate starts where this process started
+        self.estimate = self._estimate(timer, epoch=self.epoch, steps_done=max(steps_before, 0))
+        self.store.log_event("estimate", epoch=self.epoch, step=self.step, **self.estimate.as_event())
+        tqdm.write(self.estimate.line(), file=sys.stdout)
+        sys.stdout.flush()
+        return time.perf_counter() - start
+
+    def dry_run(self) -> Estimate:
+        """The cost estimate of the whole run from a few training steps of this (prepared, never
+        fitted) trainer's model, and the evaluation timed on a probe slice. Writes nothing."""
+        self.prepare()
+        self.model.train()
+        timer = StepTimer(self.device)
+        timer.begin()
+        for batch in self.loader.epoch(torch.Generator().manual_seed(self.config.seed)):
+            self._step(batch)
+            if timer.tick():
+                break
+        timer.finish()
+        return self._estimate(timer, epoch=1, steps_done=0)
+
+    def _remaining(self, done: float) -> float | None:
+        """Estimated wall time left when ``done`` epochs (a fraction mid-epoch) are behind us."""
+        left = self.config.epochs - done
+        if done >= 1 and self._elapsed() > 0:  # measured: training, evaluation and diagnostics
+            return self._elapsed() / done * left
+        if self.estimate is not None:
+            return self.estimate.total_s * left / max(self.estimate.epochs_left, 1e-9)
+        return None
+
+    def _run_progress(self, done: float) -> str:
+        """Run-level progress: epochs done (whole, else the run's percentage), wall time elapsed
+        (across resumes) and estimated time left."""
+        left = self._remaining(done)
+        rest = f", ~{format_duration(left)} left" if left is not None else ""
+        where = (f"{int(done)}/{self.config.epochs} epochs" if done == int(done)
+                 else f"{100 * done / self.config.epochs:.0f}% of {self.config.epochs} epochs")
+        return f"{where}, {format_duration(self._elapsed())} elapsed{rest}"
+
+    def _bar_text(self, p: EpochProgress) -> str:
+        done = self.epoch - 1 + p.steps_done / max(len(self.loader), 1)
+        return f"epoch {self.epoch}/{self.config.epochs} (run {self._run_progress(done)})"
 
     def _log_epoch(self, times: dict[str, float]) -> None:
         loss, acc, seen, lr = self._train_stats
@@ -428,9 +713,10 @@ class Trainer:
         self.store.log_event("stop", epoch=self.epoch, step=self.step, reason=reason)
         if rollback is None:
             return
-        # last.pt still holds the previous epoch: this epoch is saved after the stop is handled.
+        # last.pt still holds the previous epoch (or, after a mid-epoch resume, part of this one):
+        # this epoch is saved after the stop is handled.
         saver = self._checkpoint_saver()
-        source = saver.rollback_source(rollback, last_epoch=self.epoch - 1)
+        source = saver.rollback_source(rollback, last_epoch=self.epoch - 1 if self._last_is_epoch_end else None)
         if source is None:
             self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
             return
@@ -466,6 +752,7 @@ class Trainer:
                 parts.append(f"{split}(n={here[0].n}) {accs}")
         parts.append(f"{sum(times.values()):.1f}s (train {times['train']:.1f}, eval {times['eval']:.1f}, "
                      f"diag {times['diag']:.1f})")
+        parts.append(f"run {self._run_progress(self.epoch)}")
         print(" | ".join(parts), flush=True)
         if self._stop is not None:
             print(f"stopped: {self._stop[0]}", flush=True)

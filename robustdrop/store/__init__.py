@@ -10,11 +10,12 @@ from robustdrop.store.checkpoints import (
     parse_epoch,
     result_checkpoint,
 )
+from robustdrop.store.lock import LOCK_NAME, RunLock
 from robustdrop.store.run_store import METRIC_COLUMNS, RunStore, load_checkpoint_file, metric_row
 from robustdrop.store.sweep_record import SWEEP_FILE, SweepRecord, is_sweep_dir
 
 __all__ = [
-    "KEEP_ROLLING", "LAST", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunStore", "atomic_write_bytes",
+    "KEEP_ROLLING", "LAST", "LOCK_NAME", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunLock", "RunStore", "atomic_write_bytes",
     "atomic_write_text", "epoch_checkpoint_name", "load_checkpoint_file", "metric_row", "parse_epoch",
     "result_checkpoint", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
 ]

@@ -2,7 +2,8 @@
 
 A run directory holds, in ``checkpoints/``:
 
-* ``last.pt``: always, the state after the newest finished epoch (what ``--resume`` continues);
+* ``last.pt``: always, the state after the newest finished epoch (what ``--resume`` continues), or
+  the state after the newest step when the run was stopped mid-epoch (SIGINT / SIGTERM);
 * ``epoch_XXXX.pt``: every ``checkpoint_every`` epochs (kept for good), plus a rolling window of
   the most recent epochs while ``--on-collapse rollback`` may need to go back;
 * ``result.pt``: only after a rollback, the checkpoint chosen as the run's result.
@@ -93,21 +94,27 @@ class CheckpointSaver:
         if self.rolling and stale > 0 and not self.is_permanent(stale):
             self.store.checkpoint_path(epoch_checkpoint_name(stale)).unlink(missing_ok=True)
 
+    def save_mid_epoch(self, state: dict[str, Any]) -> None:
+        """Write ``last.pt`` only: a state in the middle of an epoch (a preempted run) is never an
+        ``epoch_XXXX.pt`` (those are epoch ends, what rollback and ``--checkpoint-every`` keep)."""
+        self.store.save_checkpoint(LAST, state)
+
     def epochs(self) -> list[int]:
         """Epochs that have an ``epoch_XXXX.pt`` on disk, ascending."""
         folder = self.store.checkpoint_path(LAST).parent
         found = (parse_epoch(p) for p in folder.glob("epoch_*.pt")) if folder.is_dir() else ()
         return sorted(e for e in found if e is not None)
 
-    def rollback_source(self, to_epoch: int, *, last_epoch: int) -> Path | None:
+    def rollback_source(self, to_epoch: int, *, last_epoch: int | None) -> Path | None:
         """The checkpoint to keep as the result when rolling back to ``to_epoch``: the newest
-        ``epoch_XXXX.pt`` at or before it, else ``last.pt`` if it holds ``last_epoch <= to_epoch``;
-        None when neither exists."""
+        ``epoch_XXXX.pt`` at or before it, else ``last.pt`` if it holds the end of ``last_epoch <=
+        to_epoch`` (``last_epoch=None``: last.pt holds a mid-epoch state, never a result); None
+        when neither exists."""
         candidates = [e for e in self.epochs() if e <= to_epoch]
         if candidates:
             return self.store.checkpoint_path(epoch_checkpoint_name(max(candidates)))
         last = self.store.checkpoint_path(LAST)
-        if last_epoch <= to_epoch and last.is_file():
+        if last_epoch is not None and last_epoch <= to_epoch and last.is_file():
             return last
         return None
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robustdrop._files import atomic_write_bytes, atomic_write_text
-from robustdrop.errors import RobustdropError
+from robustdrop._files import atomic_write_bytes, atomic_write_text, make_folders, write_error
+from robustdrop.errors import FileWriteError, RobustdropError, first_line
+from robustdrop.store.lock import LOCK_NAME
 
 METRIC_COLUMNS = [
     "epoch", "step", "split", "metric", "value", "attack",
@@ -52,6 +54,12 @@ def metric_row(
         "value": float(value), "attack": attack, "epsilon": float(epsilon), "steps": int(steps),
         "step_size": float(step_size), "restarts": int(restarts), "n": int(n), "source": source,
     }
+
+
+def _check_columns(frame: pd.DataFrame) -> None:
+    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"columns {missing} missing")
 
 
 def _to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -87,37 +95,114 @@ class RunStore:
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, name: str, *, overwrite: bool = False) -> RunStore:
-        path = Path(runs_dir) / name
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise RobustdropError(
-                    f"run directory {path} already exists; pass --resume {path} to continue it, "
-                    "--overwrite to replace it, or --name to choose another name"
-                )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        """Make the run directory ``runs_dir/name`` now (refusing an existing run unless
+        ``overwrite``). ``robustdrop track`` instead checks with :meth:`check_new` before loading
+        anything and makes the folder (:meth:`make_directory`) only once the run can start."""
+        store = cls(Path(runs_dir) / name)
+        store.check_new(overwrite=overwrite)
+        store.make_directory()
+        if overwrite:
+            store.clear()
+        return store
+
+    def check_new(self, *, overwrite: bool = False) -> None:
+        """Raise :class:`RobustdropError` if a run already lives here (unless ``overwrite``);
+        an empty folder (or one holding only a lock file) does not count."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise RobustdropError(f"{path} exists and is not a folder; choose another --name or --runs-dir")
+        if not overwrite and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+            raise RobustdropError(
+                f"run directory {path} already exists; pass --resume {path} to continue it, "
+                "--overwrite to replace it, or --name to choose another name"
+            )
+
+    def make_directory(self) -> list[Path]:
+        """Create the run directory (and missing parents); returns the folders created, outermost
+        first (:func:`~robustdrop._files.make_folders`)."""
+        return make_folders(self.path)
+
+    def clear(self) -> None:
+        """Delete everything in the run directory but its lock file (``--overwrite``, under the lock)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as exc:
+                raise FileWriteError(write_error(entry, exc, what="delete")) from exc
+        self._rows, self._events, self._dirty = [], [], False
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> RunStore:
-        """Open an existing run directory and load its metrics and events."""
+        """Open an existing run directory and load its metrics and events.
+
+        A damaged ``metrics.parquet`` / ``metrics.csv`` / ``events.jsonl`` is a one-line
+        :class:`RobustdropError` naming the file and what to do; nothing is changed."""
+        path = cls.check_run_dir(path)
+        store = cls(path)
+        store._rows = store._read_metrics()
+        store._events = store._read_events()
+        return store
+
+    @classmethod
+    def check_run_dir(cls, path: str | os.PathLike) -> Path:
+        """``path`` as a Path if it is a run directory (it has a config.json), else a one-line
+        :class:`RobustdropError`; reads nothing else."""
         path = Path(path)
         if not (path / cls.CONFIG).is_file():
             raise RobustdropError(
                 f"{path} is not a robustdrop run directory (no {cls.CONFIG}); "
                 "give the folder that `robustdrop track` created"
             )
-        store = cls(path)
-        parquet = path / cls.METRICS_PARQUET
-        csv = path / cls.METRICS_CSV
+        return path
+
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        parquet, csv = self.path / self.METRICS_PARQUET, self.path / self.METRICS_CSV
         if parquet.is_file():
-            store._rows = pd.read_parquet(parquet).to_dict("records")
-        elif csv.is_file():
-            store._rows = pd.read_csv(csv, keep_default_na=False, na_values=[""]).to_dict("records")
-        events = path / cls.EVENTS
-        if events.is_file():
-            store._events = [json.loads(line) for line in events.read_text().splitlines() if line]
-        return store
+            try:
+                frame = pd.read_parquet(parquet)
+                _check_columns(frame)
+            except Exception as exc:  # pyarrow raises many types for a damaged file
+                other = (f"{csv.name} beside it holds the same rows: move {parquet.name} away and run again"
+                         if csv.is_file() else "restore it from a copy (or start the run again with --overwrite)")
+                raise RobustdropError(f"{parquet} is damaged ({first_line(exc)}); {other}") from None
+            return frame.to_dict("records")
+        if csv.is_file():
+            try:
+                frame = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+                _check_columns(frame)
+            except Exception as exc:
+                raise RobustdropError(f"{csv} is damaged ({first_line(exc)}); restore it from a copy (or start the "
+                                      "run again with --overwrite)") from None
+            return frame.to_dict("records")
+        return []
+
+    def _read_events(self) -> list[dict[str, Any]]:
+        events = self.path / self.EVENTS
+        if not events.is_file():
+            return []
+        try:
+            lines = events.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RobustdropError(f"cannot read {events} ({first_line(exc)}); restore it from a copy or move it "
+                                  "away (its events are then lost) and run again") from None
+        out = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or "kind" not in event:
+                raise RobustdropError(f"{events} line {number} is not an event (damaged file): delete that line (or "
+                                      "restore the file from a copy) and run again")
+            out.append(event)
+        return out
 
     # -- JSON documents ---------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:
@@ -181,7 +266,18 @@ class RunStore:
         return len(self._events)
 
     def truncate_logs(self, num_metric_rows: int, num_events: int) -> None:
-        """Drop rows and events written after a checkpoint (used on resume)."""
+        """Drop rows and events written after a checkpoint (used on resume).
+
+        Fewer metric rows than the checkpoint counted means the metrics file lost rows: a
+        :class:`RobustdropError` (the checkpoint would otherwise continue a log with a hole).
+        Fewer events is accepted with a warning (a damaged events.jsonl may have been trimmed)."""
+        if len(self._rows) < num_metric_rows:
+            raise RobustdropError(f"{self.path / self.METRICS_PARQUET} (or .csv) holds {len(self._rows)} rows but the "
+                                  f"checkpoint was written after {num_metric_rows}: restore the file from a copy (or "
+                                  "start the run again with --overwrite)")
+        if len(self._events) < num_events:
+            warnings.warn(f"{self.path / self.EVENTS} holds {len(self._events)} events, the checkpoint counted "
+                          f"{num_events}; continuing without the missing ones", stacklevel=2)
         self._rows = self._rows[:num_metric_rows]
         self._events = self._events[:num_events]
         self._dirty = True
@@ -231,22 +327,23 @@ class RunStore:
         atomic_write_bytes(target, buf.getvalue())
         return target
 
-    def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        return load_checkpoint_file(self.checkpoint_path(name), map_location)
+    def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu", **kwargs: Any) -> dict[str, Any]:
+        """:func:`load_checkpoint_file` of ``checkpoints/<name>.pt`` (``todo=`` as there)."""
+        return load_checkpoint_file(self.checkpoint_path(name), map_location, **kwargs)
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint without executing code (``weights_only=True``)."""
+def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                         todo: str = "give a checkpoints/*.pt file written by robustdrop") -> dict[str, Any]:
+    """Load a checkpoint without executing code (``weights_only=True``). ``todo`` ends the error
+    message of an unreadable file (what the caller's user can do)."""
     path = Path(path)
     if not path.is_file():
         raise RobustdropError(f"checkpoint {path} does not exist; check the path or the run's checkpoints/ folder")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RobustdropError(
-            f"cannot read checkpoint {path} ({first[:200]}); it is corrupt or not a robustdrop checkpoint — "
-            "resume from another checkpoint or start a new run"
+            f"cannot read checkpoint {path} ({first_line(exc)}); it is corrupt or not a robustdrop checkpoint: {todo}"
         ) from None
     if not isinstance(state, dict):
         raise RobustdropError(f"checkpoint {path} does not hold a robustdrop state dictionary")
