@@ -235,3 +235,25 @@ def test_lock_without_flock_falls_back_to_exclusive_creation(tmp_path, monkeypat
     (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     with RunLock(tmp_path):  # the dead holder's lock is taken over
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_waiting_lock_waits_for_the_holder_instead_of_refusing(tmp_path, capsys):
+    """Sweep cells of one setting share an auto referee: the second waits for the first's training."""
+    import threading
+
+    first = RunLock(tmp_path, name=".ref.lock").acquire()
+    got = threading.Event()
+
+    def second():
+        with RunLock(tmp_path, name=".ref.lock", wait="waiting for the referee"):
+            got.set()
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.5)
+    assert not got.is_set()  # still held by the first
+    first.release()
+    waiter.join(timeout=10)
+    assert got.is_set() and "waiting for the referee (pid" in capsys.readouterr().out
+    with pytest.raises(RobustdropError, match="in use"), RunLock(tmp_path, name=".ref.lock"), RunLock(tmp_path, name=".ref.lock"):
+        pass  # without wait=, a second holder still refuses

@@ -29,7 +29,7 @@ from robustdrop.data import default_cache_dir, load_dataset
 from robustdrop.engine import TrackConfig, Trainer
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import format_eps
-from robustdrop.store import RunStore, atomic_write_text, load_checkpoint_file, result_checkpoint
+from robustdrop.store import RunLock, RunStore, atomic_write_text, load_checkpoint_file, result_checkpoint
 
 if TYPE_CHECKING:
     from robustdrop.data import ImageData
@@ -227,6 +227,15 @@ def auto_referee(config: TrackConfig, data: ImageData | None = None, *, cache_di
     referee = referee_config(config)
     key, payload = auto_key(referee, data)
     run_dir = Path(cache_dir or default_cache_dir()) / "referees" / f"{referee.model}-{key[:16]}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Sweep cells of one setting share this referee: the first trains it, the others wait and reuse it.
+    with RunLock(run_dir.parent, name=f".{run_dir.name}.lock",
+                 wait=f"referee: another process is training {run_dir.name}; waiting for it"):
+        return _cached_or_trained(referee, run_dir, key, payload, data, progress)
+
+
+def _cached_or_trained(referee: TrackConfig, run_dir: Path, key: str, payload: dict, data: ImageData,
+                       progress: bool) -> Path:
     marker = run_dir / AUTO_MARKER
     if marker.is_file():
         _check_cached(run_dir, key)

@@ -55,9 +55,12 @@ class RunLock:
         ...     ...  # the only writer of runs/fgsm-quick until the block ends
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, *, name: str = LOCK_NAME, wait: str | None = None):
+        """``name``: the lock file in ``run_dir``; ``wait``: instead of refusing, print this line
+        (with the holder) and wait for the holder to finish (where ``flock`` works)."""
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
+        self.wait = wait
         self._fd: int | None = None
 
     @property
@@ -76,8 +79,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                os.close(fd)
-                raise RobustdropError(self._busy_message(holder)) from None
+                if self.wait is None:
+                    os.close(fd)
+                    raise RobustdropError(self._busy_message(holder)) from None
+                print(f"{self.wait} ({_holder_text(holder)})", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as exc:
                 if exc.errno not in _NO_LOCKS:
                     os.close(fd)
@@ -146,12 +152,16 @@ class RunLock:
         raise RobustdropError(self._busy_message(_read_holder_file(self.path), stale_hint=True))
 
     def _busy_message(self, holder: dict, stale_hint: bool = False) -> str:
-        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "since") if holder.get(k)) or "unknown holder"
-        text = (f"run directory {self.run_dir} is in use by another robustdrop process ({who}); wait for it to end "
+        text = (f"run directory {self.run_dir} is in use by another robustdrop process ({_holder_text(holder)}); "
+                "wait for it to end "
                 "or stop it first (its checkpoint is then resumable)")
         if stale_hint:
             text += f"; if no process uses this run any more, delete {self.path}"
         return text
+
+
+def _holder_text(holder: dict) -> str:
+    return ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "since") if holder.get(k)) or "unknown holder"
 
 
 def _holder() -> dict:
