@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from robustdrop.engine import make_config
 from robustdrop.store import RunStore, metric_row
 
 EPS = 8 / 255
@@ -266,3 +267,13 @@ def apart_run(runs_dir: str | Path, name: str = "apart", *, epochs: int = 6, **k
     """An APART run with ``source=apart`` rows, three per epoch."""
     return write_synthetic_run(runs_dir, name, method="apart", epochs=epochs, curves="stable", apart=True,
                                train_seconds=12.0, passes=(2, 2), **kw)
+
+
+def small_config(**overrides):
+    """The config of a small real training (cnn1, 4 epochs, tiny probe/validation, no diagnostics),
+    for the tests that train and compare runs (preemption, extension); ``overrides`` replace values."""
+    values = dict(model="cnn1", width=4, epochs=4, batch_size=64, val_size=64, probe_size=64, lr=0.003,
+                  optimizer="adam", weight_decay=5e-4, lr_peak_at=0.4, eval_pgd_steps=2, eval_batch_size=128,
+                  diagnostics=["none"], epsilon=8 / 255, threads=1)
+    values.update(overrides)
+    return make_config(**values)

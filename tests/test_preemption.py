@@ -23,20 +23,13 @@ import time
 import pandas as pd
 import pytest
 import torch
+from helpers_runs import small_config
 
 from robustdrop.api import resume, track
 from robustdrop.cli import main
 from robustdrop.engine import Hook, make_config
 from robustdrop.errors import RobustdropError, RunInterrupted
 from robustdrop.store import RunLock, RunStore
-
-
-def small_config(**overrides):
-    values = dict(model="cnn1", width=4, epochs=4, batch_size=64, val_size=64, probe_size=64, lr=0.003,
-                  optimizer="adam", weight_decay=5e-4, lr_peak_at=0.4, eval_pgd_steps=2, eval_batch_size=128,
-                  diagnostics=["none"], epsilon=8 / 255, threads=1)
-    values.update(overrides)
-    return make_config(**values)
 
 
 def comparable(store: RunStore) -> pd.DataFrame:
