@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from bench_diagnostics import subset  # the same seeded subsets (this script's folder is on sys.path)
 
 from robustdrop import Monitor, make_config
 from robustdrop.api import track
@@ -38,15 +39,6 @@ from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
 
 QUICK_TRAIN = 49000  # the quick preset's training examples (50000 - the 1000 validation images)
-
-
-def subset(data: ImageData, n_train: int, n_test: int, seed: int) -> ImageData:
-    """Seeded random subsets of the training and test sets (the files are sorted by class)."""
-    g = torch.Generator().manual_seed(seed)
-    train = torch.randperm(len(data.train_y), generator=g)[:n_train]
-    test = torch.randperm(len(data.test_y), generator=g)[:n_test]
-    return ImageData(data.name, data.train_x[train], data.train_y[train], data.test_x[test], data.test_y[test],
-                     data.classes)
 
 
 def tracked(cfg, data: ImageData, runs: str) -> dict[str, list[float]]:

@@ -230,6 +230,48 @@ def test_replaying_saved_weights_logs_the_live_numbers(synthetic_data, tmp_path,
 
 
 # ----------------------------------------------------------------------------------------------
+# The probe: a Dataset, a DataLoader or tensors, uint8 or float; track's subset of a larger set
+# ----------------------------------------------------------------------------------------------
+class Images(torch.utils.data.Dataset):
+    """A torchvision-style dataset: float (C, H, W) images in [0, 1], ``targets``, ``classes``."""
+
+    def __init__(self, data, with_targets=True):
+        self.x, self.y, self.classes = data.test_x, data.test_y, data.classes
+        if with_targets:
+            self.targets = self.y.tolist()
+        self.read = 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.read += 1
+        return self.x[i].float() / 255, int(self.y[i])
+
+
+def test_every_kind_of_probe_gives_tracks_probe_subset(synthetic_data, tmp_path):
+    from robustdrop.data import probe_indices
+
+    keep = probe_indices(synthetic_data.test_y, 40, 0)
+    expected = (synthetic_data.test_x[keep], synthetic_data.test_y[keep])
+    dataset = Images(synthetic_data)
+    probes = {
+        "uint8 tensors": (synthetic_data.test_x, synthetic_data.test_y),
+        "float tensors": (synthetic_data.test_x.float() / 255, synthetic_data.test_y),
+        "dataset with targets": dataset,
+        "dataset": Images(synthetic_data, with_targets=False),
+        "loader": torch.utils.data.DataLoader(Images(synthetic_data), batch_size=50),
+    }
+    for kind, probe in probes.items():
+        monitor = make_monitor(fresh()[0], synthetic_data, tmp_path, probe=probe)
+        images, labels = monitor.run.probe
+        assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1]), kind
+    assert dataset.read == 40  # only the chosen items were read
+    assert monitor.run.data.classes == synthetic_data.classes
+    assert not tmp_path.joinpath("m").exists()  # nothing is written before the first epoch
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: one line, nothing written
 # ----------------------------------------------------------------------------------------------
 class Pair(nn.Module):
