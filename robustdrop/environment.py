@@ -1,7 +1,7 @@
 """The machine this process runs on — library versions and hardware, described in one place for
 run manifests, benchmark headers and the analyses' records.
 
-Imports nothing from robustdrop but its version, so every layer may use it.
+Imports nothing from robustdrop but its version (``robustdrop._version``), so every layer may use it.
 
 Examples:
     >>> sorted(versions())
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustdrop import __version__
+from robustdrop._version import __version__
 
 
 def versions() -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import robustdrop
+from robustdrop._version import __version__
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
@@ -761,11 +761,11 @@ class Trainer:
         commit = None
         with contextlib.suppress(Exception):
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                    cwd=os.path.dirname(os.path.abspath(robustdrop.__file__))).stdout.strip() or None
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         return {
             "seed": self.config.seed,
-            "robustdrop": robustdrop.__version__,
+            "robustdrop": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "numpy": np.__version__,

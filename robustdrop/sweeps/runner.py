@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-import robustdrop
+from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
@@ -55,7 +55,7 @@ def _new_record(plan: SweepPlan, path: Path, command: Sequence[str], backend: st
     return SweepRecord(path, {
         "format": SWEEP_FORMAT,
         "name": plan.name,
-        "robustdrop": robustdrop.__version__,
+        "robustdrop": __version__,
         "command": list(command),
         "created": now(),
         "backend": backend,
