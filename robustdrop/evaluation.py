@@ -24,17 +24,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from robustdrop.attacks.registry import AttackSettings, build_attacks, check_attack_names
 from robustdrop.data import ImageData, load_dataset
 from robustdrop.diagnostics.reference import ReferenceSource, build_reference, find_reference
-from robustdrop.engine.attack_eval import (
-    AttackResult,
-    AttackSettings,
-    build_attacks,
-    check_attack_names,
-    evaluate_attacks,
-    format_results,
-    subset,
-)
+from robustdrop.engine.attack_eval import AttackResult, evaluate_attacks, format_results, subset
 from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
 from robustdrop.store import METRIC_COLUMNS, RunStore, atomic_write_bytes, atomic_write_text
@@ -90,7 +83,7 @@ def evaluate_checkpoint(
     """Evaluate the model of ``path`` (run directory or checkpoint file) under ``attacks``.
 
     Args:
-        attacks: names from :data:`~robustdrop.engine.attack_eval.EVAL_ATTACKS`; ``clean`` is
+        attacks: names from :data:`~robustdrop.attacks.registry.EVAL_ATTACKS`; ``clean`` is
             always measured too (first).
         n: size of the seeded class-balanced test subset (0 = the whole test set).
         seed: the subset's seed and the attacks' (default: the run's seed).

@@ -225,8 +225,8 @@ def test_final_eval_logs_rows_at_the_end(data, tmp_path):
     m = store.metrics()
     fe = m[m.source == "final-eval"]
     assert set(fe.attack) == {"none", "pgd", "fgsm"} and (fe.n == 100).all() and (fe.epoch == 1).all()
-    with pytest.raises(RobustdropError, match="unknown attack 'cw'"):
-        _config(final_eval=["cw"])
+    with pytest.raises(RobustdropError, match="unknown attack 'deepfool'"):
+        _config(final_eval=["deepfool"])
 
 
 # ---------------------------------------------------------------------------------------------
