@@ -34,3 +34,23 @@ def test_the_version_has_one_home_read_by_packaging_and_records():
     for module in ("robustdrop/environment.py", "robustdrop/engine/trainer.py", "robustdrop/sweeps/runner.py"):
         source = (root / module).read_text()
         assert "robustdrop.__version__" not in source and "\nimport robustdrop\n" not in source, module
+
+
+def test_manifest_names_the_machine_the_checkout_and_the_command():
+    import socket
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from robustdrop.environment import manifest
+
+    m = manifest("cpu")
+    assert {k: m[k] for k in versions()} == versions()
+    assert (m["device"], m["device_name"], m["threads"]) == ("cpu", device_name("cpu"), torch.get_num_threads())
+    assert m["host"] == socket.gethostname() and m["command"] == sys.argv
+    started = datetime.fromisoformat(m["start_time"])
+    assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 60
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(robustdrop.__file__).parent)
+    assert m["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)
