@@ -273,6 +273,67 @@ def test_sigkill_of_a_cell_then_rerun_equals_an_uninterrupted_sweep(tiny_env, tm
         pd.testing.assert_frame_equal(comparable(tmp_path / "straight" / cell), comparable(tmp_path / "killed" / cell))
 
 
+def test_a_cell_stopped_by_sigterm_exits_143_and_is_recorded_as_stopped(tiny_env, tmp_path, capsys):
+    """SIGTERM to a training cell: the engine checkpoints, the process exits 143, sweep.json says
+    ``stopped`` (not ``failed``) and the sweep's summary says rerunning continues it."""
+    import threading
+
+    from robustdrop.sweeps.runner import run_sweep
+
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=40)  # far longer than it takes to see epoch 1
+    plan = plan_sweep({"seed": [0]}, fixed=fixed, name="term")
+    run = tmp_path / "term" / "seed=0"
+    signalled: list[int] = []
+
+    def stop_mid_run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not signalled:
+            if (run / "checkpoints" / "last.pt").is_file():
+                pid = json.loads((tmp_path / "term" / "sweep.json").read_text())["cells"]["seed=0"]["pid"]
+                os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=stop_mid_run)
+    watcher.start()
+    result = run_sweep(plan, runs_dir=tmp_path, jobs=1, progress=False)
+    watcher.join()
+    assert signalled, "never saw the cell's first checkpoint"
+    assert result.stopped == ["seed=0"] and result.failed == []
+    entry = SweepRecord.open(tmp_path / "term").cells["seed=0"]
+    assert entry["status"] == "stopped" and entry["returncode"] == 143 and "SIGTERM" in entry["error"]
+    cell_result = json.loads((tmp_path / "term" / "logs" / "seed=0.result.json").read_text())
+    assert cell_result["stopped"] is True and cell_result["ok"] is False
+    assert "STOPPED seed=0" in capsys.readouterr().out
+    assert RunStore.open(run).metrics().epoch.max() < 40  # stopped mid-run, with a checkpoint to continue from
+
+
+def test_a_cell_process_stopped_outside_training_exits_143_and_reports_stopped(tmp_path):
+    """The worker's exit code (what a Ray task or a shell sees) for a SIGTERM outside the
+    trainer's handler, and a cell killed by SIGTERM's default action (during interpreter start)."""
+    from robustdrop.sweeps.worker import CellProcess, finish_cell, result_path
+
+    plan = plan_sweep({"seed": [0]}, fixed=tiny_fixed("cifar10-jpeg"), name="early")
+    record = open_sweep(plan, tmp_path)
+    (record.path / "logs").mkdir()
+
+    def run(code: str) -> dict:
+        result_path(record.path, "seed=0").unlink(missing_ok=True)  # as start_cell does
+        log = open(record.log_path("seed=0"), "a")  # noqa: SIM115 - closed by finish_cell
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=_env())
+        return finish_cell(CellProcess(record.path, "seed=0", proc, log, time.perf_counter()))
+
+    in_worker = run("import os, signal, sys; from robustdrop.sweeps import worker; "
+                    "worker._run = lambda d, c: os.kill(os.getpid(), signal.SIGTERM); "
+                    f"sys.exit(worker.main([{str(record.path)!r}, 'seed=0']))")
+    assert in_worker["returncode"] == 143 and in_worker["stopped"] is True and not in_worker["ok"]
+    assert in_worker["error"] == "stopped by SIGTERM; rerun the sweep to continue it"
+    at_start = run("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    assert at_start["returncode"] == -signal.SIGTERM and at_start["stopped"] is True
+    killed = run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert "stopped" not in killed and "SIGKILL" in killed["error"]  # not resumable by design: a failure
+
+
 # --------------------------------------------------------------------------------------------
 # Reading a sweep (synthetic run directories: the numbers are known)
 # --------------------------------------------------------------------------------------------

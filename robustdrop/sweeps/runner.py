@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,15 @@ BACKENDS = ("local", "ray")
 
 @dataclass
 class SweepResult:
-    """What :func:`run_sweep` did: the sweep directory, its record, the cells run and those that failed."""
+    """What :func:`run_sweep` did: the sweep directory, its record, the cells run, those that failed
+    and those stopped by a signal (checkpointed; rerunning the sweep continues them)."""
 
     path: Path
     record: SweepRecord
     ran: list[str]
     failed: list[str]
     wall_s: float
+    stopped: list[str] = field(default_factory=list)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -156,6 +158,8 @@ def cell_line(record: SweepRecord, cell: str, result: dict[str, Any]) -> str:
     """One line for a finished cell: name, best / final probe PGD accuracy, onset, wall time."""
     wall = result.get("wall_s")
     wall_text = f"{wall:.0f} s" if isinstance(wall, (int, float)) and not math.isnan(wall) else "? s"
+    if result.get("stopped"):
+        return f"STOPPED {cell} after {wall_text}: {result.get('error')}"
     if not result.get("ok"):
         return f"FAILED {cell} after {wall_text}: {result.get('error')}"
     from robustdrop.plots.sweeps import run_summary
@@ -218,6 +222,7 @@ def run_sweep(
           f"{len(todo) - len(resumable)} to start); {where}, {threads} thread(s) per cell", flush=True)
 
     failed: list[str] = []
+    stopped: list[str] = []
     bar = tqdm(total=len(plan.cells), initial=len(finished), desc=plan.name, unit="cell", disable=not progress,
                dynamic_ncols=True)
     write = bar.write if progress else print
@@ -227,10 +232,11 @@ def run_sweep(
 
     def on_done(cell: str, result: dict[str, Any]) -> None:
         ok = bool(result.get("ok"))
-        record.set_status(cell, "finished" if ok else "failed", error=None if ok else result.get("error"),
-                          wall_s=result.get("wall_s"), **({"host": result["host"]} if result.get("host") else {}))
-        if not ok:
-            failed.append(cell)
+        status = "finished" if ok else "stopped" if result.get("stopped") else "failed"
+        record.set_status(cell, status, error=None if ok else result.get("error"), wall_s=result.get("wall_s"),
+                          returncode=result.get("returncode"),
+                          **({"host": result["host"]} if result.get("host") else {}))
+        {"failed": failed, "stopped": stopped}.get(status, []).append(cell)
         write(cell_line(record, cell, result))
         bar.update(1)
 
@@ -247,8 +253,9 @@ def run_sweep(
         bar.close()
     wall = time.perf_counter() - start
     done = sum(record.status(c.name) == "finished" for c in plan.cells)
-    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed this time "
+    halted = f", {len(stopped)} stopped (rerun the same command to continue them)" if stopped else ""
+    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed this time{halted} "
           f"({wall:.0f} s); read it with `robustdrop compare {record.path}`", flush=True)
     for cell in failed:
         print(f"  failed: {cell}: {record.cells[cell].get('error')} (log: {record.log_path(cell)})", flush=True)
-    return SweepResult(record.path, record, todo, failed, wall)
+    return SweepResult(record.path, record, todo, failed, wall, stopped)
