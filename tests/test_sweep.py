@@ -188,6 +188,22 @@ def comparable(path: Path) -> pd.DataFrame:
     return frame[~frame.metric.str.startswith("time_")].reset_index(drop=True)
 
 
+def test_data_size_errors_are_found_before_the_sweep_starts(tiny_env, tmp_path, capsys):
+    """A cell asking for more test images than the data has is refused before anything is written
+    (not one failed cell after the others ran), with the cell named, as one line (exit 2)."""
+    fixed = tiny_fixed(tiny_env["dataset"])
+    fixed.pop("probe_size")
+    with pytest.raises(RobustdropError, match=r"cell probe_size=500: --probe-size 500 is larger than the test set .*"
+                                              r"\(96 examples\)"):
+        robustdrop.sweep({"probe_size": [32, 500]}, name="sizes", runs_dir=tmp_path, progress=False, **fixed)
+    assert not (tmp_path / "sizes").exists()
+    code = main(["sweep", "--grid", "probe_size=32,500", "--name", "sizes", "--runs-dir", str(tmp_path),
+                 "--no-progress", *_flags(fixed)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cell probe_size=500" in err
+    assert not (tmp_path / "sizes").exists()
+
+
 @pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_env, tmp_path, capsys):
     fixed = tiny_fixed(tiny_env["dataset"])

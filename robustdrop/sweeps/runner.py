@@ -146,6 +146,31 @@ def check_not_running(record: SweepRecord) -> None:
                                   "`robustdrop sweep` drives this sweep; wait for it or stop it first")
 
 
+def check_cell_data(plan: SweepPlan, cells: Sequence[str]) -> None:
+    """Refuse sizes the data cannot give (``TrackConfig.check_data``: validation / probe / subset
+    / batch larger than the dataset allows) for ``cells``, before the sweep writes anything,
+    instead of one failed cell each. Each dataset the cells use is loaded once (from the dataset
+    cache the cells then read); one that cannot be loaded here is left to its cells, whose
+    failure is recorded as before."""
+    from robustdrop.data import load_dataset
+
+    sizes: dict[tuple[str, str | None], tuple[int, int, str] | None] = {}
+    for name in cells:
+        cfg = plan.cell(name).config
+        key = (cfg.dataset, cfg.data_dir)
+        if key not in sizes:
+            try:
+                data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+                sizes[key] = (len(data.train_y), len(data.test_y), data.name)
+            except (RobustdropError, OSError):
+                sizes[key] = None
+        if sizes[key] is not None:
+            try:
+                cfg.check_data(*sizes[key])
+            except RobustdropError as exc:
+                raise RobustdropError(f"cell {name}: {exc}") from None
+
+
 def _has_checkpoint(record: SweepRecord, cell: str) -> bool:
     return (record.run_dir(cell) / "checkpoints" / "last.pt").is_file()
 
@@ -207,8 +232,12 @@ def run_sweep(
     if cpus_per_cell is not None and cpus_per_cell <= 0:
         raise RobustdropError(f"--cpus-per-cell must be positive, got {cpus_per_cell}")
     path = Path(runs_dir) / plan.name
+    unfinished = [c.name for c in plan.cells]
     if is_sweep_dir(path):
-        check_not_running(SweepRecord.open(path))
+        existing = SweepRecord.open(path)
+        check_not_running(existing)
+        unfinished = [c for c in unfinished if c not in existing.cells or existing.status(c) != "finished"]
+    check_cell_data(plan, unfinished)
     record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
     finished = [c.name for c in plan.cells if record.status(c.name) == "finished" and _has_checkpoint(record, c.name)]
     todo = [c.name for c in plan.cells if c.name not in finished]
