@@ -204,6 +204,23 @@ def test_data_size_errors_are_found_before_the_sweep_starts(tiny_env, tmp_path, 
     assert not (tmp_path / "sizes").exists()
 
 
+def test_a_cell_running_under_another_driver_is_found_by_its_run_lock(tmp_path):
+    """Whoever holds a cell's run lock (here this process, as another driver's cell would, on any
+    host) makes a second driver refuse before it changes anything."""
+    from robustdrop.store import RunLock
+    from robustdrop.sweeps.runner import run_sweep
+
+    plan = plan_sweep({"seed": [0, 1]}, fixed=tiny_fixed("cifar10-jpeg"), name="busy")
+    record = open_sweep(plan, tmp_path)
+    (record.path / "seed=1").mkdir()
+    before = (record.path / "sweep.json").read_text()
+    with RunLock(record.path / "seed=1"):
+        with pytest.raises(RobustdropError, match=rf"cell seed=1 is running: another `robustdrop sweep` drives .*"
+                                                  rf"pid {os.getpid()}, host {socket.gethostname()}"):
+            run_sweep(plan, runs_dir=tmp_path, progress=False)
+    assert (record.path / "sweep.json").read_text() == before
+
+
 @pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_finish(tiny_env, tmp_path, capsys):
     fixed = tiny_fixed(tiny_env["dataset"])

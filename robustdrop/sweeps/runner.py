@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
+from robustdrop.store.lock import RunLock
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
 from robustdrop.sweeps.grid import SweepPlan, json_value
 from robustdrop.sweeps.local import cpu_cores, run_local
@@ -128,22 +128,19 @@ def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = F
     return record
 
 
-def _alive_cell_process(pid: Any) -> bool:
-    """Whether ``pid`` is a live cell process on this machine (its command line runs robustdrop.sweeps)."""
-    try:
-        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
-    except (OSError, TypeError, ValueError):
-        return False
-    return b"robustdrop.sweeps" in cmdline
-
-
 def check_not_running(record: SweepRecord) -> None:
-    """Refuse to drive a sweep whose cells are still running here under another driver."""
-    host = socket.gethostname()
-    for cell, entry in record.cells.items():
-        if entry.get("status") == "running" and entry.get("host") == host and _alive_cell_process(entry.get("pid")):
-            raise RobustdropError(f"cell {cell} of {record.path} is running (pid {entry['pid']}): another "
-                                  "`robustdrop sweep` drives this sweep; wait for it or stop it first")
+    """Refuse to drive a sweep whose cells are still running under another driver (or a killed
+    driver's surviving cell): a cell's process holds its run directory's :class:`RunLock` while it
+    writes, which this probes (on any host that shares the file system)."""
+    for cell in record.cells:
+        run_dir = record.run_dir(cell)
+        if not run_dir.is_dir():
+            continue
+        try:
+            RunLock(run_dir).acquire().release()
+        except RobustdropError as exc:
+            raise RobustdropError(f"cell {cell} is running: another `robustdrop sweep` drives {record.path} ({exc})"
+                                  ) from None
 
 
 def check_cell_data(plan: SweepPlan, cells: Sequence[str]) -> None:
