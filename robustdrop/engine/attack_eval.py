@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from robustdrop._progress import progress_bar
 from robustdrop.attacks import CLEAN, Attack, AttackSpec
 from robustdrop.attacks.registry import AttackSettings, build_attacks, check_attack_names
 from robustdrop.data import probe_indices
@@ -74,7 +74,7 @@ def evaluate_attacks(
     results = []
     n_total = len(labels)
     starts = list(range(0, n_total, batch_size))
-    bar = tqdm(total=len(starts) * len(attacks), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(starts) * len(attacks), desc=desc, enabled=progress, leave=False)
     for attack in attacks:
         spec = CLEAN if attack is None else attack.spec()
         bar.set_postfix_str(spec.describe())

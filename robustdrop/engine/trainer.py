@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustdrop._progress import progress_bar
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
@@ -505,8 +506,7 @@ class Trainer:
             self.data_generator.set_state(p.generator)
         self._progress = p
         n = len(self.loader)
-        bar = tqdm(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, enabled=self.progress)
         timer = self._timer
         if timer is not None:
             timer.begin()

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from robustdrop._progress import progress_bar
 from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
@@ -249,8 +248,7 @@ def run_sweep(
 
     failed: list[str] = []
     stopped: list[str] = []
-    bar = tqdm(total=len(plan.cells), initial=len(finished), desc=plan.name, unit="cell", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(plan.cells), initial=len(finished), desc=plan.name, unit="cell", enabled=progress)
     write = bar.write if progress else print
 
     def on_start(cell: str, **info: Any) -> None:
