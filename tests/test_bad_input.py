@@ -88,7 +88,7 @@ BAD = [
     (["--diagnostics", "collapse:patience=0"], "patience"),
     (["--diagnostics", "default", "--reference", "{tmp}/no-reference"], "no-reference"),
     (["--diagnostics", "default", "--reference", "{tmp}/notes.txt"], "notes.txt"),
-    (["--diagnostics", "default", "--reference", "{tmp}/passwd"], "passwd is not a checkpoint"),  # was torch's "list index out of range"
+    (["--diagnostics", "default", "--reference", "{tmp}/passwd"], "passwd is not a complete checkpoint"),  # was torch's "list index out of range"
     (["--probe-size", "100000"], "--probe-size"),
     (["--val-size", "100000"], "--val-size"),
     (["--train-subset", "100000"], "--train-subset"),
@@ -138,7 +138,7 @@ def test_bad_invocation_is_one_line_and_changes_nothing(flags, word, existing_ru
     assert tree(tmp_path) == tmp_before  # no data directory (or anything else) created
     if "--reference" in args and args[-1].endswith(("notes.txt", "passwd")):
         assert "resume" not in lines[0]  # the message fits what the user did
-        assert "is not a checkpoint (not a file torch.save writes)" in lines[0]  # no torch internals
+        assert "is not a complete checkpoint (not a zip archive as torch.save writes" in lines[0]  # no torch internals
 
 
 def test_decimal_numerators_and_fractions_are_read():
