@@ -141,22 +141,6 @@ def test_a_changed_grid_is_refused_unless_extend_which_only_adds(tmp_path):
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"
 
 
-def test_a_sweep_still_running_under_another_driver_is_refused(tmp_path):
-    from robustdrop.sweeps import run_sweep
-
-    plan = _plan("0:1")
-    record = open_sweep(plan, tmp_path)
-    cell = plan.cells[0].name
-    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "robustdrop.sweeps"])
-    try:
-        record.set_status(cell, "running", pid=busy.pid, host=socket.gethostname())
-        with pytest.raises(RobustdropError, match=f"cell {cell} .* is running \\(pid {busy.pid}\\)"):
-            run_sweep(plan, runs_dir=tmp_path, progress=False)
-    finally:
-        busy.kill()
-        busy.wait()
-
-
 # --------------------------------------------------------------------------------------------
 # Real cells
 # --------------------------------------------------------------------------------------------
