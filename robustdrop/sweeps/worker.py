@@ -169,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         result.update(ok=False, error=f"{type(exc).__name__}: {first}", traceback=traceback.format_exc())
         traceback.print_exc()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the outcome is known: a late SIGTERM must not lose its record
     atomic_write_text(result_path(args.sweep_dir, args.cell), json.dumps(result, indent=2) + "\n")
     return 0 if result["ok"] else code or 1
 
