@@ -15,6 +15,7 @@ of a run directory, else written (appended) to ``<checkpoint>.evaluate.csv`` or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -68,6 +69,14 @@ def _run_dir_of(source: ReferenceSource) -> Path | None:
     return None
 
 
+def _attack_settings(cfg: dict[str, Any], num_classes: int, seed: int) -> AttackSettings:
+    """The run's evaluation attack settings (``--eval-epsilon``, else ``--epsilon``; ``--eval-pgd-*``)."""
+    return AttackSettings(epsilon=float(cfg.get("eval_epsilon") or cfg["epsilon"]), num_classes=num_classes,
+                          pgd_steps=int(cfg.get("eval_pgd_steps", 20)),
+                          pgd_step_size=float(cfg.get("eval_pgd_step_size", 2 / 255)),
+                          restarts=int(cfg.get("eval_restarts", 1)), seed=seed)
+
+
 def evaluate_checkpoint(
     path: str | os.PathLike,
     *,
@@ -111,14 +120,9 @@ def evaluate_checkpoint(
         data = load_dataset(dataset or cfg["dataset"], data_dir=data_dir if data_dir is not None else cfg.get("data_dir"))
     model = build_reference(source, num_classes=data.num_classes, image_shape=data.image_shape, device=dev,
                             role="checkpoint")
-    settings = AttackSettings(
-        epsilon=float(epsilon if epsilon is not None else cfg.get("eval_epsilon") or cfg["epsilon"]),
-        num_classes=data.num_classes,
-        pgd_steps=int(cfg.get("eval_pgd_steps", 20) if pgd_steps is None else pgd_steps),
-        pgd_step_size=float(cfg.get("eval_pgd_step_size", 2 / 255) if pgd_step_size is None else pgd_step_size),
-        restarts=int(cfg.get("eval_restarts", 1) if restarts is None else restarts),
-        seed=seed,
-    )
+    given = {"epsilon": epsilon, "pgd_steps": pgd_steps, "pgd_step_size": pgd_step_size, "restarts": restarts}
+    settings = dataclasses.replace(_attack_settings(cfg, data.num_classes, seed),
+                                   **{k: v for k, v in given.items() if v is not None})  # the caller's win
     if not 0 < settings.epsilon <= 1 or settings.pgd_steps < 1 or settings.restarts < 1 or settings.pgd_step_size <= 0:
         raise RobustdropError("--epsilon must be in (0, 1], --pgd-steps and --restarts >= 1, --pgd-step-size > 0")
     images, labels = data.test_x, data.test_y
@@ -232,14 +236,6 @@ def cached_checkpoint(run: Path, which: str, how: CachedEvaluation) -> Path:
     found = result_checkpoint(run)
     # none: ``result.pt``, which does not exist; a metrics-only copy's cached rows are read instead
     return found if found is not None else run / "checkpoints" / "result.pt"
-
-
-def _attack_settings(cfg: dict[str, Any], num_classes: int, seed: int) -> AttackSettings:
-    """The run's evaluation attack settings (``--eval-epsilon``, else ``--epsilon``; ``--eval-pgd-*``)."""
-    return AttackSettings(epsilon=float(cfg.get("eval_epsilon") or cfg["epsilon"]), num_classes=num_classes,
-                          pgd_steps=int(cfg.get("eval_pgd_steps", 20)),
-                          pgd_step_size=float(cfg.get("eval_pgd_step_size", 2 / 255)),
-                          restarts=int(cfg.get("eval_restarts", 1)), seed=seed)
 
 
 def _pgd_description(cfg: dict[str, Any]) -> str:
