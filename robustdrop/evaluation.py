@@ -69,8 +69,10 @@ def _run_dir_of(source: ReferenceSource) -> Path | None:
     return None
 
 
-def _attack_settings(cfg: dict[str, Any], num_classes: int, seed: int) -> AttackSettings:
-    """The run's evaluation attack settings (``--eval-epsilon``, else ``--epsilon``; ``--eval-pgd-*``)."""
+def run_attack_settings(cfg: dict[str, Any], num_classes: int, seed: int) -> AttackSettings:
+    """The evaluation attack settings of a run's config dict (``--eval-epsilon``, else ``--epsilon``;
+    ``--eval-pgd-steps``, ``--eval-pgd-step-size``, ``--eval-restarts``); ``num_classes`` and
+    ``seed`` matter to AutoAttack only."""
     return AttackSettings(epsilon=float(cfg.get("eval_epsilon") or cfg["epsilon"]), num_classes=num_classes,
                           pgd_steps=int(cfg.get("eval_pgd_steps", 20)),
                           pgd_step_size=float(cfg.get("eval_pgd_step_size", 2 / 255)),
@@ -121,7 +123,7 @@ def evaluate_checkpoint(
     model = build_reference(source, num_classes=data.num_classes, image_shape=data.image_shape, device=dev,
                             role="checkpoint")
     given = {"epsilon": epsilon, "pgd_steps": pgd_steps, "pgd_step_size": pgd_step_size, "restarts": restarts}
-    settings = dataclasses.replace(_attack_settings(cfg, data.num_classes, seed),
+    settings = dataclasses.replace(run_attack_settings(cfg, data.num_classes, seed),
                                    **{k: v for k, v in given.items() if v is not None})  # the caller's win
     if not 0 < settings.epsilon <= 1 or settings.pgd_steps < 1 or settings.restarts < 1 or settings.pgd_step_size <= 0:
         raise RobustdropError("--epsilon must be in (0, 1], --pgd-steps and --restarts >= 1, --pgd-step-size > 0")
@@ -240,7 +242,7 @@ def cached_checkpoint(run: Path, which: str, how: CachedEvaluation) -> Path:
 
 def _pgd_description(cfg: dict[str, Any]) -> str:
     # the PGD's spec names a cached row (num_classes only matters to AutoAttack)
-    return build_attacks(["pgd"], _attack_settings(cfg, 0, 0))[0].spec().describe()
+    return build_attacks(["pgd"], run_attack_settings(cfg, 0, 0))[0].spec().describe()
 
 
 def _cache_key(run: Path, which: str, how: CachedEvaluation, tail: str) -> tuple[str, Path]:
@@ -344,7 +346,7 @@ def _evaluate_cached_row(name: str, which: str, source: ReferenceSource, cfg: di
     n_all = len(data.test_y)
     n = n_all if how.n <= 0 else min(how.n, n_all)
     idx = probe_indices(data.test_y, n, how.seed + 1) if n < n_all else torch.arange(n_all)
-    attacks = build_attacks(CACHED_ATTACKS, _attack_settings(cfg, data.num_classes, how.seed))
+    attacks = build_attacks(CACHED_ATTACKS, run_attack_settings(cfg, data.num_classes, how.seed))
     start = time.perf_counter()
     results = evaluate(model, data.test_x[idx], data.test_y[idx], attacks, split="test",
                        batch_size=int(cfg.get("eval_batch_size", 500)), device=device,
