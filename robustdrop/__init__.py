@@ -1,8 +1,8 @@
 """robustdrop: see, measure and avoid the robustness drop of single-step adversarial training."""
 
-__version__ = "0.1.0"
+from robustdrop._version import __version__
 
-__all__ = ["Monitor", "TrackConfig", "load_sweep", "make_config", "resume", "sweep", "track"]
+__all__ = ["Monitor", "TrackConfig", "__version__", "load_sweep", "make_config", "resume", "sweep", "track"]
 
 
 def __getattr__(name: str):

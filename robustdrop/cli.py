@@ -200,7 +200,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(plan, runs_dir=args.runs_dir, backend=args.backend, jobs=args.jobs, address=args.address,
                        cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, extend=args.extend,
                        progress=not args.no_progress, command=["robustdrop", *args.argv])
-    return 1 if result.failed else 0
+    # 1: a cell failed; 143: cells were stopped by a signal (checkpointed; the same command continues them)
+    return 1 if result.failed else 143 if result.stopped else 0
 
 
 def _one_line(text: object) -> str:

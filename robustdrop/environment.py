@@ -1,7 +1,7 @@
 """The machine this process runs on — library versions and hardware, described in one place for
-run manifests, benchmark headers and the analyses' records.
+run manifests (:func:`manifest`), benchmark headers and the analyses' records.
 
-Imports nothing from robustdrop but its version, so every layer may use it.
+Imports nothing from robustdrop but its version (``robustdrop._version``), so every layer may use it.
 
 Examples:
     >>> sorted(versions())
@@ -12,14 +12,19 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
 
-from robustdrop import __version__
+from robustdrop._version import __version__
 
 
 def versions() -> dict[str, str]:
@@ -43,3 +48,24 @@ def environment() -> dict[str, Any]:
     v = versions()
     return {"torch": v["torch"], "python": v["python"], "cpus": os.cpu_count(), "machine": platform.machine(),
             "numpy": v["numpy"], "cuda": device_name("cuda:0") if torch.cuda.is_available() else None}
+
+
+def git_commit() -> str | None:
+    """The commit of the git checkout robustdrop is imported from (``None`` for an installed copy
+    or without git)."""
+    with contextlib.suppress(Exception):  # no git, not a checkout, a hung git: the manifest just says None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    return None
+
+
+def manifest(device: torch.device | str) -> dict[str, Any]:
+    """What a run's ``manifest.json`` says about where and how it ran: the versions
+    (:func:`versions`), ``device`` and ``device_name``, torch's CPU ``threads``, ``git_commit``,
+    ``host``, ``start_time`` (UTC, ISO) and the ``command`` line. The trainer adds the run's own
+    facts (seed, precision, dataset sizes)."""
+    device = torch.device(device)
+    return {**versions(), "device": str(device), "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "git_commit": git_commit(), "host": socket.gethostname(),
+            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}

@@ -40,7 +40,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_tool_parsers(subparsers: Any) -> None:
     """Register ``evaluate`` and ``export``."""
-    from robustdrop.engine.attack_eval import EVAL_ATTACKS
+    from robustdrop.attacks.registry import EVAL_ATTACKS
 
     e = subparsers.add_parser(
         "evaluate", help="accuracy of a saved checkpoint under clean / FGSM / PGD-k / AutoAttack",
@@ -51,8 +51,8 @@ def add_tool_parsers(subparsers: Any) -> None:
     )
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoints/*.pt file")
     e.add_argument("--attack", nargs="+", default=["fgsm", "pgd"], choices=EVAL_ATTACKS.names(),
-                   help="attacks to run; clean accuracy is always measured (default: fgsm pgd); autoattack = "
-                        "standard L-inf AutoAttack, needs robustdrop[eval]")
+                   help="attacks to run; clean accuracy is always measured (default: fgsm pgd); cw = the PGD with the "
+                        "Carlini-Wagner margin loss; autoattack = standard L-inf AutoAttack, needs robustdrop[eval]")
     e.add_argument("--n", type=int, default=1000,
                    help="seeded class-balanced test subset size; 0 = the whole test set (default: 1000)")
     e.add_argument("--seed", type=int, help="seed of the subset and the attacks (default: the run's)")

@@ -211,9 +211,8 @@ def test_reuse_rule_run_made_before_a_config_field_existed(scripts, tmp_path):
 
 
 def test_autoattack_column_empty_with_a_note_without_torchattacks(smoke, tmp_path, monkeypatch):
+    from robustdrop import evaluation
     from robustdrop.errors import RobustdropError
-
-    evaluation = smoke["scripts"]["lib.evaluation"]
 
     def missing():
         raise RobustdropError("AutoAttack needs the optional package torchattacks; install it with `pip install x`")

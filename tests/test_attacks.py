@@ -6,6 +6,7 @@ from torch import nn
 
 from robustdrop.attacks import FGSM, PGD, RSFGSM, input_gradient, model_mode
 from robustdrop.engine.evaluate import evaluate
+from robustdrop.errors import RobustdropError
 
 EPS = 8 / 255
 
@@ -125,3 +126,38 @@ def test_bad_epsilon_rejected():
         FGSM(0.0)
     with pytest.raises(ValueError):
         PGD(1.5)
+
+
+def test_eval_attack_registry_is_the_one_list_and_cw_is_its_own_attack():
+    """``--final-eval``, ``evaluate --attack`` and the cached evaluation read one registry; the
+    CW-loss PGD's rows are named ``pgd-cw``, never mistaken for cross-entropy PGD's."""
+    from robustdrop.attacks.registry import EVAL_ATTACKS, AttackSettings, build_attacks, check_attack_names
+    from robustdrop.engine.config import TrackConfig
+
+    assert EVAL_ATTACKS.names() == ["clean", "fgsm", "pgd", "cw", "autoattack"]
+    assert TrackConfig.__dataclass_fields__["final_eval"].metadata["names"]() == EVAL_ATTACKS.names()
+    clean, pgd, cw = build_attacks(["clean", "pgd", "cw", "pgd"], AttackSettings(8 / 255, num_classes=10))
+    assert clean is None and pgd.spec().attack == "pgd" and cw.spec().attack == "pgd-cw"
+    assert cw.spec().as_columns() | {"attack": "pgd"} == pgd.spec().as_columns()  # same ε, steps, step, restarts
+    with pytest.raises(RobustdropError, match="--final-eval: unknown attack 'deepfool'; choose one of: clean"):
+        check_attack_names(["pgd", "deepfool"], "--final-eval")
+
+
+def test_attack_registry_sits_below_the_engine():
+    """The config validates attack names with a module-level import from ``robustdrop.attacks``:
+    the registry loads without the engine, and the config has no late engine imports left (they
+    were the workaround for the circle config -> attack_eval -> engine package -> config)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, robustdrop.attacks.registry; "
+            "print(sorted(m for m in sys.modules if m.startswith('robustdrop.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    config = Path(__file__).parents[1] / "robustdrop" / "engine" / "config.py"
+    late = [node.module for fn in ast.walk(ast.parse(config.read_text())) if isinstance(fn, ast.FunctionDef)
+            for node in ast.walk(fn) if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                ("robustdrop.engine", "robustdrop.attacks"))]
+    assert late == []

@@ -88,6 +88,7 @@ BAD = [
     (["--diagnostics", "collapse:patience=0"], "patience"),
     (["--diagnostics", "default", "--reference", "{tmp}/no-reference"], "no-reference"),
     (["--diagnostics", "default", "--reference", "{tmp}/notes.txt"], "notes.txt"),
+    (["--diagnostics", "default", "--reference", "{tmp}/passwd"], "passwd is not a complete checkpoint"),  # was torch's "list index out of range"
     (["--probe-size", "100000"], "--probe-size"),
     (["--val-size", "100000"], "--val-size"),
     (["--train-subset", "100000"], "--train-subset"),
@@ -121,6 +122,7 @@ def test_bad_invocation_is_one_line_and_changes_nothing(flags, word, existing_ru
                                                         tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
     runs_before = tree(existing_run)
     tmp_before = tree(tmp_path)
     args = fill(flags, runs=existing_run, tmp=tmp_path)
@@ -134,8 +136,9 @@ def test_bad_invocation_is_one_line_and_changes_nothing(flags, word, existing_ru
     assert "Traceback" not in err and word in lines[0]
     assert tree(existing_run) == runs_before
     assert tree(tmp_path) == tmp_before  # no data directory (or anything else) created
-    if "--reference" in args and "notes.txt" in args[-1]:
+    if "--reference" in args and args[-1].endswith(("notes.txt", "passwd")):
         assert "resume" not in lines[0]  # the message fits what the user did
+        assert "is not a complete checkpoint (not a zip archive as torch.save writes" in lines[0]  # no torch internals
 
 
 def test_decimal_numerators_and_fractions_are_read():

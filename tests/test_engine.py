@@ -52,6 +52,9 @@ def test_each_method_trains_and_logs_specs(method, synthetic_data, tmp_path):
     assert len(csv) == len(m) and list(csv.columns) == list(m.columns)
     manifest = store.read_json("manifest.json")
     assert manifest["seed"] == 0 and "torch" in manifest and manifest["dataset"]["probe"] == 64
+    from robustdrop.environment import manifest as machine  # the machine's part comes from robustdrop.environment
+
+    assert set(machine("cpu")) <= set(manifest) and manifest["device_name"] == machine("cpu")["device_name"]
 
 
 def test_a_method_registered_by_a_user_is_accepted_end_to_end(synthetic_data, tmp_path, monkeypatch):

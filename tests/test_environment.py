@@ -17,3 +17,40 @@ def test_versions_and_environment_name_what_ran():
     assert set(env) == {"torch", "python", "cpus", "machine", "numpy", "cuda"}
     assert env["cpus"] >= 1 and (env["cuda"] is None) == (not torch.cuda.is_available())
     assert device_name("cpu") and device_name(torch.device("cpu")) == device_name("cpu")
+
+
+def test_the_version_has_one_home_read_by_packaging_and_records():
+    """pyproject's dynamic version, ``robustdrop.__version__`` and what records write all come from
+    ``robustdrop/_version.py`` (so the package need not import itself for its version)."""
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    from robustdrop._version import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    assert read_configuration(root / "pyproject.toml", expand=True)["project"]["version"] == __version__
+    assert robustdrop.__version__ == __version__ == versions()["robustdrop"]
+    for module in ("robustdrop/environment.py", "robustdrop/engine/trainer.py", "robustdrop/sweeps/runner.py"):
+        source = (root / module).read_text()
+        assert "robustdrop.__version__" not in source and "\nimport robustdrop\n" not in source, module
+
+
+def test_manifest_names_the_machine_the_checkout_and_the_command():
+    import socket
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from robustdrop.environment import manifest
+
+    m = manifest("cpu")
+    assert {k: m[k] for k in versions()} == versions()
+    assert (m["device"], m["device_name"], m["threads"]) == ("cpu", device_name("cpu"), torch.get_num_threads())
+    assert m["host"] == socket.gethostname() and m["command"] == sys.argv
+    started = datetime.fromisoformat(m["start_time"])
+    assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 60
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(robustdrop.__file__).parent)
+    assert m["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)

@@ -217,6 +217,48 @@ def test_evaluate_bad_path_is_one_line(make, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# the cached final evaluation (the method table's numbers)
+# ---------------------------------------------------------------------------------------------
+def test_cached_final_evaluation_computes_once_and_serves_metrics_only_copies(trained, data, tmp_path, capsys):
+    import dataclasses
+    import os
+    import shutil
+
+    from robustdrop.evaluation import EVAL_CACHE, CachedEvaluation, evaluate_run_cached, evaluation_is_cached
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.copy(run / "checkpoints" / "last.pt", run / "checkpoints" / "best_model.pt")  # best = last epoch
+    how = CachedEvaluation(n=0, seed=0, best="best_model", device="cpu")
+    assert not evaluation_is_cached(run, how)
+    out = evaluate_run_cached(run, how, data=data)
+    final = out["final"]
+    assert final["n"] == 500 and final["epoch"] == 3 and final["checkpoint"] == "last.pt"
+    assert final["pgd_attack"] == "pgd-5 (ε=8/255, step 2/255, 1 restart(s))"
+    assert final["cw_attack"] == "CW-loss pgd-5 (ε=8/255, step 2/255, 1 restart(s))"
+    assert final["pgd"] <= final["clean"] and final["cw"] <= final["clean"]
+    # the same model and images as `robustdrop evaluate --n 0`: the same clean accuracy
+    report = evaluate_checkpoint(run, attacks=[], n=0, device="cpu", data=data, progress=False)
+    assert final["clean"] == report.results[0].acc
+    assert out["best"] == {**final, "checkpoint": "best_model.pt", "same_as": "final"}  # evaluated once
+    assert evaluation_is_cached(run, how)
+    capsys.readouterr()
+    assert evaluate_run_cached(run, how, data=lambda: pytest.fail("nothing to compute")) == out
+    assert capsys.readouterr().out == ""
+    # a metrics-only copy (no checkpoints) serves the cached rows; rows never computed are an error
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (RunStore.CONFIG, EVAL_CACHE):
+        shutil.copy(run / name, copy / name)
+    assert evaluate_run_cached(copy, how) == out
+    with pytest.raises(RobustdropError, match="no checkpoints/result.pt and no cached final evaluation for n=50"):
+        evaluate_run_cached(copy, dataclasses.replace(how, n=50))
+    # a retrained run (another checkpoint file) is evaluated again
+    os.utime(run / "checkpoints" / "last.pt", ns=(10**9, 10**9))
+    assert not evaluation_is_cached(run, how)
+
+
+# ---------------------------------------------------------------------------------------------
 # track --final-eval
 # ---------------------------------------------------------------------------------------------
 def test_final_eval_logs_rows_at_the_end(data, tmp_path):
@@ -225,8 +267,8 @@ def test_final_eval_logs_rows_at_the_end(data, tmp_path):
     m = store.metrics()
     fe = m[m.source == "final-eval"]
     assert set(fe.attack) == {"none", "pgd", "fgsm"} and (fe.n == 100).all() and (fe.epoch == 1).all()
-    with pytest.raises(RobustdropError, match="unknown attack 'cw'"):
-        _config(final_eval=["cw"])
+    with pytest.raises(RobustdropError, match="unknown attack 'deepfool'"):
+        _config(final_eval=["deepfool"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,12 +122,29 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(synthetic_d
                 signal.raise_signal(self.signum)
 
     cfg = small_config(epochs=2)
+    # what the handlers were before (SIGINT is ignored when the suite runs in the background under nohup)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt) as stopped:
         track(cfg, runs_dir=tmp_path, name="r", data=synthetic_data, progress=False,
               hooks=[Twice(signal.SIGINT, step=STEPS + 2)])
     assert not isinstance(stopped.value, RunInterrupted)  # no new checkpoint: epoch 1's is the last
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
+
+
+@pytest.mark.parametrize("previous", [signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler])
+def test_interrupts_restore_whatever_handler_was_there(previous):
+    """An ignored SIGINT (``nohup``, a background job) stays ignored after a run; the default stays default."""
+    from robustdrop.engine.interrupt import Interrupts
+
+    saved = signal.signal(signal.SIGINT, previous)
+    try:
+        with Interrupts() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._handle  # the run's own while it trains
+            signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) == previous
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def _wait_for_line(proc, text, timeout=300):

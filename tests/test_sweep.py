@@ -141,22 +141,6 @@ def test_a_changed_grid_is_refused_unless_extend_which_only_adds(tmp_path):
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"
 
 
-def test_a_sweep_still_running_under_another_driver_is_refused(tmp_path):
-    from robustdrop.sweeps import run_sweep
-
-    plan = _plan("0:1")
-    record = open_sweep(plan, tmp_path)
-    cell = plan.cells[0].name
-    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "robustdrop.sweeps"])
-    try:
-        record.set_status(cell, "running", pid=busy.pid, host=socket.gethostname())
-        with pytest.raises(RobustdropError, match=f"cell {cell} .* is running \\(pid {busy.pid}\\)"):
-            run_sweep(plan, runs_dir=tmp_path, progress=False)
-    finally:
-        busy.kill()
-        busy.wait()
-
-
 # --------------------------------------------------------------------------------------------
 # Real cells
 # --------------------------------------------------------------------------------------------
@@ -186,6 +170,39 @@ def tiny_fixed(dataset: str, epochs: int = 2) -> dict:
 def comparable(path: Path) -> pd.DataFrame:
     frame = RunStore.open(path).metrics()
     return frame[~frame.metric.str.startswith("time_")].reset_index(drop=True)
+
+
+def test_data_size_errors_are_found_before_the_sweep_starts(tiny_env, tmp_path, capsys):
+    """A cell asking for more test images than the data has is refused before anything is written
+    (not one failed cell after the others ran), with the cell named, as one line (exit 2)."""
+    fixed = tiny_fixed(tiny_env["dataset"])
+    fixed.pop("probe_size")
+    with pytest.raises(RobustdropError, match=r"cell probe_size=500: --probe-size 500 is larger than the test set .*"
+                                              r"\(96 examples\)"):
+        robustdrop.sweep({"probe_size": [32, 500]}, name="sizes", runs_dir=tmp_path, progress=False, **fixed)
+    assert not (tmp_path / "sizes").exists()
+    code = main(["sweep", "--grid", "probe_size=32,500", "--name", "sizes", "--runs-dir", str(tmp_path),
+                 "--no-progress", *_flags(fixed)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cell probe_size=500" in err
+    assert not (tmp_path / "sizes").exists()
+
+
+def test_a_cell_running_under_another_driver_is_found_by_its_run_lock(tmp_path):
+    """Whoever holds a cell's run lock (here this process, as another driver's cell would, on any
+    host) makes a second driver refuse before it changes anything."""
+    from robustdrop.store import RunLock
+    from robustdrop.sweeps.runner import run_sweep
+
+    plan = plan_sweep({"seed": [0, 1]}, fixed=tiny_fixed("cifar10-jpeg"), name="busy")
+    record = open_sweep(plan, tmp_path)
+    (record.path / "seed=1").mkdir()
+    before = (record.path / "sweep.json").read_text()
+    with RunLock(record.path / "seed=1"):
+        with pytest.raises(RobustdropError, match=rf"cell seed=1 is running: another `robustdrop sweep` drives .*"
+                                                  rf"pid {os.getpid()}, host {socket.gethostname()}"):
+            run_sweep(plan, runs_dir=tmp_path, progress=False)
+    assert (record.path / "sweep.json").read_text() == before
 
 
 @pytest.mark.slow
@@ -271,6 +288,67 @@ def test_sigkill_of_a_cell_then_rerun_equals_an_uninterrupted_sweep(tiny_env, tm
     assert "resuming" in (tmp_path / "killed" / "logs" / f"{first}.log").read_text()
     for cell in ("seed=0", "seed=1"):
         pd.testing.assert_frame_equal(comparable(tmp_path / "straight" / cell), comparable(tmp_path / "killed" / cell))
+
+
+def test_a_cell_stopped_by_sigterm_exits_143_and_is_recorded_as_stopped(tiny_env, tmp_path, capsys):
+    """SIGTERM to a training cell: the engine checkpoints, the process exits 143, sweep.json says
+    ``stopped`` (not ``failed``) and the sweep's summary says rerunning continues it."""
+    import threading
+
+    from robustdrop.sweeps.runner import run_sweep
+
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=40)  # far longer than it takes to see epoch 1
+    plan = plan_sweep({"seed": [0]}, fixed=fixed, name="term")
+    run = tmp_path / "term" / "seed=0"
+    signalled: list[int] = []
+
+    def stop_mid_run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not signalled:
+            if (run / "checkpoints" / "last.pt").is_file():
+                pid = json.loads((tmp_path / "term" / "sweep.json").read_text())["cells"]["seed=0"]["pid"]
+                os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=stop_mid_run)
+    watcher.start()
+    result = run_sweep(plan, runs_dir=tmp_path, jobs=1, progress=False)
+    watcher.join()
+    assert signalled, "never saw the cell's first checkpoint"
+    assert result.stopped == ["seed=0"] and result.failed == []
+    entry = SweepRecord.open(tmp_path / "term").cells["seed=0"]
+    assert entry["status"] == "stopped" and entry["returncode"] == 143 and "SIGTERM" in entry["error"]
+    cell_result = json.loads((tmp_path / "term" / "logs" / "seed=0.result.json").read_text())
+    assert cell_result["stopped"] is True and cell_result["ok"] is False
+    assert "STOPPED seed=0" in capsys.readouterr().out
+    assert RunStore.open(run).metrics().epoch.max() < 40  # stopped mid-run, with a checkpoint to continue from
+
+
+def test_a_cell_process_stopped_outside_training_exits_143_and_reports_stopped(tmp_path):
+    """The worker's exit code (what a Ray task or a shell sees) for a SIGTERM outside the
+    trainer's handler, and a cell killed by SIGTERM's default action (during interpreter start)."""
+    from robustdrop.sweeps.worker import CellProcess, finish_cell, result_path
+
+    plan = plan_sweep({"seed": [0]}, fixed=tiny_fixed("cifar10-jpeg"), name="early")
+    record = open_sweep(plan, tmp_path)
+    (record.path / "logs").mkdir()
+
+    def run(code: str) -> dict:
+        result_path(record.path, "seed=0").unlink(missing_ok=True)  # as start_cell does
+        log = open(record.log_path("seed=0"), "a")  # noqa: SIM115 - closed by finish_cell
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=_env())
+        return finish_cell(CellProcess(record.path, "seed=0", proc, log, time.perf_counter()))
+
+    in_worker = run("import os, signal, sys; from robustdrop.sweeps import worker; "
+                    "worker._run = lambda d, c: os.kill(os.getpid(), signal.SIGTERM); "
+                    f"sys.exit(worker.main([{str(record.path)!r}, 'seed=0']))")
+    assert in_worker["returncode"] == 143 and in_worker["stopped"] is True and not in_worker["ok"]
+    assert in_worker["error"] == "stopped by SIGTERM; rerun the sweep to continue it"
+    at_start = run("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    assert at_start["returncode"] == -signal.SIGTERM and at_start["stopped"] is True
+    killed = run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert "stopped" not in killed and "SIGKILL" in killed["error"]  # not resumable by design: a failure
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 * :mod:`lib.training` — train, resume or reuse one run; the :class:`~lib.training.KeepBest` hook.
 * :mod:`lib.tasks` — trainings and evaluations in order or in parallel processes, with
   dependencies and prefixed, logged output; :func:`~lib.tasks.ensure_runs`.
-* :mod:`lib.evaluation` — the tables' test-set evaluation of final / best checkpoints (cached).
+* :mod:`lib.evaluation` — the tables' settings for :func:`robustdrop.evaluation.evaluate_run_cached` (final / best checkpoints, cached).
 * :mod:`lib.outputs` — captions, and writing figures, text and tables.
 
 Reading run directories and formatting numbers are the package's (:mod:`robustdrop.plots.runs`,

@@ -32,22 +32,22 @@ import torch
 from lib.catalog import load_data, ref_name, run_dir
 from lib.evaluation import checkpoint_file
 from lib.setting import Setting
-from robustdrop.attacks import FGSM, PGD, model_mode
+from robustdrop.attacks import Attack, model_mode
+from robustdrop.attacks.registry import build_attacks
 from robustdrop.data import ImageData, iterate_eval, probe_indices
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import autocast_for, resolve_device
+from robustdrop.evaluation import run_attack_settings
 from robustdrop.store import RunStore, atomic_write_text
 
 PRECISION_FILE = "precision.json"
 PAIR = ("prec-bf16", "prec-fp32")
 
 
-def eval_attacks(cfg: dict[str, Any]) -> dict[str, FGSM | PGD | None]:
+def eval_attacks(cfg: dict[str, Any]) -> dict[str, Attack | None]:
     """Clean, FGSM and the run's evaluation PGD, at its evaluation ε (as the trainer's evaluation)."""
-    eps = float(cfg["eval_epsilon"] if cfg.get("eval_epsilon") else cfg["epsilon"])
-    return {"clean": None, "fgsm": FGSM(eps),
-            "pgd": PGD(eps, steps=int(cfg["eval_pgd_steps"]), step_size=float(cfg["eval_pgd_step_size"]),
-                       restarts=int(cfg["eval_restarts"]))}
+    names = ("clean", "fgsm", "pgd")
+    return dict(zip(names, build_attacks(names, run_attack_settings(cfg, num_classes=0, seed=0))))
 
 
 def correct_per_example(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], *,

@@ -22,6 +22,7 @@ from torch import nn
 
 from robustdrop.attacks.base import Attack, AttackSpec, project
 from robustdrop.errors import RobustdropError
+from robustdrop.formatting import format_eps
 
 STANDARD_ITERATIONS = 100
 STANDARD_TARGETS = 9
@@ -37,6 +38,15 @@ def import_torchattacks():
         raise RobustdropError("AutoAttack needs the optional package torchattacks; install it with "
                               "`pip install 'robustdrop[eval]'`") from None
     return torchattacks
+
+
+def describe_standard(epsilon: float, num_classes: int) -> str:
+    """What a standard AutoAttack number measured, in words, with the values of the cascade."""
+    it, targets = STANDARD_ITERATIONS, min(STANDARD_TARGETS, num_classes - 1)
+    return (f"standard L∞ AutoAttack (ε={format_eps(epsilon)}): APGD-CE ({it} iterations), APGD-T ({it} iterations, "
+            f"{targets} target classes), FAB-T ({it} iterations, {targets} target classes), Square "
+            f"({STANDARD_SQUARE_QUERIES} queries, p_init {STANDARD_SQUARE_P_INIT:g}), each on the images the previous "
+            "ones left correct")
 
 
 def standard_components(model: nn.Module, epsilon: float, num_classes: int, seed: int) -> list:

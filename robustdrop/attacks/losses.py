@@ -26,3 +26,9 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean
     if reduction == "mean":
         return margin.mean()
     raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+
+
+def loss_name(loss_fn) -> str:
+    """The short name an attack's spec gives a loss (``pgd-cw``): ``cw`` for :func:`cw_margin_loss`,
+    else the function's name, so metric rows under different losses never share an attack name."""
+    return "cw" if loss_fn is cw_margin_loss else getattr(loss_fn, "__name__", type(loss_fn).__name__)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdrop.attacks.base import Attack, AttackSpec, input_gradient, project, uniform_noise
+from robustdrop.attacks.losses import loss_name
 
 
 class PGD(Attack):
@@ -59,4 +60,6 @@ class PGD(Attack):
         return loss + 1e6 * (logits.argmax(1) != y).float()
 
     def spec(self) -> AttackSpec:
-        return AttackSpec("pgd", self.epsilon, self.steps, self.step_size, self.restarts)
+        # another loss is another attack in the metric rows (``pgd-cw``), not a second "pgd"
+        name = "pgd" if self.loss_fn is None else f"pgd-{loss_name(self.loss_fn)}"
+        return AttackSpec(name, self.epsilon, self.steps, self.step_size, self.restarts)

@@ -109,7 +109,8 @@ def find_reference(path: str | Path, *, role: str = "reference") -> ReferenceSou
         state = load_checkpoint_file(checkpoint)
     elif path.is_file():
         checkpoint = path
-        state = load_checkpoint_file(path)
+        state = load_checkpoint_file(path, todo="give a run directory or one of its checkpoints/*.pt files" + (
+            " (or --reference auto, builtin:quick)" if role == "reference" else ""))
         config = state.get("config")
         if not isinstance(config, dict):
             run_config = path.parent.parent / RunStore.CONFIG

@@ -1,9 +1,9 @@
 """Evaluation under named attacks with progress, as metric rows: the core of ``robustdrop evaluate``
 and of ``track --final-eval``.
 
-Attacks by name (:data:`EVAL_ATTACKS`): ``clean``, ``fgsm``, ``pgd`` (the run's evaluation PGD
-unless told otherwise) and ``autoattack`` (standard L∞ AutoAttack through torchattacks, the
-optional extra ``robustdrop[eval]``). Every attack sees the same images; numbers come out as
+The attacks come by name from :data:`robustdrop.attacks.registry.EVAL_ATTACKS` (``clean``,
+``fgsm``, ``pgd`` — the run's evaluation PGD unless told otherwise —, ``cw``, ``autoattack``).
+Every attack sees the same images; numbers come out as
 tidy metric rows (``acc``, ``loss`` and ``time_s`` with the attack's spec, the split and ``n``).
 Attacks run in fp32: robustness is measured without autocast.
 """
@@ -12,81 +12,23 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from robustdrop.attacks import CLEAN, FGSM, PGD, Attack, AttackSpec
+from robustdrop._progress import progress_bar
+from robustdrop.attacks import CLEAN, Attack, AttackSpec
+from robustdrop.attacks.registry import AttackSettings, build_attacks, check_attack_names
 from robustdrop.data import probe_indices
 from robustdrop.engine.evaluate import evaluate
 from robustdrop.engine.hooks import Hook
-from robustdrop.errors import RobustdropError
-from robustdrop.registry import Registry
 from robustdrop.store import metric_row
 
 if TYPE_CHECKING:
     from robustdrop.engine.hooks import RunContext
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    """What the named attacks are built from (defaults: a run's evaluation settings)."""
-
-    epsilon: float
-    num_classes: int
-    pgd_steps: int = 20
-    pgd_step_size: float = 2 / 255
-    restarts: int = 1
-    seed: int = 0
-
-
-# The registry of the attacks ``evaluate --attack`` and ``track --final-eval`` accept:
-# name -> builder(settings) (``None`` = clean).
-EVAL_ATTACKS: Registry[Callable[[AttackSettings], Attack | None]] = Registry("attack")
-
-
-@EVAL_ATTACKS.register("clean")
-def _clean(s: AttackSettings) -> Attack | None:
-    return None
-
-
-@EVAL_ATTACKS.register("fgsm")
-def _fgsm(s: AttackSettings) -> Attack:
-    return FGSM(s.epsilon)
-
-
-@EVAL_ATTACKS.register("pgd")
-def _pgd(s: AttackSettings) -> Attack:
-    return PGD(s.epsilon, steps=s.pgd_steps, step_size=s.pgd_step_size, restarts=s.restarts)
-
-
-@EVAL_ATTACKS.register("autoattack")
-def _autoattack(s: AttackSettings) -> Attack:
-    from robustdrop.attacks.autoattack import AutoAttack
-
-    return AutoAttack(s.epsilon, num_classes=s.num_classes, seed=s.seed)
-
-
-def check_attack_names(names: Sequence[str], flag: str) -> list[str]:
-    """``names`` without duplicates, in order; :class:`RobustdropError` on an unknown one."""
-    for name in names:
-        try:
-            EVAL_ATTACKS.check(name)
-        except RobustdropError as exc:
-            raise RobustdropError(f"{flag}: {exc}") from None
-    if "autoattack" in names:
-        from robustdrop.attacks.autoattack import import_torchattacks
-
-        import_torchattacks()
-    return list(dict.fromkeys(names))
-
-
-def build_attacks(names: Sequence[str], settings: AttackSettings) -> list[Attack | None]:
-    return [EVAL_ATTACKS[n](settings) for n in check_attack_names(names, "attack")]
 
 
 @dataclass
@@ -132,7 +74,7 @@ def evaluate_attacks(
     results = []
     n_total = len(labels)
     starts = list(range(0, n_total, batch_size))
-    bar = tqdm(total=len(starts) * len(attacks), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(starts) * len(attacks), desc=desc, enabled=progress, leave=False)
     for attack in attacks:
         spec = CLEAN if attack is None else attack.spec()
         bar.set_postfix_str(spec.describe())

@@ -12,19 +12,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from robustdrop.attacks.registry import EVAL_ATTACKS, check_attack_names
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import available_methods, check_method, create_method
 from robustdrop.models import available_models, check_model
 from robustdrop.schedules import SCHEDULES
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def _eval_attack_names() -> list[str]:
-    """The evaluation-attack registry's names (imported late: that registry lives above the config)."""
-    from robustdrop.engine.attack_eval import EVAL_ATTACKS
-
-    return EVAL_ATTACKS.names()
 
 
 ON_COLLAPSE = ("warn", "stop", "rollback", "switch")
@@ -113,7 +107,7 @@ class TrackConfig:
     eval_restarts: int = opt(1, "PGD restarts of the evaluation attack")
     eval_batch_size: int = opt(500, "evaluation batch size")
     final_eval: list = opt([], "attacks run on the test set when the run ends (autoattack needs robustdrop[eval])",
-                           nargs="+", item=str, names=_eval_attack_names)
+                           nargs="+", item=str, names=EVAL_ATTACKS.names)
     final_eval_size: int = opt(1000, "--final-eval: seeded class-balanced test subset size (0 = the whole test set)")
     # -- diagnostics ----------------------------------------------------------------------
     diagnostics: list = opt(["default"], "default | all | none | a list of names (see README)", nargs="+", item=str)
@@ -221,8 +215,6 @@ class TrackConfig:
     def _validate_extras(self) -> None:
         """Optional outputs fail now, not after training: unknown attacks, missing packages."""
         if self.final_eval:
-            from robustdrop.engine.attack_eval import check_attack_names
-
             check_attack_names(self.final_eval, "--final-eval")
         if self.tensorboard:
             from robustdrop.store.tensorboard import import_summary_writer

@@ -5,11 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import platform
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import robustdrop
+from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
@@ -32,6 +28,7 @@ from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
 from robustdrop.engine.observer import Observer, eval_rows, make_context, rng_state, set_rng_state
+from robustdrop.environment import manifest
 from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
 from robustdrop.formatting import eps_in_255ths, format_duration
 from robustdrop.methods import MethodContext, create_method
@@ -457,8 +454,7 @@ class Trainer:
             self.data_generator.set_state(p.generator)
         self._progress = p
         n = len(self.loader)
-        bar = tqdm(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, enabled=self.progress)
         timer = self._timer
         if timer is not None:
             timer.begin()
@@ -685,27 +681,13 @@ class Trainer:
             print(f"stopped: {self._stop[0]}", flush=True)
 
     def _manifest(self) -> dict[str, Any]:
-        commit = None
-        with contextlib.suppress(Exception):
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                    cwd=os.path.dirname(os.path.abspath(robustdrop.__file__))).stdout.strip() or None
-        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
+        """The machine's facts (:func:`robustdrop.environment.manifest`) and this run's."""
         return {
             "seed": self.config.seed,
-            "robustdrop": robustdrop.__version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "device": str(self.device),
-            "device_name": device_name,
-            "threads": torch.get_num_threads(),
+            **manifest(self.device),
             "amp_bf16": self.device.type == "cuda" and self.config.amp,
             "eval_bf16": self.device.type == "cuda" and self.config.eval_precision == "bf16",
             "channels_last": self._channels_last,
-            "git_commit": commit,
-            "host": socket.gethostname(),
-            "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": sys.argv,
             "dataset": {"name": self.data.name, "train": len(self.train_images), "val": len(self.val[1]),
                         "probe": len(self.probe[1]), "test": len(self.test[1]), "classes": self.data.classes},
         }

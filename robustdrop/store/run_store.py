@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
     path = Path(path)
     if not path.is_file():
         raise RobustdropError(f"checkpoint {path} does not exist; check the path or the run's checkpoints/ folder")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch's errors on other files are its internals
+        raise RobustdropError(f"{path} is not a complete checkpoint (not a zip archive as torch.save writes: another "
+                              f"kind of file, or truncated); {todo}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files

@@ -7,9 +7,10 @@ cell (named by the cell) and ``logs/<cell>.log`` (each cell's output). ``sweep.j
      "created": ISO time, "backend": "local" | "ray",
      "preset": "quick" | null, "grid": {key: [values...]}, "fixed": {key: value},
      "cells": {cell name: {"values": {key: value}, "config": {resolved TrackConfig},
-                           "status": "pending" | "running" | "finished" | "failed",
+                           "status": "pending" | "running" | "finished" | "failed" | "stopped",
                            "error": one line | null, "wall_s": seconds of the last attempt,
-                           "attempts": n, "host": ..., "pid": ..., "updated": ISO time}}}
+                           "attempts": n, "host": ..., "pid": ..., "returncode": the cell process's
+                           exit status (143: stopped by SIGTERM), "updated": ISO time}}}
 
 Only the process that runs the sweep (the driver) writes it, atomically; cells never do. The
 truth about a cell's training is its run directory (``checkpoints/last.pt``); the record says
@@ -29,7 +30,8 @@ from robustdrop.errors import RobustdropError
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "robustdrop-sweep-1"
-STATUSES = ("pending", "running", "finished", "failed")
+# stopped: ended by SIGTERM / SIGINT after its checkpoint (resumable), not a failure
+STATUSES = ("pending", "running", "finished", "failed", "stopped")
 
 
 def now() -> str:

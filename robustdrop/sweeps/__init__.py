@@ -64,7 +64,8 @@ def sweep(
     Returns:
         The tidy table (:func:`robustdrop.plots.sweeps.sweep_metrics`): every cell's metrics rows
         with ``cell`` and the varied values as ``cfg_<key>`` columns. Cells that failed are listed
-        in ``table.attrs["failed"]`` (and in ``sweep.json``).
+        in ``table.attrs["failed"]``, cells stopped by a signal in ``table.attrs["stopped"]`` (and
+        both in ``sweep.json``).
     """
     from robustdrop.plots.sweeps import sweep_metrics
 
@@ -78,4 +79,5 @@ def sweep(
                        command=command)
     table = sweep_metrics(result.path)
     table.attrs["failed"] = list(result.failed)
+    table.attrs["stopped"] = list(result.stopped)
     return table

@@ -12,19 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-import robustdrop
+from robustdrop._progress import progress_bar
+from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
+from robustdrop.store.lock import RunLock
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
 from robustdrop.sweeps.grid import SweepPlan, json_value
 from robustdrop.sweeps.local import cpu_cores, run_local
@@ -34,13 +33,15 @@ BACKENDS = ("local", "ray")
 
 @dataclass
 class SweepResult:
-    """What :func:`run_sweep` did: the sweep directory, its record, the cells run and those that failed."""
+    """What :func:`run_sweep` did: the sweep directory, its record, the cells run, those that failed
+    and those stopped by a signal (checkpointed; rerunning the sweep continues them)."""
 
     path: Path
     record: SweepRecord
     ran: list[str]
     failed: list[str]
     wall_s: float
+    stopped: list[str] = field(default_factory=list)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -55,7 +56,7 @@ def _new_record(plan: SweepPlan, path: Path, command: Sequence[str], backend: st
     return SweepRecord(path, {
         "format": SWEEP_FORMAT,
         "name": plan.name,
-        "robustdrop": robustdrop.__version__,
+        "robustdrop": __version__,
         "command": list(command),
         "created": now(),
         "backend": backend,
@@ -126,22 +127,44 @@ def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = F
     return record
 
 
-def _alive_cell_process(pid: Any) -> bool:
-    """Whether ``pid`` is a live cell process on this machine (its command line runs robustdrop.sweeps)."""
-    try:
-        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
-    except (OSError, TypeError, ValueError):
-        return False
-    return b"robustdrop.sweeps" in cmdline
-
-
 def check_not_running(record: SweepRecord) -> None:
-    """Refuse to drive a sweep whose cells are still running here under another driver."""
-    host = socket.gethostname()
-    for cell, entry in record.cells.items():
-        if entry.get("status") == "running" and entry.get("host") == host and _alive_cell_process(entry.get("pid")):
-            raise RobustdropError(f"cell {cell} of {record.path} is running (pid {entry['pid']}): another "
-                                  "`robustdrop sweep` drives this sweep; wait for it or stop it first")
+    """Refuse to drive a sweep whose cells are still running under another driver (or a killed
+    driver's surviving cell): a cell's process holds its run directory's :class:`RunLock` while it
+    writes, which this probes (on any host that shares the file system)."""
+    for cell in record.cells:
+        run_dir = record.run_dir(cell)
+        if not run_dir.is_dir():
+            continue
+        try:
+            RunLock(run_dir).acquire().release()
+        except RobustdropError as exc:
+            raise RobustdropError(f"cell {cell} is running: another `robustdrop sweep` drives {record.path} ({exc})"
+                                  ) from None
+
+
+def check_cell_data(plan: SweepPlan, cells: Sequence[str]) -> None:
+    """Refuse sizes the data cannot give (``TrackConfig.check_data``: validation / probe / subset
+    / batch larger than the dataset allows) for ``cells``, before the sweep writes anything,
+    instead of one failed cell each. Each dataset the cells use is loaded once (from the dataset
+    cache the cells then read); one that cannot be loaded here is left to its cells, whose
+    failure is recorded as before."""
+    from robustdrop.data import load_dataset
+
+    sizes: dict[tuple[str, str | None], tuple[int, int, str] | None] = {}
+    for name in cells:
+        cfg = plan.cell(name).config
+        key = (cfg.dataset, cfg.data_dir)
+        if key not in sizes:
+            try:
+                data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+                sizes[key] = (len(data.train_y), len(data.test_y), data.name)
+            except (RobustdropError, OSError):
+                sizes[key] = None
+        if sizes[key] is not None:
+            try:
+                cfg.check_data(*sizes[key])
+            except RobustdropError as exc:
+                raise RobustdropError(f"cell {name}: {exc}") from None
 
 
 def _has_checkpoint(record: SweepRecord, cell: str) -> bool:
@@ -156,6 +179,8 @@ def cell_line(record: SweepRecord, cell: str, result: dict[str, Any]) -> str:
     """One line for a finished cell: name, best / final probe PGD accuracy, onset, wall time."""
     wall = result.get("wall_s")
     wall_text = f"{wall:.0f} s" if isinstance(wall, (int, float)) and not math.isnan(wall) else "? s"
+    if result.get("stopped"):
+        return f"STOPPED {cell} after {wall_text}: {result.get('error')}"
     if not result.get("ok"):
         return f"FAILED {cell} after {wall_text}: {result.get('error')}"
     from robustdrop.plots.sweeps import run_summary
@@ -203,8 +228,12 @@ def run_sweep(
     if cpus_per_cell is not None and cpus_per_cell <= 0:
         raise RobustdropError(f"--cpus-per-cell must be positive, got {cpus_per_cell}")
     path = Path(runs_dir) / plan.name
+    unfinished = [c.name for c in plan.cells]
     if is_sweep_dir(path):
-        check_not_running(SweepRecord.open(path))
+        existing = SweepRecord.open(path)
+        check_not_running(existing)
+        unfinished = [c for c in unfinished if c not in existing.cells or existing.status(c) != "finished"]
+    check_cell_data(plan, unfinished)
     record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
     finished = [c.name for c in plan.cells if record.status(c.name) == "finished" and _has_checkpoint(record, c.name)]
     todo = [c.name for c in plan.cells if c.name not in finished]
@@ -218,8 +247,8 @@ def run_sweep(
           f"{len(todo) - len(resumable)} to start); {where}, {threads} thread(s) per cell", flush=True)
 
     failed: list[str] = []
-    bar = tqdm(total=len(plan.cells), initial=len(finished), desc=plan.name, unit="cell", disable=not progress,
-               dynamic_ncols=True)
+    stopped: list[str] = []
+    bar = progress_bar(total=len(plan.cells), initial=len(finished), desc=plan.name, unit="cell", enabled=progress)
     write = bar.write if progress else print
 
     def on_start(cell: str, **info: Any) -> None:
@@ -227,10 +256,11 @@ def run_sweep(
 
     def on_done(cell: str, result: dict[str, Any]) -> None:
         ok = bool(result.get("ok"))
-        record.set_status(cell, "finished" if ok else "failed", error=None if ok else result.get("error"),
-                          wall_s=result.get("wall_s"), **({"host": result["host"]} if result.get("host") else {}))
-        if not ok:
-            failed.append(cell)
+        status = "finished" if ok else "stopped" if result.get("stopped") else "failed"
+        record.set_status(cell, status, error=None if ok else result.get("error"), wall_s=result.get("wall_s"),
+                          returncode=result.get("returncode"),
+                          **({"host": result["host"]} if result.get("host") else {}))
+        {"failed": failed, "stopped": stopped}.get(status, []).append(cell)
         write(cell_line(record, cell, result))
         bar.update(1)
 
@@ -247,8 +277,9 @@ def run_sweep(
         bar.close()
     wall = time.perf_counter() - start
     done = sum(record.status(c.name) == "finished" for c in plan.cells)
-    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed this time "
+    halted = f", {len(stopped)} stopped (rerun the same command to continue them)" if stopped else ""
+    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed this time{halted} "
           f"({wall:.0f} s); read it with `robustdrop compare {record.path}`", flush=True)
     for cell in failed:
         print(f"  failed: {cell}: {record.cells[cell].get('error')} (log: {record.log_path(cell)})", flush=True)
-    return SweepResult(record.path, record, todo, failed, wall)
+    return SweepResult(record.path, record, todo, failed, wall, stopped)

@@ -13,6 +13,11 @@ appended to ``logs/<cell>.log``. The process reads the cell's config from ``swee
 
 then writes ``logs/<cell>.result.json`` (``{"ok": true}`` or ``{"ok": false, "error": one line}``).
 A process killed before that leaves no result file; :func:`finish_cell` reports its signal.
+
+SIGTERM (or SIGINT) stops a cell resumably: during training the engine checkpoints first, before
+it the cell has nothing to lose. The process then exits with the shell's code for that signal
+(143, 130) and its result says ``"stopped": true``; the driver records the cell as ``stopped``
+(not ``failed``), and rerunning the sweep continues it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from robustdrop._files import atomic_write_text
-from robustdrop.errors import RobustdropError
+from robustdrop.errors import RobustdropError, RunInterrupted
 from robustdrop.store.sweep_record import SweepRecord
 
 
@@ -89,6 +94,8 @@ def finish_cell(started: CellProcess) -> dict[str, Any]:
             pass
     if code != 0 and result.get("ok"):
         result["ok"] = False
+    if code == -signal.SIGTERM:  # the default handler, before the cell's own: nothing to lose either
+        result.update(stopped=True, error="stopped by SIGTERM before the cell started; rerun the sweep to start it")
     if not result.get("ok") and not result.get("error"):
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
@@ -129,7 +136,14 @@ def _run(sweep_dir: Path, cell: str) -> None:
         track(config, runs_dir=sweep_dir, name=cell, overwrite=True, progress=False)
 
 
+def _stop_before_training(signum: int, frame: Any) -> None:
+    raise RunInterrupted(signum, f"stopped by {signal.Signals(signum).name} before training")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The cell's process; exits 0 (finished), 1 (failed) or 128 + signal (stopped, resumable)."""
+    # until the trainer installs its own (checkpointing) handler, and after it restores this one
+    signal.signal(signal.SIGTERM, _stop_before_training)
     parser = argparse.ArgumentParser(prog="python -m robustdrop.sweeps", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("cell")
@@ -139,19 +153,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     result: dict[str, Any] = {"ok": True, "error": None, "pid": os.getpid(), "host": socket.gethostname()}
+    code = 0
     try:
         _run(args.sweep_dir, args.cell)
     except RobustdropError as exc:
         result.update(ok=False, error=str(exc))
         print(f"robustdrop: error: {exc}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        result.update(ok=False, error="interrupted; rerun the sweep to resume it")
+    except KeyboardInterrupt as exc:  # RunInterrupted (checkpoint written) or a SIGINT outside training
+        signum = exc.signum if isinstance(exc, RunInterrupted) else int(signal.SIGINT)
+        code = 128 + signum
+        result.update(ok=False, stopped=True,
+                      error=f"stopped by {signal.Signals(signum).name}; rerun the sweep to continue it")
+        print(f"robustdrop: {exc or 'interrupted'}", file=sys.stderr, flush=True)
     except Exception as exc:  # any bug in a cell is that cell's failure, not the sweep's
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         result.update(ok=False, error=f"{type(exc).__name__}: {first}", traceback=traceback.format_exc())
         traceback.print_exc()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the outcome is known: a late SIGTERM must not lose its record
     atomic_write_text(result_path(args.sweep_dir, args.cell), json.dumps(result, indent=2) + "\n")
-    return 0 if result["ok"] else 1
+    return 0 if result["ok"] else code or 1
 
 
 if __name__ == "__main__":
