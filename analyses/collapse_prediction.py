@@ -20,7 +20,6 @@ and ``table_matched_strength.{md,csv,tex}``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from lib.catalog import data_for, make_run_config
 from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
 from lib.prediction import (
@@ -54,12 +52,11 @@ from lib.setting import REPO, Setting, build_parser, setting_from_args
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from robustdrop.api import track
+from robustdrop.api import ensure
 from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_eps, format_pct
 from robustdrop.plots._common import new_figure
-from robustdrop.store import RunStore
 
 # ---------------------------------------------------------------------------------------------
 # The study definition: one list of cells, printed as sweep commands (--plan), trained in --smoke
@@ -188,16 +185,11 @@ def smoke_runs(setting: Setting) -> Path:
 
 
 def _train(setting: Setting, runs_dir: Path, name: str, **overrides: Any) -> None:
-    """Train the run unless a finished one with this config is there."""
+    """Reuse, resume or train the run (the package's one rule, :func:`robustdrop.api.ensure`)."""
     cfg = make_run_config(setting, epochs=SMOKE_EPOCHS, **overrides)
-    path = runs_dir / name
-    if (path / RunStore.CONFIG).is_file() and (path / "checkpoints" / "last.pt").is_file():
-        same = json.loads((path / RunStore.CONFIG).read_text()) == cfg.to_dict()
-        done = torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True).get("finished")
-        if same and done:
-            print(f"reusing finished run {path}", flush=True)
-            return
-    track(cfg, runs_dir=runs_dir, name=name, overwrite=True, progress=False, data=data_for(setting))
+    _, decision = ensure(cfg, runs_dir=runs_dir, name=name, progress=False, data=data_for(setting))
+    if decision.action == "reuse":
+        print(f"reusing finished run {runs_dir / name}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
