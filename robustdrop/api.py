@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from robustdrop.data import ImageData
@@ -120,13 +120,17 @@ def ensure(
     hooks: Sequence[Hook] | None = None,
     progress: bool = True,
     data: ImageData | None = None,
+    log: Callable[[Decision], None] | None = None,
 ) -> tuple[RunStore, Decision]:
     """The run ``config`` asks for in ``<runs_dir>/<name>``: reused when a finished one is there,
     resumed when it stopped early, else trained (anew) — the one rule, :func:`robustdrop.reuse.decide`.
-    A resumed run takes ``config``'s device and threads. Returns the store and the decision taken."""
+    A resumed run takes ``config``'s device and threads. ``log`` is called with the decision
+    before it is carried out. Returns the store and the decision taken."""
     config.validate()
     path = Path(runs_dir) / (name or default_run_name(config))
     decision = decide(path, config)
+    if log is not None:
+        log(decision)
     if decision.action == "reuse":
         return RunStore.open(path), decision
     if decision.action == "resume":

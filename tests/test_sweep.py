@@ -101,7 +101,7 @@ def test_toml_file_says_the_same_as_grid_words(tmp_path):
     assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in from_words.cells]
     assert len(from_file.cells) == 12 and from_file.name == "eps-study"
     (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'quick'\n")
-    with pytest.raises(RobustdropError, match="no \\[sweep.grid\\]"):
+    with pytest.raises(RobustdropError, match="neither \\[sweep.grid\\] values nor"):
         read_toml(tmp_path / "bad.toml")
 
 
