@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_sweep import comparable, tiny_env, tiny_fixed, tiny_folder  # noqa: F401 - fixtures
+import test_sweep
+from test_sweep import comparable, tiny_fixed
 
 import robustdrop
 from robustdrop.cli import main
@@ -20,6 +21,8 @@ from robustdrop.store import RunStore, SweepRecord
 from robustdrop.sweeps import plan_sweep, read_toml, runner
 from robustdrop.sweeps.schedule import Schedule
 from robustdrop.sweeps.worker import cell_env
+
+tiny_folder, tiny_env = test_sweep.tiny_folder, test_sweep.tiny_env  # the fixtures, shared
 
 STUDY = """
 [sweep]
