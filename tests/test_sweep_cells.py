@@ -133,7 +133,8 @@ def test_a_study_with_a_referee_a_dependent_run_and_an_evaluation(tiny_env, tmp_
     record = SweepRecord.open(tmp_path / "s")
     assert [record.status(c) for c in cells] == ["finished"] * 3
     # The dependent run started after its referee finished, and measured against it.
-    assert record.cells["fgsm-ref"]["updated"] >= record.cells["referee"]["updated"]
+    ended = (tmp_path / "s" / "logs" / "referee.result.json").stat().st_mtime_ns  # after its referee ended:
+    assert (tmp_path / "s" / "fgsm-ref" / "config.json").stat().st_mtime_ns >= ended
     run = RunStore.open(tmp_path / "s" / "fgsm-ref")
     assert Path(run.read_json("config.json")["reference"]) == (tmp_path / "s" / "referee").resolve()
     m = run.metrics()
