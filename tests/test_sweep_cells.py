@@ -181,3 +181,21 @@ def test_the_deadline_stops_a_running_cell_and_the_same_command_continues_it(tin
     assert "resume" in (tmp_path / "stopped" / "logs" / "seed=0.log").read_text()
     for cell in ("seed=0", "seed=1"):
         pd.testing.assert_frame_equal(comparable(tmp_path / "straight" / cell), comparable(tmp_path / "stopped" / cell))
+
+
+def test_the_sweep_demo_study_file_makes_the_committed_sweep(monkeypatch):
+    """analyses/studies/sweep_demo.toml, as sweep_demo.py runs it, plans the cells of the sweep made
+    by the grid command it replaced (so that sweep is reused, not refused)."""
+    monkeypatch.syspath_prepend(str(test_sweep.REPO / "analyses"))
+    import sweep_demo
+    from lib.setting import Setting
+
+    from robustdrop.sweeps import parse_grid
+
+    setting = Setting()
+    plan = plan_sweep(sweep_demo.study()["grid"], preset="quick", fixed=sweep_demo.fixed_values(setting), name="d")
+    committed = plan_sweep(parse_grid(["seed=0:5", "epsilon=8/255,10/255,12/255"]), preset="quick", name="d",
+                           fixed={"threads": setting.threads, "device": setting.device, "method": "fgsm"})
+    assert [(c.name, c.config) for c in plan.cells] == [(c.name, c.config) for c in committed.cells]
+    assert (plan.grid, plan.fixed) == (committed.grid, committed.fixed) and len(plan.cells) == 15
+    assert "--file analyses/studies/sweep_demo.toml" in " ".join(sweep_demo.command(setting))
