@@ -148,6 +148,15 @@ def test_a_study_with_a_referee_a_dependent_run_and_an_evaluation(tiny_env, tmp_
     robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=3, progress=False, **fixed)
     assert "3 finished, 0 to resume, 0 to start" in capsys.readouterr().out
     assert (tmp_path / "s" / "fgsm-ref" / "metrics.csv").stat().st_mtime_ns == before
+    # The referee is lost: it trains again, and so do the run measured against it and its evaluation.
+    (tmp_path / "s" / "referee" / "checkpoints" / "last.pt").unlink()
+    robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=3, progress=False, **fixed)
+    out = capsys.readouterr().out
+    assert "0 finished, 0 to resume, 3 to start" in out and "fgsm-ref: again, after cell referee" in out
+    assert "fgsm-ref: retrain (cell referee, which it needs, runs again)" in (
+        tmp_path / "s" / "logs" / "fgsm-ref.log").read_text()
+    record = SweepRecord.open(tmp_path / "s")
+    assert all(record.status(c) == "finished" and "rerun" not in record.cells[c] for c in cells)
 
 
 @pytest.mark.slow
@@ -199,3 +208,22 @@ def test_the_sweep_demo_study_file_makes_the_committed_sweep(monkeypatch):
     assert [(c.name, c.config) for c in plan.cells] == [(c.name, c.config) for c in committed.cells]
     assert (plan.grid, plan.fixed) == (committed.grid, committed.fixed) and len(plan.cells) == 15
     assert "--file analyses/studies/sweep_demo.toml" in " ".join(sweep_demo.command(setting))
+
+
+def test_cells_that_need_a_cell_that_runs_again_run_again(tmp_path):
+    """A referee trained anew (its config changed) makes the finished runs measured against it, and
+    their evaluations, stale: they run again (the worker retrains them instead of reusing)."""
+    (tmp_path / "s.toml").write_text(STUDY)
+    spec = read_toml(tmp_path / "s.toml")
+    plan = plan_sweep(spec["grid"], preset=spec["preset"], fixed=spec["fixed"], name=spec["name"], cells=spec["cells"])
+    record = runner.open_sweep(plan, tmp_path)
+    states = {"referee": "start", "fgsm-ref": "finished", "fgsm-ref-eval": "finished", "seed=0": "finished",
+              "seed=1": "resume"}
+    assert runner.mark_stale(record, plan, states) == ["fgsm-ref", "fgsm-ref-eval"]
+    assert states == {"referee": "start", "fgsm-ref": "start", "fgsm-ref-eval": "start", "seed=0": "finished",
+                      "seed=1": "resume"}
+    assert "referee" in SweepRecord.open(tmp_path / "study").cells["fgsm-ref"]["rerun"]
+    # A dependency that only resumes (stopped at a deadline) was never finished: nothing after it is stale.
+    states = {"referee": "resume", "fgsm-ref": "start", "fgsm-ref-eval": "start", "seed=0": "finished",
+              "seed=1": "finished"}
+    assert runner.mark_stale(record, plan, dict(states)) == []

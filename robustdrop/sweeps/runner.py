@@ -164,6 +164,27 @@ def check_not_running(record: SweepRecord) -> None:
                                   "`robustdrop sweep` drives this sweep; wait for it or stop it first")
 
 
+def mark_stale(record: SweepRecord, plan: SweepPlan, states: dict[str, str]) -> list[str]:
+    """Finished cells that need a cell that runs again (its config changed, ...) are run again
+    too: recorded as ``rerun`` (the reason) in their entry, which makes the worker retrain /
+    re-evaluate instead of reusing. Updates ``states``; returns those cells."""
+    after = {c.name: c.after for c in plan.cells}
+    stale: list[str] = []
+    changed = True
+    while changed:  # dependencies may come later in the sweep's order: to a fixed point
+        changed = False
+        for cell, deps in after.items():
+            again = next((d for d in deps if states.get(d) != "finished"), None)
+            if states[cell] == "finished" and again is not None and states[again] == "start":
+                states[cell] = "start"
+                record.cells[cell]["rerun"] = f"cell {again}, which it needs, runs again"
+                stale.append(cell)
+                changed = True
+    if stale:
+        record.save()
+    return stale
+
+
 def cell_state(record: SweepRecord, cell: str) -> str:
     """``finished``, ``resume`` or ``start`` for a cell of ``record``: a training cell by the one
     rule (:func:`robustdrop.reuse.decide` on its run directory and resolved config), another kind
@@ -246,6 +267,7 @@ def run_sweep(
         check_not_running(SweepRecord.open(path))
     record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
     states = {c.name: cell_state(record, c.name) for c in plan.cells}
+    stale = mark_stale(record, plan, states)
     finished = [c for c, st in states.items() if st == "finished"]
     todo = [c.name for c in plan.cells if states[c.name] != "finished"]
     resumable = [c for c in todo if states[c] == "resume"]
@@ -257,6 +279,8 @@ def run_sweep(
     until = "" if max_minutes is None else f", until {time.strftime('%H:%M', time.localtime(deadline))}"
     print(f"sweep {record.path}: {len(plan.cells)} cells ({len(finished)} finished, {len(resumable)} to resume, "
           f"{len(todo) - len(resumable)} to start); {where}, {threads} thread(s) per cell{until}", flush=True)
+    for cell in stale:
+        print(f"  {cell}: again, after {record.cells[cell]['rerun']}", flush=True)
     for cell in finished:
         if record.status(cell) != "finished":  # finished by a driver that died before it could record it
             record.set_status(cell, "finished")
@@ -275,6 +299,8 @@ def run_sweep(
             record.set_status(cell, "pending")
             return
         status = cell_status(result)
+        if status == "finished":
+            record.cells[cell].pop("rerun", None)
         record.set_status(cell, status, error=None if status == "finished" else result.get("error"),
                           wall_s=result.get("wall_s"), **({"host": result["host"]} if result.get("host") else {}))
         (failed if status == "failed" else stopped if status == "stopped" else []).append(cell)

@@ -154,7 +154,8 @@ def cell_config(record: SweepRecord, cell: str):
 # Inside the cell's process
 # --------------------------------------------------------------------------------------------
 def _run(sweep_dir: Path, cell: str) -> None:
-    from robustdrop.api import ensure
+    from robustdrop.api import ensure, track
+    from robustdrop.reuse import decide
 
     record = SweepRecord.open(sweep_dir)
     if cell not in record.cells:
@@ -163,7 +164,14 @@ def _run(sweep_dir: Path, cell: str) -> None:
     if entry.get("kind", "train") == "evaluate":
         _evaluate(record, cell, entry["action"])
         return
-    ensure(cell_config(record, cell), runs_dir=sweep_dir, name=cell, progress=False,
+    config = cell_config(record, cell)
+    if entry.get("rerun") and decide(record.run_dir(cell), config).action == "reuse":
+        # A cell it needs ran again (sweeps.runner.mark_stale): this finished result is stale. (A
+        # retraining that was stopped resumes as usual.)
+        print(f"{cell}: retrain ({entry['rerun']})", flush=True)
+        track(config, runs_dir=sweep_dir, name=cell, overwrite=True, progress=False)
+        return
+    ensure(config, runs_dir=sweep_dir, name=cell, progress=False,
            log=lambda d: print(f"{cell}: {d.action} ({d.why})", flush=True))
 
 
