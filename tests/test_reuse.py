@@ -123,3 +123,14 @@ def test_a_loss_metric_keeps_the_lowest(synthetic_data, tmp_path, one_thread):
 def test_keep_best_needs_a_metric_name(bad):
     with pytest.raises(RobustdropError, match="--keep-best names a metric"):
         small_config(keep_best=bad)
+
+
+def test_a_keep_best_metric_the_run_does_not_measure_is_a_warning(tmp_path):
+    from robustdrop.store import CheckpointSaver
+
+    saver = CheckpointSaver(RunStore.create(tmp_path, "r"), keep_best="val/acc/pdg")
+    state = {"epoch": 1, "step": 3, "config": {}, "model": {"w": torch.zeros(2)}}
+    with pytest.warns(UserWarning, match="no metric 'val/acc/pdg' this epoch \\(there are: val/acc/pgd\\)"):
+        saver.save(state, 1, metrics={"val/acc/pgd": 0.5, "train/loss": 1.0})
+    assert not saver.store.checkpoint_path("best_model").is_file()
+    saver.save(state, 1, metrics={"train/loss": 1.0})  # no evaluation this epoch (eval_every): silent

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,15 @@ class CheckpointSaver:
 
     def _keep_if_best(self, state: dict[str, Any], metrics: Mapping[str, float]) -> None:
         value = metrics.get(self.keep_best)
-        if value is None or math.isnan(float(value)):
+        if value is None:
+            split = self.keep_best.split("/")[0] + "/"
+            if any(k.startswith(split) for k in metrics):  # that split was measured, this name was not: a typo?
+                known = ", ".join(sorted(k for k in metrics if k.startswith(split)))
+                warnings.warn(f"keep_best: no metric {self.keep_best!r} this epoch (there are: {known}); "
+                              "checkpoints/best_model.pt is not written", stacklevel=2)
             return  # not measured this epoch (eval_every)
+        if math.isnan(float(value)):
+            return
         best, _ = self.best()
         better = value < best if lower_is_better(self.keep_best) else value > best
         if math.isnan(best) or better:
