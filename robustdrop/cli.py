@@ -193,6 +193,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                     help="deadline: no cell starts after it; running cells checkpoint and stop (recorded as "
                          "stopped); the same command continues them")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished cell)")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="print the cells in order with the engine's cost estimate of each training; write nothing")
     _add_config_flags(sw)
     sw.set_defaults(func=_cmd_sweep)
 
@@ -210,6 +212,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         grid[key] = values
     plan = plan_sweep(grid, preset=args.preset or spec["preset"], fixed={**spec["fixed"], **fixed},
                       name=args.name or spec["name"], cells=spec["cells"])
+    if args.dry_run:
+        from robustdrop.sweeps.runner import dry_run_sweep
+
+        dry_run_sweep(plan, runs_dir=args.runs_dir, jobs=args.jobs or 1)
+        return 0
     result = run_sweep(plan, runs_dir=args.runs_dir, backend=args.backend, jobs=args.jobs, address=args.address,
                        cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, extend=args.extend,
                        progress=not args.no_progress, command=["robustdrop", *args.argv], max_minutes=args.max_minutes)

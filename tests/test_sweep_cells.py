@@ -227,3 +227,20 @@ def test_cells_that_need_a_cell_that_runs_again_run_again(tmp_path):
     states = {"referee": "resume", "fgsm-ref": "start", "fgsm-ref-eval": "start", "seed=0": "finished",
               "seed=1": "finished"}
     assert runner.mark_stale(record, plan, dict(states)) == []
+
+
+def test_dry_run_lists_the_cells_in_order_with_estimates_and_writes_nothing(tiny_env, tmp_path, capsys):
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=2)
+    study = tmp_path / "s.toml"
+    study.write_text('[sweep]\nname = "d"\n[sweep.grid]\nseed = "0:2"\n[sweep.cells.referee]\nmethod = "pgd"\n'
+                     '[sweep.cells.fgsm-ref]\nreference = "@referee"\ndiagnostics = "strength-ref"\n'
+                     '[sweep.cells.ev]\nkind = "evaluate"\nrun = "@fgsm-ref"\n')
+    flags = [f"--{k.replace('_', '-')}={v[0] if isinstance(v, list) else v}" for k, v in fixed.items()]
+    assert main(["sweep", "--file", str(study), "--runs-dir", str(tmp_path / "runs"), "--dry-run", "--jobs", "2",
+                 *flags]) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split(" ")[0] for line in lines] == ["referee", "fgsm-ref", "ev", "seed=0", "seed=1"]
+    assert "fgsm-ref (train after referee) start: about" in out and "ev (evaluate after fgsm-ref) start" in out
+    assert "5 cells, 5 to run" in out and "with 2 at once" in out
+    assert not (tmp_path / "runs").exists()

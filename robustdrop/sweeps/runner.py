@@ -331,3 +331,42 @@ def run_sweep(
     for cell in failed:
         print(f"  failed: {cell}: {record.cells[cell].get('error')} (log: {record.log_path(cell)})", flush=True)
     return SweepResult(record.path, record, todo, failed, wall, stopped)
+
+
+def dry_run_sweep(plan: SweepPlan, *, runs_dir: str | os.PathLike = "runs", jobs: int = 1) -> list[dict[str, Any]]:
+    """Print the sweep's cells in the order they start (kind, what they wait for, their state in an
+    existing sweep directory) with the engine's cost estimate of each training still to do
+    (:func:`robustdrop.api.dry_run`: a few timed steps; cells that differ only by seed share one),
+    and the total; writes nothing. A ``"@cell"`` referee is left out of the timing (it does not
+    exist yet). Returns one row per cell (``cell``, ``kind``, ``after``, ``state``, ``estimate_s``)."""
+    import dataclasses
+    import tempfile
+
+    from robustdrop.api import dry_run
+
+    path = Path(runs_dir) / plan.name
+    record = SweepRecord.open(path) if is_sweep_dir(path) else None
+    cache: dict[str, float] = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:  # dry_run checks a runs dir; nothing is written there
+        for cell in plan.cells:
+            state = cell_state(record, cell.name) if record is not None and cell.name in record.cells else "start"
+            estimate = None
+            if cell.config is not None and state != "finished":
+                cfg = cell.config
+                if any(isinstance(v, str) and v.startswith("@") for v in cfg.to_dict().values()):
+                    cfg = dataclasses.replace(cfg, reference=None, diagnostics=["none"])
+                key = json.dumps({**cfg.to_dict(), "seed": 0}, sort_keys=True, default=str)
+                if key not in cache:
+                    cache[key] = dry_run(cfg, runs_dir=scratch, name="estimate").total_s
+                estimate = cache[key]
+            rows.append({"cell": cell.name, "kind": cell.kind, "after": list(cell.after), "state": state,
+                         "estimate_s": estimate})
+            after = f" after {', '.join(cell.after)}" if cell.after else ""
+            cost = "" if estimate is None else f": about {estimate / 60:.1f} min"
+            print(f"  {cell.name} ({cell.kind}{after}) {state}{cost}", flush=True)
+    total = sum(r["estimate_s"] or 0.0 for r in rows)
+    print(f"sweep {path}: {len(rows)} cells, {sum(r['state'] != 'finished' for r in rows)} to run; trainings about "
+          f"{total / 3600:.2f} h of cell time, about {total / 3600 / max(1, jobs):.2f} h with {jobs} at once "
+          "(dependencies aside; evaluate cells not estimated); dry run: nothing was written", flush=True)
+    return rows
