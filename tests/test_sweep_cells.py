@@ -164,7 +164,7 @@ def test_the_deadline_stops_a_running_cell_and_the_same_command_continues_it(tin
     """At the deadline the running cell gets SIGTERM, checkpoints and exits 143: recorded as stopped,
     the next cell not started; the same sweep again resumes it, and every cell's metrics equal an
     uninterrupted sweep's."""
-    fixed = {**tiny_fixed(tiny_env["dataset"], epochs=8), "probe_size": 96, "eval_pgd_steps": 10}
+    fixed = {**tiny_fixed(tiny_env["dataset"], epochs=6), "probe_size": 96, "eval_pgd_steps": 10}
     robustdrop.sweep({"seed": "0:2"}, name="straight", runs_dir=tmp_path, jobs=1, progress=False, **fixed)
     first_ckpt = tmp_path / "stopped" / "seed=0" / "checkpoints" / "last.pt"
 
