@@ -227,6 +227,10 @@ def test_cells_that_need_a_cell_that_runs_again_run_again(tmp_path):
     states = {"referee": "resume", "fgsm-ref": "start", "fgsm-ref-eval": "start", "seed=0": "finished",
               "seed=1": "finished"}
     assert runner.mark_stale(record, plan, dict(states)) == []
+    # ... but a cell marked by an earlier run of the sweep (stopped before it ran again) stays marked.
+    record.cells["fgsm-ref"]["rerun"] = "cell referee, which it needs, runs again"
+    states["fgsm-ref"] = "finished"
+    assert runner.mark_stale(record, plan, states) == ["fgsm-ref"] and states["fgsm-ref"] == "start"
 
 
 def test_dry_run_lists_the_cells_in_order_with_estimates_and_writes_nothing(tiny_env, tmp_path, capsys):

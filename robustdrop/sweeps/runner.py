@@ -170,6 +170,10 @@ def mark_stale(record: SweepRecord, plan: SweepPlan, states: dict[str, str]) -> 
     re-evaluate instead of reusing. Updates ``states``; returns those cells."""
     after = {c.name: c.after for c in plan.cells}
     stale: list[str] = []
+    for cell in after:  # marked by an earlier run that stopped before it could run them again
+        if states[cell] == "finished" and record.cells[cell].get("rerun"):
+            states[cell] = "start"
+            stale.append(cell)
     changed = True
     while changed:  # dependencies may come later in the sweep's order: to a fixed point
         changed = False
