@@ -20,7 +20,6 @@ and ``table_matched_strength.{md,csv,tex}``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from lib.catalog import data_for, make_run_config
 from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
 from lib.prediction import (
@@ -54,22 +52,24 @@ from lib.setting import REPO, Setting, build_parser, setting_from_args
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from robustdrop.api import track
+from robustdrop.api import ensure
 from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_eps, format_pct
 from robustdrop.plots._common import new_figure
-from robustdrop.store import RunStore
+from robustdrop.sweeps import read_toml
 
 # ---------------------------------------------------------------------------------------------
 # The study definition: one list of cells, printed as sweep commands (--plan), trained in --smoke
 # ---------------------------------------------------------------------------------------------
-EPSILONS = (8, 10, 12)           # ε in /255: FGSM collapses at 10 and 12 on the quick preset, 8 is the edge
-SEEDS = (0, 5)                   # seeds 0..4 (a range a:b, b excluded, as `robustdrop sweep --grid seed=0:5`)
+STUDY = Path(__file__).resolve().parent / "studies" / "collapse_prediction.toml"  # stage 1's main sweep, as data
+_STAGE1 = read_toml(STUDY)
+EPSILONS = tuple(round(e * 255) for e in _STAGE1["grid"]["epsilon"])  # ε in /255
+SEEDS = (min(_STAGE1["grid"]["seed"]), max(_STAGE1["grid"]["seed"]) + 1)  # a range a:b, b excluded, as seed=0:5
 CALIBRATION_SEEDS = (100, 103)   # optional: seeds 100..102 to calibrate the thresholds on
 PGD_STEPS = 3                    # the PGD control: PGD-3, step 2.5ε/3 (the analyses' PGD row and referee recipe)
-MAIN_METHODS = ("fgsm", "rs-fgsm", "apart", "fgsm+")
-FIXED = {"threads": 1, "eval_batch_size": 128}  # evaluation batch only: cnn1's attacks are faster so on a CPU
+MAIN_METHODS = tuple(_STAGE1["grid"]["method"])
+FIXED = {k: v[0] for k, v in _STAGE1["grid"].items() if len(v) == 1}  # threads, eval_batch_size
 # Minutes per quick cell, two cells at once with one thread each on the 2-core machine: FGSM as
 # measured for the sweep (about 4 minutes); the others add 30 × their extra training seconds per
 # epoch over FGSM (figures/table_cost.md; evaluation and diagnostics cost the same for every
@@ -104,6 +104,8 @@ def stage1(runs_dir: str, seeds: tuple[int, int] = SEEDS, tag: str = "") -> list
 
 
 def sweep_command(runs_dir: str, name: str, grid: str) -> str:
+    if name == _STAGE1["name"]:  # the study's file says the same grid
+        return f"robustdrop sweep --file {shown(STUDY)} --runs-dir {runs_dir} --jobs 2"
     return f"robustdrop sweep --preset quick --runs-dir {runs_dir} --name {name} --jobs 2 --grid {grid}"
 
 
@@ -188,16 +190,11 @@ def smoke_runs(setting: Setting) -> Path:
 
 
 def _train(setting: Setting, runs_dir: Path, name: str, **overrides: Any) -> None:
-    """Train the run unless a finished one with this config is there."""
+    """Reuse, resume or train the run (the package's one rule, :func:`robustdrop.api.ensure`)."""
     cfg = make_run_config(setting, epochs=SMOKE_EPOCHS, **overrides)
-    path = runs_dir / name
-    if (path / RunStore.CONFIG).is_file() and (path / "checkpoints" / "last.pt").is_file():
-        same = json.loads((path / RunStore.CONFIG).read_text()) == cfg.to_dict()
-        done = torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True).get("finished")
-        if same and done:
-            print(f"reusing finished run {path}", flush=True)
-            return
-    track(cfg, runs_dir=runs_dir, name=name, overwrite=True, progress=False, data=data_for(setting))
+    _, decision = ensure(cfg, runs_dir=runs_dir, name=name, progress=False, data=data_for(setting))
+    if decision.action == "reuse":
+        print(f"reusing finished run {runs_dir / name}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def run_config(name: str, threads: int) -> TrackConfig:
 def ensure_run(runs_dir: Path, name: str, threads: int) -> Path:
     """Reuse, resume or train run ``name`` under ``runs_dir``."""
     cfg, path = run_config(name, threads), runs_dir / name
-    state, why = run_state(path, cfg, keep_best=False)
+    state, why = run_state(path, cfg)
     if state == "finished":
         print(f"reusing {path}", flush=True)
     elif state == "partial":

@@ -1,10 +1,11 @@
 """The sweep demonstration: how the collapse depends on the seed and on ε, as one `robustdrop sweep`.
 
-At quick scale: the quick preset, FGSM at ε ∈ {8, 10, 12}/255 × 5 seeds (15 cells), the local
-backend with ``--jobs`` cells at once (default 2), one thread each; the same as
+The study is data: ``analyses/studies/sweep_demo.toml`` (FGSM at ε ∈ {8, 10, 12}/255 × 5 seeds,
+15 cells). At quick scale: the quick preset, the local backend with ``--jobs`` cells at once
+(default 2), one thread each; the same as
 
-    robustdrop sweep --preset quick --grid seed=0:5 epsilon=8/255,10/255,12/255 --threads 1 --jobs 2 \\
-        --name sweep-demo-quick --runs-dir runs/analyses/quick
+    robustdrop sweep --file analyses/studies/sweep_demo.toml --preset quick --threads 1 --device auto \\
+        --jobs 2 --name sweep-demo-quick --runs-dir runs/analyses/quick
 
 (the figure's caption and the table say the command). ``--scale paper``: the paper preset, same grid.
 ``--smoke``: 2 seeds × ε ∈ {8, 12}/255, 2 epochs on tiny synthetic images written as an image
@@ -24,29 +25,35 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 from lib.outputs import add_caption, setting_caption, write_figure, write_table
-from lib.setting import SMOKE_CONFIG, SMOKE_DATA, Setting, parse_setting
+from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, parse_setting
 
 from robustdrop.data import make_synthetic, write_image_folder
+from robustdrop.formatting import eps_in_255ths
 from robustdrop.plots.runs import open_run, run_seconds
 from robustdrop.plots.sweeps import compare_sweep, onset_figure, sweep_table_cells
 from robustdrop.store import SweepRecord
-from robustdrop.sweeps import SweepResult, parse_grid, plan_sweep, run_sweep
+from robustdrop.sweeps import SweepResult, parse_grid, plan_sweep, read_toml, run_sweep
 
-SEEDS, EPSILONS = "0:5", "8/255,10/255,12/255"
+STUDY = Path(__file__).resolve().parent / "studies" / "sweep_demo.toml"
 SMOKE_SEEDS, SMOKE_EPSILONS = "0:2", "8/255,12/255"
 
 
+def study() -> dict:
+    return read_toml(STUDY)
+
+
 def sweep_words(setting: Setting) -> list[str]:
-    seeds, eps = (SMOKE_SEEDS, SMOKE_EPSILONS) if setting.smoke else (SEEDS, EPSILONS)
-    return [f"seed={seeds}", f"epsilon={eps}"]
+    """The smoke test's grid words (the study's own grid is in its file)."""
+    return [f"seed={SMOKE_SEEDS}", f"epsilon={SMOKE_EPSILONS}"]
 
 
 def fixed_values(setting: Setting) -> dict:
-    """What every cell shares beyond the preset: threads, device; the smoke data and sizes."""
-    fixed = {"threads": setting.threads, "device": setting.device, "method": "fgsm"}
+    """What every cell shares beyond the preset: the study's fixed values, threads, device; the smoke data and sizes."""
+    fixed = {"threads": setting.threads, "device": setting.device, **study()["fixed"]}
     if setting.data_dir:
         fixed["data_dir"] = setting.data_dir
     if setting.scale == "paper" and not setting.smoke:
@@ -63,8 +70,11 @@ def fixed_values(setting: Setting) -> dict:
 
 def command(setting: Setting) -> list[str]:
     """The `robustdrop sweep` command line this script runs."""
-    words = ["robustdrop", "sweep", "--preset", setting.scale, "--grid", *sweep_words(setting)]
+    what = ["--grid", *sweep_words(setting)] if setting.smoke else ["--file", str(STUDY.relative_to(REPO))]
+    words = ["robustdrop", "sweep", "--preset", setting.scale, *what]
     for key, value in fixed_values(setting).items():
+        if not setting.smoke and key in study()["fixed"]:
+            continue  # in the file
         words += [f"--{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return words + ["--jobs", str(setting.jobs), "--name", sweep_name(setting), "--runs-dir", str(setting.runs_dir)]
 
@@ -74,8 +84,8 @@ def sweep_name(setting: Setting) -> str:
 
 
 def run(setting: Setting) -> SweepResult:
-    plan = plan_sweep(parse_grid(sweep_words(setting)), preset=setting.scale, fixed=fixed_values(setting),
-                      name=sweep_name(setting))
+    grid = parse_grid(sweep_words(setting)) if setting.smoke else study()["grid"]
+    plan = plan_sweep(grid, preset=setting.scale, fixed=fixed_values(setting), name=sweep_name(setting))
     return run_sweep(plan, runs_dir=setting.runs_dir, jobs=setting.jobs, progress=False, command=command(setting))
 
 
@@ -93,9 +103,16 @@ def cell_times(record: SweepRecord) -> pd.DataFrame:
 
 def sweep_caption(setting: Setting, cells: int) -> str:
     """The figure's caption: the preset's setting, with ε and the seed replaced by the grid's."""
-    seeds, eps = (SMOKE_SEEDS, SMOKE_EPSILONS) if setting.smoke else (SEEDS, EPSILONS)
+    grid = study()["grid"]
+    seeds, eps = (SMOKE_SEEDS, SMOKE_EPSILONS) if setting.smoke else (_range(grid["seed"]), ",".join(
+        f"{eps_in_255ths(e)}/255" for e in grid["epsilon"]))
     return (f"{setting_caption(setting)}\nFGSM, {cells} cells: seed={seeds} × epsilon={eps} (in place of the "
             "preset's ε and seed above), local backend; the command: sweep_demo.md")
+
+
+def _range(values: list[int]) -> str:
+    """``[0, 1, 2, 3, 4]`` -> ``0:5`` (as the grid word writes it)."""
+    return f"{values[0]}:{values[-1] + 1}" if values == list(range(values[0], values[-1] + 1)) else ",".join(map(str, values))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 single-step baselines N-FGSM and GradAlign (docs/baselines.md).
 
 For each run, its FINAL checkpoint (last epoch) and its BEST one (the epoch with the highest
-validation PGD accuracy, kept by ``lib.training.KeepBest``) are loaded and evaluated on the test set
+validation PGD accuracy, kept by the run option ``keep_best``) are loaded and evaluated on the test set
 (``--eval-n`` examples, seeded and class-balanced; all at paper scale): clean, PGD-20 (the run's
 evaluation spec) and CW-loss PGD-20 (the same PGD maximizing max_{j≠y} z_j − z_y), plus the
 collapse onset and the median train seconds per epoch. The final checkpoint is also attacked with

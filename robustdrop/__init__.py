@@ -2,12 +2,12 @@
 
 from robustdrop._version import __version__
 
-__all__ = ["Monitor", "TrackConfig", "__version__", "load_sweep", "make_config", "resume", "sweep", "track"]
+__all__ = ["Monitor", "TrackConfig", "__version__", "ensure", "load_sweep", "make_config", "resume", "sweep", "track"]
 
 
 def __getattr__(name: str):
     # Lazy, so `import robustdrop` stays cheap and the plots never pull in the training stack.
-    if name in ("track", "resume"):
+    if name in ("track", "resume", "ensure"):
         from robustdrop import api
 
         return getattr(api, name)

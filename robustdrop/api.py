@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from robustdrop.data import ImageData
@@ -25,6 +25,7 @@ from robustdrop.diagnostics import AUTO, build_hooks
 from robustdrop.engine import Hook, TrackConfig, Trainer, default_run_name
 from robustdrop.engine.estimate import Estimate
 from robustdrop.errors import RobustdropError
+from robustdrop.reuse import Decision, decide
 from robustdrop.store import RunLock, RunStore
 
 
@@ -109,6 +110,34 @@ def resume(
         all_hooks = build_hooks(config, data=data, progress=progress) + list(hooks or []) + output_hooks(config)
         Trainer(config, store, all_hooks, resume=True, progress=progress, data=data).fit()
     return store
+
+
+def ensure(
+    config: TrackConfig,
+    *,
+    runs_dir: str | os.PathLike = "runs",
+    name: str | None = None,
+    hooks: Sequence[Hook] | None = None,
+    progress: bool = True,
+    data: ImageData | None = None,
+    log: Callable[[Decision], None] | None = None,
+) -> tuple[RunStore, Decision]:
+    """The run ``config`` asks for in ``<runs_dir>/<name>``: reused when a finished one is there,
+    resumed when it stopped early, else trained (anew) — the one rule, :func:`robustdrop.reuse.decide`.
+    A resumed run takes ``config``'s device and threads. ``log`` is called with the decision
+    before it is carried out. Returns the store and the decision taken."""
+    config.validate()
+    path = Path(runs_dir) / (name or default_run_name(config))
+    decision = decide(path, config)
+    if log is not None:
+        log(decision)
+    if decision.action == "reuse":
+        return RunStore.open(path), decision
+    if decision.action == "resume":
+        return resume(path, hooks=hooks, progress=progress, data=data, device=config.device,
+                      threads=config.threads), decision
+    return track(config, runs_dir=runs_dir, name=path.name, overwrite=True, hooks=hooks, progress=progress,
+                 data=data), decision
 
 
 def dry_run(

@@ -152,9 +152,17 @@ values: epsilon=8_255-seed=0. Config flags below are fixed for every cell.
   epsilon = ["8/255", "10/255", "12/255"]
   [sweep.fixed]
   epochs = 10
+  [sweep.cells.referee]      # named cells (before the grid's, in this order); "@name" = that
+  method = "pgd"             # cell's run directory, and the cell waits for it
+  [sweep.cells.fgsm-ref]
+  reference = "@referee"
+  [sweep.cells.fgsm-eval]    # kind = "evaluate": evaluate a finished run (robustdrop evaluate)
+  kind = "evaluate"
+  run = "@fgsm-ref"
+  attacks = ["pgd"]
 
-Rerun the same command to continue: finished cells are skipped, killed ones resume from their
-checkpoints. Read the results with `robustdrop compare SWEEP_DIR` and `robustdrop plot onset SWEEP_DIR`.
+Rerun the same command to continue: finished cells are skipped (the run reuse rule), stopped and
+killed ones resume from their checkpoints. Read the results with `robustdrop compare SWEEP_DIR` and `robustdrop plot onset SWEEP_DIR`.
 """
 
 
@@ -178,8 +186,15 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     sw.add_argument("--address", help="ray: the head's HOST:PORT (the runs dir must be on a shared filesystem)")
     sw.add_argument("--cpus-per-cell", type=float,
                     help="CPU threads per cell (local default: cores // jobs; ray default: 1, the task's num_cpus)")
-    sw.add_argument("--gpus-per-cell", type=float, default=0.0, help="ray: GPUs per task (default 0)")
+    sw.add_argument("--gpus-per-cell", type=float, default=0.0,
+                    help="ray: GPUs per task (default 0; 0.25: four cells share a GPU). Local cells share the "
+                         "GPUs they see: --jobs 4 on one GPU runs four cells on it")
+    sw.add_argument("--max-minutes", type=float,
+                    help="deadline: no cell starts after it; running cells checkpoint and stop (recorded as "
+                         "stopped); the same command continues them")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished cell)")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="print the cells in order with the engine's cost estimate of each training; write nothing")
     _add_config_flags(sw)
     sw.set_defaults(func=_cmd_sweep)
 
@@ -189,18 +204,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrackConfig)}
     fixed = {k: v for k, v in vars(args).items() if k in names}
-    spec = read_toml(args.file) if args.file else {"name": None, "preset": None, "grid": {}, "fixed": {}}
+    spec = read_toml(args.file) if args.file else {"name": None, "preset": None, "grid": {}, "fixed": {}, "cells": {}}
     grid = dict(spec["grid"])
     for key, values in parse_grid(args.grid).items():
         if key in grid:
             raise RobustdropError(f"sweep key {key} is in both --file and --grid; give it once")
         grid[key] = values
     plan = plan_sweep(grid, preset=args.preset or spec["preset"], fixed={**spec["fixed"], **fixed},
-                      name=args.name or spec["name"])
+                      name=args.name or spec["name"], cells=spec["cells"])
+    if args.dry_run:
+        from robustdrop.sweeps.runner import dry_run_sweep
+
+        dry_run_sweep(plan, runs_dir=args.runs_dir, jobs=args.jobs or 1)
+        return 0
     result = run_sweep(plan, runs_dir=args.runs_dir, backend=args.backend, jobs=args.jobs, address=args.address,
                        cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell, extend=args.extend,
-                       progress=not args.no_progress, command=["robustdrop", *args.argv])
-    # 1: a cell failed; 143: cells were stopped by a signal (checkpointed; the same command continues them)
+                       progress=not args.no_progress, command=["robustdrop", *args.argv], max_minutes=args.max_minutes)
+    # 1: a cell failed; 143: cells were stopped (a signal or --max-minutes; checkpointed, the same command continues them)
     return 1 if result.failed else 143 if result.stopped else 0
 
 

@@ -156,9 +156,23 @@ def test_plan_lists_every_cell(study, capsys):
     assert script.main(["--plan"]) == 0
     out = capsys.readouterr().out
     assert "stage 1 75" in out and "stage 2 30" in out and "optional calibration 45" in out
-    assert "--grid seed=0:5 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+" in out
+    assert "robustdrop sweep --file analyses/studies/collapse_prediction.toml --runs-dir" in out
+    assert "--grid seed=100:103 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+" in out
     assert out.count("method=pgd pgd_steps=3") == 6  # one sweep per ε (the step follows ε), evaluation + calibration
     assert "alpha=8.333/255" in out  # PGD-3's step at ε = 10/255: 2.5ε/3
+
+
+def test_the_study_file_makes_the_committed_sweep(study):
+    """analyses/studies/collapse_prediction.toml plans exactly the cells (names, configs, grid) of
+    the sweep made by the grid command it replaced, so that sweep is continued, not refused."""
+    from robustdrop.sweeps import parse_grid, plan_sweep, read_toml
+
+    spec = read_toml(study[0].STUDY)
+    from_file = plan_sweep(spec["grid"], preset=spec["preset"], fixed=spec["fixed"], name=spec["name"])
+    words = "seed=0:5 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+ threads=1 eval_batch_size=128"
+    committed = plan_sweep(parse_grid(words.split()), preset="quick", name="cp-main")
+    assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in committed.cells]
+    assert (from_file.name, from_file.grid, from_file.fixed) == (committed.name, committed.grid, committed.fixed)
 
 
 def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):

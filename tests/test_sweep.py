@@ -101,7 +101,7 @@ def test_toml_file_says_the_same_as_grid_words(tmp_path):
     assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in from_words.cells]
     assert len(from_file.cells) == 12 and from_file.name == "eps-study"
     (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'quick'\n")
-    with pytest.raises(RobustdropError, match="no \\[sweep.grid\\]"):
+    with pytest.raises(RobustdropError, match="neither \\[sweep.grid\\] values nor"):
         read_toml(tmp_path / "bad.toml")
 
 
@@ -433,6 +433,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
+    """A study (a referee, a run that needs it, a grid) on a real Ray head and worker (loopback):
+    a passed deadline starts nothing; then every cell runs, the dependent one after its referee."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustdrop[cluster]')")
     assert ray
     port = _free_port()
@@ -447,7 +449,10 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
              "--temp-dir", str(temp), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         started.append(subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", *common],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0:2", "weight-decay=0.0005,0.001", "--name", "r",
+        study = tmp_path / "study.toml"  # a referee, a run that needs it, and a grid
+        study.write_text('[sweep]\n[sweep.grid]\nseed = "0:2"\n[sweep.cells.referee]\nmethod = "pgd"\n'
+                         '[sweep.cells.fgsm-ref]\nreference = "@referee"\ndiagnostics = "strength-ref:n=32"\n')
+        cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--file", str(study), "--name", "r",
                "--runs-dir", str(tmp_path), "--backend", "ray", "--address", f"127.0.0.1:{port}",
                "--cpus-per-cell", "1", "--no-progress", *_flags(tiny_fixed(tiny_env["dataset"]))]
         for _ in range(60):  # wait for both nodes
@@ -456,14 +461,21 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
             if probe.stdout.count("node_") >= 2:
                 break
             time.sleep(1)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        late = subprocess.run([*cmd, "--max-minutes", "0.000001"], env=env, capture_output=True, text=True,
+                              timeout=400)  # the deadline has passed when the tasks run: none starts
+        assert late.returncode == 0 and "4 not started" in late.stdout, late.stdout + late.stderr
+        assert all(SweepRecord.open(tmp_path / "r").status(c) == "pending" for c in ("referee", "seed=0"))
+        done = subprocess.run([*cmd, "--max-minutes", "30"], env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout + done.stderr
         record = SweepRecord.open(tmp_path / "r")
-        assert len(record.cells) == 4 and all(record.status(c) == "finished" for c in record.cells)
+        assert list(record.cells) == ["referee", "fgsm-ref", "seed=0", "seed=1"]
+        assert all(record.status(c) == "finished" for c in record.cells)
         for cell in record.cells:
             metrics = RunStore.open(tmp_path / "r" / cell).metrics()
             assert metrics.epoch.max() == 2 and (metrics.metric == "acc").any()
-        assert compare_sweep(tmp_path / "r")["runs"].tolist() == [2, 2]
+        ended = (tmp_path / "r" / "logs" / "referee.result.json").stat().st_mtime_ns  # after its referee ended:
+        assert (tmp_path / "r" / "fgsm-ref" / "config.json").stat().st_mtime_ns >= ended
+        assert (RunStore.open(tmp_path / "r" / "fgsm-ref").metrics().source == "strength-ref").any()
     finally:
         for proc in reversed(started):  # `ray start --block` stops its node's processes when terminated
             proc.terminate()

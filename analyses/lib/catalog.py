@@ -6,6 +6,7 @@ and every figure and table reads the same run directories (``runs/analyses/<scal
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,16 @@ def long_run_names(setting: Setting) -> list[str]:
 
 
 def config_for(setting: Setting, spec: RunSpec) -> TrackConfig:
+    """The run's config: its overrides, Figure 2's referee (attached, or every epoch's weights kept
+    for the deferred measurement), and the best validation PGD epoch's model kept for the tables
+    (probe PGD when the run has no validation split)."""
     overrides = dict(spec.overrides)
     if spec.uses_reference and not reference_deferred(setting):
         overrides.setdefault("reference", reference_for(setting))
-    return make_run_config(setting, **overrides)
+    elif spec.uses_reference:
+        overrides.setdefault("save_weights_every", 1)
+    cfg = make_run_config(setting, **overrides)
+    return dataclasses.replace(cfg, keep_best=f"{'val' if cfg.val_size else 'probe'}/acc/pgd")
 
 
 def run_dir(setting: Setting, name: str) -> Path:

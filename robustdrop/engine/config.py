@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -127,6 +128,11 @@ class TrackConfig:
                               choices=EVAL_PRECISIONS)
     channels_last: bool = opt(True, "channels_last memory format on CUDA (ignored on CPU)")
     checkpoint_every: int = opt(0, "also keep checkpoints/epoch_XXXX.pt every N epochs (0 = only last.pt)")
+    keep_best: str | None = opt(None, "keep the model weights of the epoch with the best value of this metric in "
+                                      "checkpoints/best_model.pt, e.g. val/acc/pgd (highest; a name with /loss/: "
+                                      "lowest; ties keep the first epoch)")
+    save_weights_every: int = opt(0, "keep the model weights (only) of every N-th epoch in "
+                                     "checkpoints/weights_epoch_XXXX.pt, for measurements after training (0 = none)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     tensorboard: bool = opt(False, "write the metrics live as TensorBoard scalars to <run>/tensorboard "
                                    "(needs robustdrop[tensorboard])")
@@ -179,7 +185,7 @@ class TrackConfig:
             if getattr(self, name) < 1:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("probe_size", "val_size", "train_subset", "test_every", "checkpoint_every", "threads",
-                     "final_eval_size"):
+                     "final_eval_size", "save_weights_every"):
             if getattr(self, name) < 0:
                 raise RobustdropError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "lr_gamma", "apart_alpha_init", "apart_alpha_omega_init", "apart_psi_lr",
@@ -206,6 +212,11 @@ class TrackConfig:
         if not 0 <= self.base_momentum <= self.max_momentum < 1:
             raise RobustdropError(f"need 0 <= --base-momentum <= --max-momentum < 1, got {self.base_momentum} "
                                   f"and {self.max_momentum}")
+        if isinstance(self.keep_best, str) and self.keep_best.strip().lower() in ("", "none"):
+            self.keep_best = None
+        if self.keep_best is not None and not re.fullmatch(r"[\w.+-]+(/[\w.+-]+)+", self.keep_best):
+            raise RobustdropError(f"--keep-best names a metric of the epoch, e.g. val/acc/pgd or probe/loss/none; got "
+                                  f"{self.keep_best!r}")
         if self.cycle_momentum and (self.optimizer != "sgd" or self.schedule not in ("cyclic", "cyclic-repeat")):
             raise RobustdropError("--cycle-momentum cycles SGD's momentum with a cyclic LR; use --optimizer sgd and "
                                   "--schedule cyclic (or cyclic-repeat), or drop --cycle-momentum")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
@@ -266,10 +265,11 @@ class Trainer:
     def _checkpoint_saver(self) -> CheckpointSaver:
         cfg = self.config
         return CheckpointSaver(self.store, every=cfg.checkpoint_every,
-                               rolling=KEEP_ROLLING if cfg.on_collapse == "rollback" else 0)
+                               rolling=KEEP_ROLLING if cfg.on_collapse == "rollback" else 0,
+                               keep_best=cfg.keep_best, weights_every=cfg.save_weights_every)
 
     def _save_checkpoint(self, finished: bool = False) -> None:
-        self._checkpoint_saver().save(self._state(finished), self.epoch)
+        self._checkpoint_saver().save(self._state(finished), self.epoch, metrics=self.run.metrics)
 
     def _load_checkpoint(self) -> bool:
         """Restore from ``last.pt`` (an epoch end or a mid-epoch state); returns whether the run had

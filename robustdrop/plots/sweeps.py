@@ -113,7 +113,8 @@ def open_sweep_runs(paths: Sequence[PathLike] | PathLike | SweepRuns) -> SweepRu
     if not runs:
         raise RobustdropError(f"no run of {', '.join(map(str, paths))} has started yet; run the sweep first")
     if len(paths) == 1 and records:
-        varied = sorted(records[0].grid)
+        named = {k for e in records[0].cells.values() for k in e.get("values", {})}  # named cells' own values
+        varied = sorted(set(records[0].grid) | named)
         return SweepRuns(records[0].name, runs, varied, records)
     # Several folders: what differs between the runs' configs is what varies.
     configs = [_config(r.path) or {} for r in runs]

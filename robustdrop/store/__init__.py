@@ -2,6 +2,7 @@
 
 from robustdrop._files import atomic_write_bytes, atomic_write_text
 from robustdrop.store.checkpoints import (
+    BEST,
     KEEP_ROLLING,
     LAST,
     RESULT,
@@ -9,13 +10,14 @@ from robustdrop.store.checkpoints import (
     epoch_checkpoint_name,
     parse_epoch,
     result_checkpoint,
+    weights_checkpoint_name,
 )
 from robustdrop.store.lock import LOCK_NAME, RunLock
 from robustdrop.store.run_store import METRIC_COLUMNS, RunStore, load_checkpoint_file, metric_row
 from robustdrop.store.sweep_record import SWEEP_FILE, SweepRecord, is_sweep_dir
 
 __all__ = [
-    "KEEP_ROLLING", "LAST", "LOCK_NAME", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunLock", "RunStore", "atomic_write_bytes",
+    "BEST", "KEEP_ROLLING", "LAST", "LOCK_NAME", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunLock", "RunStore", "atomic_write_bytes",
     "atomic_write_text", "epoch_checkpoint_name", "load_checkpoint_file", "metric_row", "parse_epoch",
-    "result_checkpoint", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
+    "result_checkpoint", "weights_checkpoint_name", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
 ]

@@ -6,7 +6,16 @@ A run directory holds, in ``checkpoints/``:
   the state after the newest step when the run was stopped mid-epoch (SIGINT / SIGTERM);
 * ``epoch_XXXX.pt``: every ``checkpoint_every`` epochs (kept for good), plus a rolling window of
   the most recent epochs while ``--on-collapse rollback`` may need to go back;
-* ``result.pt``: only after a rollback, the checkpoint chosen as the run's result.
+* ``result.pt``: only after a rollback, the checkpoint chosen as the run's result;
+* ``best_model.pt``: with ``keep_best=METRIC``, the model weights of the epoch with the best value
+  of that epoch metric (``val/acc/pgd``: highest; a ``/loss/`` metric: lowest; ties keep the first);
+* ``weights_epoch_XXXX.pt``: with ``save_weights_every=N``, the model weights (no optimizer, no
+  RNG) of every N-th epoch, for measurements made after training on the weights training saw.
+
+The best value so far is read back from ``best_model.pt`` itself, so the policy has no state of
+its own and a resumed run (even one stopped mid-epoch) keeps choosing as an uninterrupted one.
+Both are written before ``last.pt``: a run killed between the two writes redoes the epoch and
+writes the same files again.
 
 "The run's result" is ``result.pt`` when there is one, else ``last.pt``
 (:func:`result_checkpoint`). The pattern is timm's ``CheckpointSaver``: one small object owns
@@ -15,22 +24,31 @@ the file names and the retention rule, the training loop only says "save this ep
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from robustdrop._files import atomic_write
 from robustdrop.store.run_store import RunStore
 
 __all__ = [
-    "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "parse_epoch",
-    "result_checkpoint",
+    "BEST", "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "lower_is_better",
+    "parse_epoch", "result_checkpoint", "weights_checkpoint_name",
 ]
 
 LAST = "last"
 RESULT = "result"
+BEST = "best_model"  # checkpoints/best_model.pt (keep_best)
+WEIGHTS_PREFIX = "weights_epoch_"  # checkpoints/weights_epoch_XXXX.pt (save_weights_every)
+BEST_FORMAT = "robustdrop-best-1"
+WEIGHTS_FORMAT = "robustdrop-weights-1"
 KEEP_ROLLING = 3  # recent epoch checkpoints kept for --on-collapse rollback
 _EPOCH_NAME = re.compile(r"epoch_(\d+)")
 
@@ -38,6 +56,16 @@ _EPOCH_NAME = re.compile(r"epoch_(\d+)")
 def epoch_checkpoint_name(epoch: int) -> str:
     """``epoch_XXXX``: the checkpoint name (without ``.pt``) of ``epoch``."""
     return f"epoch_{int(epoch):04d}"
+
+
+def weights_checkpoint_name(epoch: int) -> str:
+    """``weights_epoch_XXXX``: the weights-only checkpoint name (without ``.pt``) of ``epoch``."""
+    return f"{WEIGHTS_PREFIX}{int(epoch):04d}"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the epoch metric ``metric`` is better (losses)."""
+    return "loss" in metric.split("/")[1:2] or metric.split("/")[-1].startswith("loss")
 
 
 def parse_epoch(name: str | os.PathLike) -> int | None:
@@ -66,6 +94,8 @@ class CheckpointSaver:
         every: keep ``epoch_XXXX.pt`` for good every ``every`` epochs (0 = never).
         rolling: also keep the ``rolling`` most recent epochs (0 = none; :data:`KEEP_ROLLING`
             under ``--on-collapse rollback``).
+        keep_best: an epoch metric's name (``val/acc/pgd``): keep ``best_model.pt`` by it.
+        weights_every: keep ``weights_epoch_XXXX.pt`` every ``weights_every`` epochs (0 = never).
 
     Examples:
         >>> saver = CheckpointSaver(store, every=10, rolling=KEEP_ROLLING)
@@ -73,26 +103,59 @@ class CheckpointSaver:
         >>> saver.rollback_source(2, last_epoch=4)  # checkpoints/epoch_0002.pt
     """
 
-    def __init__(self, store: RunStore, *, every: int = 0, rolling: int = 0):
-        if every < 0 or rolling < 0:
-            raise ValueError(f"every and rolling must be >= 0, got {every}, {rolling}")
+    def __init__(self, store: RunStore, *, every: int = 0, rolling: int = 0, keep_best: str | None = None,
+                 weights_every: int = 0):
+        if every < 0 or rolling < 0 or weights_every < 0:
+            raise ValueError(f"every, rolling and weights_every must be >= 0, got {every}, {rolling}, {weights_every}")
         self.store = store
         self.every = int(every)
         self.rolling = int(rolling)
+        self.keep_best = keep_best
+        self.weights_every = int(weights_every)
 
     def is_permanent(self, epoch: int) -> bool:
         """Whether ``epoch_XXXX.pt`` of ``epoch`` is kept for good."""
         return self.every > 0 and epoch % self.every == 0
 
-    def save(self, state: dict[str, Any], epoch: int) -> None:
-        """Write ``last.pt`` and, by the policy, ``epoch_XXXX.pt``; drop the epoch that left the
-        rolling window (unless it is a permanent one)."""
+    def save(self, state: dict[str, Any], epoch: int, metrics: Mapping[str, float] | None = None) -> None:
+        """Write ``last.pt`` and, by the policy, ``epoch_XXXX.pt``, ``best_model.pt`` (by the
+        epoch's ``metrics``, the run's channel) and ``weights_epoch_XXXX.pt``; drop the epoch that
+        left the rolling window (unless it is a permanent one)."""
+        if self.weights_every and epoch % self.weights_every == 0:
+            self.store.save_checkpoint(weights_checkpoint_name(epoch), _weights(state, WEIGHTS_FORMAT))
+        if self.keep_best and metrics is not None:
+            self._keep_if_best(state, metrics)
         self.store.save_checkpoint(LAST, state)
         if self.is_permanent(epoch) or self.rolling:
             self.store.save_checkpoint(epoch_checkpoint_name(epoch), state)
         stale = epoch - self.rolling
         if self.rolling and stale > 0 and not self.is_permanent(stale):
             self.store.checkpoint_path(epoch_checkpoint_name(stale)).unlink(missing_ok=True)
+
+    def best(self) -> tuple[float, int | None]:
+        """``(value, epoch)`` of ``best_model.pt`` (``(nan, None)`` when there is none yet)."""
+        path = self.store.checkpoint_path(BEST)
+        if not path.is_file():
+            return math.nan, None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return float(state.get("value", math.nan)), state.get("epoch")
+
+    def _keep_if_best(self, state: dict[str, Any], metrics: Mapping[str, float]) -> None:
+        value = metrics.get(self.keep_best)
+        if value is None:
+            split = self.keep_best.split("/")[0] + "/"
+            if any(k.startswith(split) for k in metrics):  # that split was measured, this name was not: a typo?
+                known = ", ".join(sorted(k for k in metrics if k.startswith(split)))
+                warnings.warn(f"keep_best: no metric {self.keep_best!r} this epoch (there are: {known}); "
+                              "checkpoints/best_model.pt is not written", stacklevel=2)
+            return  # not measured this epoch (eval_every)
+        if math.isnan(float(value)):
+            return
+        best, _ = self.best()
+        better = value < best if lower_is_better(self.keep_best) else value > best
+        if math.isnan(best) or better:
+            self.store.save_checkpoint(BEST, {**_weights(state, BEST_FORMAT), "selected_by": self.keep_best,
+                                              "value": float(value)})
 
     def save_mid_epoch(self, state: dict[str, Any]) -> None:
         """Write ``last.pt`` only: a state in the middle of an epoch (a preempted run) is never an
@@ -124,3 +187,9 @@ class CheckpointSaver:
         with open(source, "rb") as src:
             atomic_write(target, lambda f: shutil.copyfileobj(src, f))
         return target
+
+
+def _weights(state: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The model-only part of a training state: config, epoch, step and the weights on the CPU."""
+    return {"format": fmt, "config": state.get("config"), "epoch": int(state["epoch"]), "step": int(state["step"]),
+            "model": {k: v.detach().cpu().clone() for k, v in state["model"].items()}}

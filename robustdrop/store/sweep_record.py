@@ -6,7 +6,8 @@ cell (named by the cell) and ``logs/<cell>.log`` (each cell's output). ``sweep.j
     {"format": "robustdrop-sweep-1", "name": ..., "robustdrop": version, "command": [argv...],
      "created": ISO time, "backend": "local" | "ray",
      "preset": "quick" | null, "grid": {key: [values...]}, "fixed": {key: value},
-     "cells": {cell name: {"values": {key: value}, "config": {resolved TrackConfig},
+     "cells": {cell name: {"values": {key: value}, "config": {resolved TrackConfig} | null,
+                           "kind": "train" | "evaluate", "after": [cell names], "action": {options},
                            "status": "pending" | "running" | "finished" | "failed" | "stopped",
                            "error": one line | null, "wall_s": seconds of the last attempt,
                            "attempts": n, "host": ..., "pid": ..., "returncode": the cell process's
@@ -15,6 +16,9 @@ cell (named by the cell) and ``logs/<cell>.log`` (each cell's output). ``sweep.j
 Only the process that runs the sweep (the driver) writes it, atomically; cells never do. The
 truth about a cell's training is its run directory (``checkpoints/last.pt``); the record says
 what the driver last saw, so a cell left ``running`` by a killed driver is resumed on the next run.
+``stopped``: stopped at the sweep's deadline (or by SIGINT / SIGTERM) after its checkpoint; the
+next run of the sweep continues it. ``config`` is null for a cell that does not train
+(``kind = "evaluate"``; its options in ``action``).
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ def sweep(
     extend: bool = False,
     progress: bool = True,
     command: Sequence[str] | None = None,
+    max_minutes: float | None = None,
+    cells: Mapping[str, Mapping[str, Any]] | None = None,
     **fixed: Any,
 ):
     """Run a sweep (or continue it) and return its tidy metrics table.
@@ -59,13 +61,15 @@ def sweep(
             ``"8/255,10/255"``) or grid words (``["seed=0:5", "epsilon=8/255,12/255"]``).
         preset, **fixed: the config every cell starts from (like ``robustdrop track --preset P --flag v``).
         name: the sweep directory's name under ``runs_dir`` (default: ``<preset>-<grid keys>``).
-        backend, jobs, address, cpus_per_cell, gpus_per_cell, extend: see :func:`run_sweep`.
+        cells: named cells ``{name: {key: value, "after": [...], "kind": ...}}`` (see
+            :mod:`~robustdrop.sweeps.grid`), run before the grid's; ``grid`` may then be empty.
+        backend, jobs, address, cpus_per_cell, gpus_per_cell, extend, max_minutes: see :func:`run_sweep`.
 
     Returns:
         The tidy table (:func:`robustdrop.plots.sweeps.sweep_metrics`): every cell's metrics rows
         with ``cell`` and the varied values as ``cfg_<key>`` columns. Cells that failed are listed
-        in ``table.attrs["failed"]``, cells stopped by a signal in ``table.attrs["stopped"]`` (and
-        both in ``sweep.json``).
+        in ``table.attrs["failed"]``, cells stopped (by a signal or at the ``max_minutes`` deadline) in
+        ``table.attrs["stopped"]`` (and both in ``sweep.json``).
     """
     from robustdrop.plots.sweeps import sweep_metrics
 
@@ -73,10 +77,10 @@ def sweep(
         parsed = {k: parse_values(k, v) for k, v in grid.items()}
     else:
         parsed = parse_grid([grid] if isinstance(grid, str) else list(grid))
-    plan = plan_sweep(parsed, preset=preset, fixed=fixed, name=name)
+    plan = plan_sweep(parsed, preset=preset, fixed=fixed, name=name, cells=cells)
     result = run_sweep(plan, runs_dir=runs_dir, backend=backend, jobs=jobs, address=address,
                        cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell, extend=extend, progress=progress,
-                       command=command)
+                       command=command, max_minutes=max_minutes)
     table = sweep_metrics(result.path)
     table.attrs["failed"] = list(result.failed)
     table.attrs["stopped"] = list(result.stopped)

@@ -27,6 +27,27 @@ The TOML file (``--file study.toml``) says the same::
     epsilon = ["8/255", "10/255", "12/255"]
     [sweep.fixed]               # overrides for every cell, like track's flags
     epochs = 10
+
+**Named cells** (a list of different runs, with or instead of a grid) come first, in the file's
+order, then the grid's cells: a sweep starts its cells in this order, so put the most valuable
+first. A named cell has its own values over ``preset`` and ``fixed``; ``after = ["name", ...]``
+runs it once those cells finished; a string value ``"@name"`` is that cell's run directory (and
+makes ``name`` a dependency), e.g. a referee trained by the sweep itself::
+
+    [sweep.cells.referee]
+    method = "pgd"
+    pgd_steps = 3
+    [sweep.cells.fgsm]
+    reference = "@referee"      # runs after referee, with --reference <sweep>/referee
+    [sweep.cells.fgsm-eval]     # not a training: evaluate a finished run (robustdrop evaluate)
+    kind = "evaluate"
+    run = "@fgsm"
+    checkpoint = "best_model"   # checkpoints/<name>.pt (default: the run's result)
+    attacks = ["pgd"]
+    n = 500
+
+Grid cells may refer to named cells too (``reference = "@referee"`` in ``[sweep.fixed]``).
+An evaluate cell writes ``<sweep>/<cell>/evaluation.csv`` (metric rows, ``source=evaluate``).
 """
 
 from __future__ import annotations
@@ -50,24 +71,36 @@ _RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
+CELL_KINDS = ("train", "evaluate")
+# An evaluate cell's options (robustdrop.evaluation.evaluate_checkpoint's, plus where the model is).
+EVALUATE_OPTIONS = {"run": str, "checkpoint": str, "attacks": list, "n": int, "epsilon": str, "pgd_steps": int,
+                    "pgd_step_size": str, "restarts": int, "batch_size": int, "device": str}
+
+
 @dataclass
 class Cell:
-    """One run of the sweep: its name, the grid values that make it, its resolved config."""
+    """One cell of the sweep: its name, the values that make it, its resolved config (a training;
+    None for other kinds), its kind, the cells it runs after, and a non-training cell's options."""
 
     name: str
     values: dict[str, Any]
-    config: TrackConfig
+    config: TrackConfig | None
+    kind: str = "train"
+    after: list[str] = dataclasses.field(default_factory=list)
+    action: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
 class SweepPlan:
-    """A validated sweep: every cell's config resolved (nothing created yet)."""
+    """A validated sweep: every cell's config resolved (nothing created yet); ``cells`` in the
+    order they start (named cells, then the grid's)."""
 
     name: str
     preset: str | None
     grid: dict[str, list[Any]]
     fixed: dict[str, Any]
     cells: list[Cell]
+    named: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
@@ -184,18 +217,32 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     table = doc.get("sweep")
     if not isinstance(table, dict):
         raise RobustdropError(f"sweep file {path} has no [sweep] table; see `robustdrop sweep --help`")
-    unknown = sorted(set(table) - {"name", "preset", "grid", "fixed"})
+    unknown = sorted(set(table) - {"name", "preset", "grid", "fixed", "cells"})
     if unknown:
-        raise RobustdropError(f"sweep file {path}: unknown entries {unknown} in [sweep]; use name, preset, grid, fixed")
+        raise RobustdropError(f"sweep file {path}: unknown entries {unknown} in [sweep]; use name, preset, grid, "
+                              "fixed, cells")
     grid_table = table.get("grid") or {}
-    if not isinstance(grid_table, dict) or not grid_table:
-        raise RobustdropError(f"sweep file {path} has no [sweep.grid] values; add e.g. seed = \"0:5\"")
+    cells_table = table.get("cells") or {}
+    if not isinstance(grid_table, dict) or not isinstance(cells_table, dict) or not (grid_table or cells_table):
+        raise RobustdropError(f"sweep file {path} has neither [sweep.grid] values nor [sweep.cells.NAME] tables; "
+                              "add e.g. seed = \"0:5\" under [sweep.grid]")
     return {
         "name": table.get("name"),
         "preset": table.get("preset"),
         "grid": {config_key(k): parse_values(k, v) for k, v in grid_table.items()},
-        "fixed": {config_key(k): parse_value(k, v) for k, v in (table.get("fixed") or {}).items()},
+        "fixed": {config_key(k): _fixed_value(k, v) for k, v in (table.get("fixed") or {}).items()},
+        "cells": {str(n): dict(v) if isinstance(v, dict) else v for n, v in cells_table.items()},
     }
+
+
+def _fixed_value(key: str, value: Any) -> Any:
+    """A fixed or named-cell value: ``"@cell"`` stays as it is (resolved when the cell runs)."""
+    return value if is_cell_ref(value) else parse_value(key, value)
+
+
+def is_cell_ref(value: Any) -> bool:
+    """Whether ``value`` is ``"@name"``: the run directory of the sweep's cell ``name``."""
+    return isinstance(value, str) and value.startswith("@") and len(value) > 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,43 +281,124 @@ def default_sweep_name(preset: str | None, grid: Mapping[str, Any]) -> str:
 # The plan
 # --------------------------------------------------------------------------------------------
 def plan_sweep(grid: Mapping[str, Sequence[Any]], *, preset: str | None = None, fixed: Mapping[str, Any] | None = None,
-               name: str | None = None) -> SweepPlan:
-    """Every cell of ``grid`` (the product of its values) with ``preset`` and ``fixed`` resolved and
-    validated through :func:`~robustdrop.engine.make_config` and the diagnostics selection, before
-    anything is created. Raises :class:`RobustdropError` on the first bad cell."""
-    from robustdrop.diagnostics import select
-
+               name: str | None = None, cells: Mapping[str, Mapping[str, Any]] | None = None) -> SweepPlan:
+    """Every cell: the named ``cells`` (module docstring) in their order, then the product of
+    ``grid``'s values, with ``preset`` and ``fixed`` resolved and validated through
+    :func:`~robustdrop.engine.make_config` and the diagnostics selection, and the dependencies
+    checked (known cells, no cycle), before anything is created. Raises :class:`RobustdropError`
+    on the first bad cell."""
     fixed = {config_key(k): v for k, v in (fixed or {}).items()}
     grid = {config_key(k): list(v) for k, v in grid.items()}
-    if not grid:
-        raise RobustdropError("a sweep needs a grid: e.g. --grid seed=0:5 epsilon=8/255,10/255")
+    named = {str(k): dict(v) for k, v in (cells or {}).items()}
+    if not grid and not named:
+        raise RobustdropError("a sweep needs a grid or named cells: e.g. --grid seed=0:5 epsilon=8/255,10/255")
     if preset is not None and preset not in PRESETS:
         raise RobustdropError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     both = sorted(set(grid) & set(fixed))
     if both:
         raise RobustdropError(f"{', '.join(both)} is both varied (grid) and fixed; give it in one place")
-    name = name or default_sweep_name(preset, grid)
-    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
-        raise RobustdropError(f"sweep name {name!r} is not a safe folder name; use letters, digits and ._+=-")
-    keys = sorted(grid)
-    cells: list[Cell] = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        cname = cell_name(values)
-        try:
-            config = make_config(preset, **{**fixed, **values})
-            select(config.diagnostics, reference=config.reference)
-        except RobustdropError as exc:
-            raise RobustdropError(f"cell {cname}: {exc}") from None
-        except TypeError as exc:  # a TOML value of the wrong type, e.g. a list for a number
-            raise RobustdropError(f"cell {cname}: {exc}") from None
-        cells.append(Cell(cname, values, config))
-    names = [c.name for c in cells]
+    name = name or (default_sweep_name(preset, grid) if grid else f"{preset or 'sweep'}-cells")
+    _check_name(name, "sweep name")
+    planned = [_named_cell(cname, spec, preset, fixed) for cname, spec in named.items()]
+    if grid:
+        keys = sorted(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            planned.append(_train_cell(cell_name(values), values, preset, fixed))
+    names = [c.name for c in planned]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise RobustdropError(f"two cells would share the name {twice[0]}; give values that differ in their first "
-                              "3 significant digits")
-    return SweepPlan(name, preset, grid, fixed, cells)
+                              "3 significant digits, or another cell name")
+    _check_dependencies(planned)
+    return SweepPlan(name, preset, grid, fixed, planned, named)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", "..") or name == "logs":
+        raise RobustdropError(f"{what} {name!r} is not a safe folder name; use letters, digits and ._+=-")
+
+
+def _refs(values: Mapping[str, Any]) -> list[str]:
+    return [v[1:] for v in values.values() if is_cell_ref(v)]
+
+
+def _train_cell(cname: str, values: dict[str, Any], preset: str | None, fixed: dict[str, Any],
+                after: Sequence[str] = ()) -> Cell:
+    """A training cell: its config resolved and validated (``"@cell"`` values stay, checked as strings)."""
+    from robustdrop.diagnostics import select
+
+    try:
+        config = make_config(preset, **{**fixed, **values})
+        select(config.diagnostics, reference=config.reference)
+    except RobustdropError as exc:
+        raise RobustdropError(f"cell {cname}: {exc}") from None
+    except TypeError as exc:  # a TOML value of the wrong type, e.g. a list for a number
+        raise RobustdropError(f"cell {cname}: {exc}") from None
+    deps = list(dict.fromkeys([*after, *_refs(fixed), *_refs(values)]))
+    return Cell(cname, values, config, "train", deps)
+
+
+def _named_cell(cname: str, spec: Mapping[str, Any], preset: str | None, fixed: dict[str, Any]) -> Cell:
+    _check_name(cname, "cell name")
+    if not isinstance(spec, Mapping):
+        raise RobustdropError(f"cell {cname}: write its values as a table, [sweep.cells.{cname}]")
+    spec = dict(spec)
+    kind = str(spec.pop("kind", "train"))
+    after = spec.pop("after", [])
+    if isinstance(after, str):
+        after = [after]
+    if kind not in CELL_KINDS:
+        raise RobustdropError(f"cell {cname}: kind {kind!r} is not one of {', '.join(CELL_KINDS)}")
+    if kind == "train":
+        values = {config_key(k): _fixed_value(k, v) for k, v in spec.items()}
+        return _train_cell(cname, values, preset, fixed, after)
+    unknown = sorted(set(spec) - set(EVALUATE_OPTIONS))
+    if unknown or "run" not in spec:
+        raise RobustdropError(f"{kind} cell {cname}: give run = \"@cell\" (or a run directory) and any of "
+                              f"{', '.join(k for k in EVALUATE_OPTIONS if k != 'run')}"
+                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    from robustdrop.engine.attack_eval import check_attack_names
+
+    action = dict(spec)
+    for key in ("epsilon", "pgd_step_size"):
+        if key in action:
+            action[key] = parse_value(key.replace("pgd_step_size", "eval_pgd_step_size"), str(action[key]))
+    attacks = action.get("attacks", ["fgsm", "pgd"])
+    try:
+        action["attacks"] = check_attack_names([attacks] if isinstance(attacks, str) else list(attacks), "attacks")
+    except RobustdropError as exc:
+        raise RobustdropError(f"cell {cname}: {exc}") from None
+    return Cell(cname, {}, None, kind, list(dict.fromkeys([*after, *_refs(action)])), action)
+
+
+def _check_dependencies(cells: Sequence[Cell]) -> None:
+    """Every dependency is a cell of the sweep, and none depends on itself through others."""
+    after = {c.name: c.after for c in cells}
+    for cell in cells:
+        for dep in cell.after:
+            if dep not in after:
+                raise RobustdropError(f"cell {cell.name} needs cell {dep!r}, which the sweep does not have; "
+                                      f"cells: {', '.join(after)}")
+    state: dict[str, int] = {}  # 1: on the current path, 2: checked
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise RobustdropError(f"the cells' dependencies form a cycle: {' -> '.join([*path, name])}")
+        state[name] = 1
+        for dep in after[name]:
+            visit(dep, [*path, name])
+        state[name] = 2
+
+    for cell in cells:
+        visit(cell.name, [])
+
+
+def resolve_refs(values: Mapping[str, Any], sweep_dir: str | os.PathLike) -> dict[str, Any]:
+    """``values`` with every ``"@cell"`` replaced by that cell's run directory (absolute)."""
+    return {k: str((Path(sweep_dir) / v[1:]).resolve()) if is_cell_ref(v) else v for k, v in values.items()}
 
 
 def json_value(value: Any) -> Any:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from robustdrop.errors import RobustdropError
-from robustdrop.sweeps.worker import run_cell_blocking
+from robustdrop.sweeps.schedule import Schedule
+from robustdrop.sweeps.worker import cell_status, run_cell_blocking
 
 
 def _import_ray() -> Any:
@@ -74,7 +75,7 @@ def check_shared_filesystem(ray: Any, sweep_dir: Path) -> None:
 
 def run_ray(
     sweep_dir: Path,
-    cells: Sequence[str],
+    schedule: Schedule,
     *,
     address: str | None,
     cpus_per_cell: float,
@@ -83,8 +84,12 @@ def run_ray(
     on_start: Callable[..., None],
     on_done: Callable[[str, dict[str, Any]], None],
 ) -> None:
-    """Submit every cell as a Ray task (``num_cpus=cpus_per_cell``, ``num_gpus=gpus_per_cell``,
-    no retries: a rerun of the sweep resumes a failed cell) and report each as it ends.
+    """Submit each cell as a Ray task once the cells it needs finished (``num_cpus=cpus_per_cell``,
+    ``num_gpus=gpus_per_cell``: 0.25 puts four cells on one GPU; no retries: a rerun of the sweep
+    resumes a failed cell) and report each as it ends. Ready cells are all submitted at once, in
+    the sweep's order; Ray starts them as resources free up. The deadline (``schedule.deadline``)
+    travels with each task: one that would start after it does not (``not_started``), a running
+    one is stopped with SIGTERM by its task.
 
     ``address``: ``HOST:PORT`` of a running cluster's head (``None``: Ray's own default, i.e.
     ``$RAY_ADDRESS``, else a new single-machine instance).
@@ -99,11 +104,16 @@ def run_ray(
     try:
         check_shared_filesystem(ray, sweep_dir)
         task = ray.remote(run_cell_blocking).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)
-        refs = {}
-        for cell in cells:
-            refs[task.remote(str(sweep_dir), cell, threads)] = cell
-            on_start(cell, host="ray", pid=None)
-        while refs:
+        refs: dict[Any, str] = {}
+        while True:
+            for cell, dep in schedule.blocked():
+                on_done(cell, {"ok": False, "error": f"not run: it needs cell {dep}, which did not finish",
+                               "wall_s": 0.0})
+            while (cell := schedule.next_ready()) is not None:
+                refs[task.remote(str(sweep_dir), cell, threads, schedule.deadline)] = cell
+                on_start(cell, host="ray", pid=None)
+            if not refs:
+                break
             ready, _ = ray.wait(list(refs), num_returns=1)
             cell = refs.pop(ready[0])
             try:
@@ -111,6 +121,7 @@ def run_ray(
             except Exception as exc:  # a lost node, a worker that died: this cell's failure
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 result = {"ok": False, "error": f"Ray task failed: {first}", "wall_s": float("nan")}
+            schedule.done(cell, "stopped" if result.get("not_started") else cell_status(result))
             on_done(cell, result)
     finally:
         ray.shutdown()

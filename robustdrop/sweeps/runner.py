@@ -2,9 +2,13 @@
 
 :func:`run_sweep` creates ``<runs_dir>/<name>/`` with ``sweep.json`` (or checks the existing one
 against the plan: a changed grid is refused unless ``extend``, which may only add cells; changed
-fixed values are always refused), then runs every cell that has not finished: a killed cell
-resumes from its checkpoint, a never-started one starts. One progress bar for the sweep and one
-line per finished cell; a failed cell is recorded with its error and the others go on.
+fixed values are always refused), then runs every cell that has not finished, in the sweep's
+order and after the cells it needs (:mod:`~robustdrop.sweeps.schedule`): whether a training
+cell is finished, to resume or to (re)train is the package's one rule
+(:func:`robustdrop.reuse.decide`). One progress bar for the sweep and one line per finished
+cell; a failed cell is recorded with its error and the others go on (except those that need it).
+With ``max_minutes``, no cell starts after the deadline and the running ones get SIGTERM: they
+checkpoint and are recorded as ``stopped``; the same command continues them.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ from robustdrop._progress import progress_bar
 from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
+from robustdrop.reuse import decide
 from robustdrop.store.lock import RunLock
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
-from robustdrop.sweeps.grid import SweepPlan, json_value
+from robustdrop.sweeps.grid import Cell, SweepPlan, json_value
 from robustdrop.sweeps.local import cpu_cores, run_local
+from robustdrop.sweeps.schedule import Schedule
+from robustdrop.sweeps.worker import EVALUATION_FILE, cell_config, cell_status
 
 BACKENDS = ("local", "ray")
 
 
 @dataclass
 class SweepResult:
-    """What :func:`run_sweep` did: the sweep directory, its record, the cells run, those that failed
-    and those stopped by a signal (checkpointed; rerunning the sweep continues them)."""
+    """What :func:`run_sweep` did: the sweep directory, its record, the cells to run, those that
+    failed (or could not run because a cell they need failed) and those stopped (at the deadline or
+    by a signal; checkpointed, rerunning the sweep continues them)."""
 
     path: Path
     record: SweepRecord
@@ -67,11 +75,18 @@ def _new_record(plan: SweepPlan, path: Path, command: Sequence[str], backend: st
     })
 
 
+def _cell_entry(cell: Cell) -> dict[str, Any]:
+    """What the record keeps of a planned cell (its status aside)."""
+    return {"values": _jsonable(cell.values),
+            "config": None if cell.config is None else _jsonable(cell.config.to_dict()),
+            "kind": cell.kind, "after": list(cell.after), "action": _jsonable(cell.action)}
+
+
 def _add_cells(record: SweepRecord, plan: SweepPlan) -> None:
     for cell in plan.cells:
         if cell.name not in record.cells:
-            record.cells[cell.name] = {"values": _jsonable(cell.values), "config": _jsonable(cell.config.to_dict()),
-                                       "status": "pending", "error": None, "wall_s": None, "attempts": 0}
+            record.cells[cell.name] = {**_cell_entry(cell), "status": "pending", "error": None, "wall_s": None,
+                                       "attempts": 0}
 
 
 def check_compatible(record: SweepRecord, plan: SweepPlan, *, extend: bool) -> None:
@@ -98,9 +113,13 @@ def check_compatible(record: SweepRecord, plan: SweepPlan, *, extend: bool) -> N
                                   "keep every value of the recorded grid")
     for cell in plan.cells:
         if cell.name in record.cells:
-            # Fields added to TrackConfig since the record was written take their defaults.
-            recorded = _jsonable(TrackConfig.from_dict(record.cells[cell.name]["config"]).to_dict())
-            diff = _differing(_jsonable(cell.config.to_dict()), recorded)
+            entry = record.cells[cell.name]
+            if cell.config is None or entry.get("config") is None:
+                old_kind = {"kind": entry.get("kind", "train"), "action": entry.get("action", {})}
+                diff = _differing({"kind": cell.kind, "action": _jsonable(cell.action)}, old_kind)
+            else:  # fields added to TrackConfig since the record was written take their defaults
+                recorded = _jsonable(TrackConfig.from_dict(entry["config"]).to_dict())
+                diff = _differing(_jsonable(cell.config.to_dict()), recorded)
             if diff:
                 raise RobustdropError(f"cell {cell.name}'s config differs from {where} (in {', '.join(diff)}): the "
                                       "preset or robustdrop's defaults changed; use a new --name")
@@ -167,8 +186,41 @@ def check_cell_data(plan: SweepPlan, cells: Sequence[str]) -> None:
                 raise RobustdropError(f"cell {name}: {exc}") from None
 
 
-def _has_checkpoint(record: SweepRecord, cell: str) -> bool:
-    return (record.run_dir(cell) / "checkpoints" / "last.pt").is_file()
+def mark_stale(record: SweepRecord, plan: SweepPlan, states: dict[str, str]) -> list[str]:
+    """Finished cells that need a cell that runs again (its config changed, ...) are run again
+    too: recorded as ``rerun`` (the reason) in their entry, which makes the worker retrain /
+    re-evaluate instead of reusing. Updates ``states``; returns those cells."""
+    after = {c.name: c.after for c in plan.cells}
+    stale: list[str] = []
+    for cell in after:  # marked by an earlier run that stopped before it could run them again
+        if states[cell] == "finished" and record.cells[cell].get("rerun"):
+            states[cell] = "start"
+            stale.append(cell)
+    changed = True
+    while changed:  # dependencies may come later in the sweep's order: to a fixed point
+        changed = False
+        for cell, deps in after.items():
+            again = next((d for d in deps if states.get(d) != "finished"), None)
+            if states[cell] == "finished" and again is not None and states[again] == "start":
+                states[cell] = "start"
+                record.cells[cell]["rerun"] = f"cell {again}, which it needs, runs again"
+                stale.append(cell)
+                changed = True
+    if stale:
+        record.save()
+    return stale
+
+
+def cell_state(record: SweepRecord, cell: str) -> str:
+    """``finished``, ``resume`` or ``start`` for a cell of ``record``: a training cell by the one
+    rule (:func:`robustdrop.reuse.decide` on its run directory and resolved config), another kind
+    by its recorded status and output."""
+    entry = record.cells[cell]
+    if entry.get("kind", "train") != "train":
+        done = record.status(cell) == "finished" and (record.run_dir(cell) / EVALUATION_FILE).is_file()
+        return "finished" if done else "start"
+    action = decide(record.run_dir(cell), cell_config(record, cell)).action
+    return {"reuse": "finished", "resume": "resume"}.get(action, "start")
 
 
 def _pct(x: float) -> str:
@@ -180,9 +232,11 @@ def cell_line(record: SweepRecord, cell: str, result: dict[str, Any]) -> str:
     wall = result.get("wall_s")
     wall_text = f"{wall:.0f} s" if isinstance(wall, (int, float)) and not math.isnan(wall) else "? s"
     if result.get("stopped"):
-        return f"STOPPED {cell} after {wall_text}: {result.get('error')}"
+        return f"STOPPED {cell} after {wall_text} (checkpointed; rerun the sweep to continue it)"
     if not result.get("ok"):
         return f"FAILED {cell} after {wall_text}: {result.get('error')}"
+    if record.cells[cell].get("kind", "train") != "train":
+        return f"done   {cell} ({record.cells[cell].get('kind')}, {wall_text}): {record.run_dir(cell) / EVALUATION_FILE}"
     from robustdrop.plots.sweeps import run_summary
 
     try:
@@ -208,16 +262,20 @@ def run_sweep(
     extend: bool = False,
     progress: bool = True,
     command: Sequence[str] | None = None,
+    max_minutes: float | None = None,
 ) -> SweepResult:
     """Run (or continue) ``plan`` in ``<runs_dir>/<plan.name>/``; see the module docstring.
 
     Args:
         backend: ``local`` (this machine, ``jobs`` cells at once) or ``ray`` (a Ray cluster at ``address``).
         jobs: local cells at once (default: the CPU cores, at most the number of cells to run).
+            Cells on a machine with a GPU share it (see :mod:`~robustdrop.sweeps.local`).
         cpus_per_cell: CPU threads of a cell (local default: cores // jobs, at least 1; Ray: 1);
             a cell's own ``threads`` config value wins when it is not 0. Ray tasks ask for this many CPUs.
-        gpus_per_cell: GPUs a Ray task asks for (fractions share a GPU).
+        gpus_per_cell: GPUs a Ray task asks for (fractions share a GPU: 0.25 puts four cells on one).
         command: the command line recorded in sweep.json (default ``sys.argv``).
+        max_minutes: the deadline, in minutes from now: no cell starts after it, running cells
+            are stopped (SIGTERM, their checkpoint) and recorded as ``stopped``.
     """
     if backend not in BACKENDS:
         raise RobustdropError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -227,6 +285,9 @@ def run_sweep(
         raise RobustdropError(f"--jobs must be at least 1, got {jobs}")
     if cpus_per_cell is not None and cpus_per_cell <= 0:
         raise RobustdropError(f"--cpus-per-cell must be positive, got {cpus_per_cell}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise RobustdropError(f"--max-minutes must be positive, got {max_minutes}")
+    deadline = None if max_minutes is None else time.time() + 60 * float(max_minutes)
     path = Path(runs_dir) / plan.name
     unfinished = [c.name for c in plan.cells]
     if is_sweep_dir(path):
@@ -235,16 +296,24 @@ def run_sweep(
         unfinished = [c for c in unfinished if c not in existing.cells or existing.status(c) != "finished"]
     check_cell_data(plan, unfinished)
     record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
-    finished = [c.name for c in plan.cells if record.status(c.name) == "finished" and _has_checkpoint(record, c.name)]
-    todo = [c.name for c in plan.cells if c.name not in finished]
-    resumable = [c for c in todo if _has_checkpoint(record, c)]
+    states = {c.name: cell_state(record, c.name) for c in plan.cells}
+    stale = mark_stale(record, plan, states)
+    finished = [c for c, st in states.items() if st == "finished"]
+    todo = [c.name for c in plan.cells if states[c.name] != "finished"]
+    resumable = [c for c in todo if states[c] == "resume"]
     cores = cpu_cores()
     jobs = jobs or max(1, min(cores, len(todo)))
     fixed_threads = int(plan.fixed.get("threads") or 0)
     threads = fixed_threads or max(1, int(cpus_per_cell or (cores // jobs if backend == "local" else 1)))
     where = f"local backend, {jobs} job(s)" if backend == "local" else f"Ray at {address or 'the default address'}"
+    until = "" if max_minutes is None else f", until {time.strftime('%H:%M', time.localtime(deadline))}"
     print(f"sweep {record.path}: {len(plan.cells)} cells ({len(finished)} finished, {len(resumable)} to resume, "
-          f"{len(todo) - len(resumable)} to start); {where}, {threads} thread(s) per cell", flush=True)
+          f"{len(todo) - len(resumable)} to start); {where}, {threads} thread(s) per cell{until}", flush=True)
+    for cell in stale:
+        print(f"  {cell}: again, after {record.cells[cell]['rerun']}", flush=True)
+    for cell in finished:
+        if record.status(cell) != "finished":  # finished by a driver that died before it could record it
+            record.set_status(cell, "finished")
 
     failed: list[str] = []
     stopped: list[str] = []
@@ -255,31 +324,79 @@ def run_sweep(
         record.set_status(cell, "running", **info)
 
     def on_done(cell: str, result: dict[str, Any]) -> None:
-        ok = bool(result.get("ok"))
-        status = "finished" if ok else "stopped" if result.get("stopped") else "failed"
-        record.set_status(cell, status, error=None if ok else result.get("error"), wall_s=result.get("wall_s"),
-                          returncode=result.get("returncode"),
+        if result.get("not_started"):  # a Ray task that found the deadline passed
+            record.set_status(cell, "pending")
+            return
+        status = cell_status(result)
+        if status == "finished":
+            record.cells[cell].pop("rerun", None)
+        record.set_status(cell, status, error=None if status == "finished" else result.get("error"),
+                          wall_s=result.get("wall_s"), returncode=result.get("returncode"),
                           **({"host": result["host"]} if result.get("host") else {}))
-        {"failed": failed, "stopped": stopped}.get(status, []).append(cell)
+        (failed if status == "failed" else stopped if status == "stopped" else []).append(cell)
         write(cell_line(record, cell, result))
-        bar.update(1)
+        if status == "finished":
+            bar.update(1)
 
+    schedule = Schedule(todo, {c.name: c.after for c in plan.cells}, finished, deadline)
     start = time.perf_counter()
     try:
         if backend == "local":
-            run_local(record.path, todo, jobs=jobs, threads=threads, on_start=on_start, on_done=on_done)
+            run_local(record.path, schedule, jobs=jobs, threads=threads, on_start=on_start, on_done=on_done)
         else:
             from robustdrop.sweeps.ray_backend import run_ray
 
-            run_ray(record.path.resolve(), todo, address=address, cpus_per_cell=float(cpus_per_cell or threads),
+            run_ray(record.path.resolve(), schedule, address=address, cpus_per_cell=float(cpus_per_cell or threads),
                     gpus_per_cell=float(gpus_per_cell), threads=threads, on_start=on_start, on_done=on_done)
     finally:
         bar.close()
     wall = time.perf_counter() - start
     done = sum(record.status(c.name) == "finished" for c in plan.cells)
-    halted = f", {len(stopped)} stopped (rerun the same command to continue them)" if stopped else ""
-    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed this time{halted} "
-          f"({wall:.0f} s); read it with `robustdrop compare {record.path}`", flush=True)
+    waiting = len(plan.cells) - done - len(failed) - len(stopped)
+    print(f"sweep {record.path}: {done}/{len(plan.cells)} cells finished, {len(failed)} failed, {len(stopped)} "
+          f"stopped, {waiting} not started this time ({wall:.0f} s); read it with `robustdrop compare {record.path}`",
+          flush=True)
+    if stopped or waiting:
+        print("  rerun the same command to continue (stopped cells resume from their checkpoints)", flush=True)
     for cell in failed:
         print(f"  failed: {cell}: {record.cells[cell].get('error')} (log: {record.log_path(cell)})", flush=True)
     return SweepResult(record.path, record, todo, failed, wall, stopped)
+
+
+def dry_run_sweep(plan: SweepPlan, *, runs_dir: str | os.PathLike = "runs", jobs: int = 1) -> list[dict[str, Any]]:
+    """Print the sweep's cells in the order they start (kind, what they wait for, their state in an
+    existing sweep directory) with the engine's cost estimate of each training still to do
+    (:func:`robustdrop.api.dry_run`: a few timed steps; cells that differ only by seed share one),
+    and the total; writes nothing. A ``"@cell"`` referee is left out of the timing (it does not
+    exist yet). Returns one row per cell (``cell``, ``kind``, ``after``, ``state``, ``estimate_s``)."""
+    import dataclasses
+    import tempfile
+
+    from robustdrop.api import dry_run
+
+    path = Path(runs_dir) / plan.name
+    record = SweepRecord.open(path) if is_sweep_dir(path) else None
+    cache: dict[str, float] = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:  # dry_run checks a runs dir; nothing is written there
+        for cell in plan.cells:
+            state = cell_state(record, cell.name) if record is not None and cell.name in record.cells else "start"
+            estimate = None
+            if cell.config is not None and state != "finished":
+                cfg = cell.config
+                if any(isinstance(v, str) and v.startswith("@") for v in cfg.to_dict().values()):
+                    cfg = dataclasses.replace(cfg, reference=None, diagnostics=["none"])
+                key = json.dumps({**cfg.to_dict(), "seed": 0}, sort_keys=True, default=str)
+                if key not in cache:
+                    cache[key] = dry_run(cfg, runs_dir=scratch, name="estimate").total_s
+                estimate = cache[key]
+            rows.append({"cell": cell.name, "kind": cell.kind, "after": list(cell.after), "state": state,
+                         "estimate_s": estimate})
+            after = f" after {', '.join(cell.after)}" if cell.after else ""
+            cost = "" if estimate is None else f": about {estimate / 60:.1f} min"
+            print(f"  {cell.name} ({cell.kind}{after}) {state}{cost}", flush=True)
+    total = sum(r["estimate_s"] or 0.0 for r in rows)
+    print(f"sweep {path}: {len(rows)} cells, {sum(r['state'] != 'finished' for r in rows)} to run; trainings about "
+          f"{total / 3600:.2f} h of cell time, about {total / 3600 / max(1, jobs):.2f} h with {jobs} at once "
+          "(dependencies aside; evaluate cells not estimated); dry run: nothing was written", flush=True)
+    return rows

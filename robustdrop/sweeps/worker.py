@@ -6,10 +6,12 @@ pool (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OMP_WAIT_POLICY=PASSIVE``: Ope
 spin while they wait make neighbouring cells much slower on a shared CPU), with its output
 appended to ``logs/<cell>.log``. The process reads the cell's config from ``sweep.json`` and
 
-* resumes the run exactly (:func:`robustdrop.api.resume`) when its run directory has
-  ``checkpoints/last.pt`` (a killed cell; a finished one returns at once),
-* else starts it (:func:`robustdrop.api.track`, replacing a directory that died before its
-  first checkpoint),
+* for a training cell, reuses, resumes or (re)trains its run directory by the package's one rule
+  (:func:`robustdrop.api.ensure`, :func:`robustdrop.reuse.decide`: a finished run with the
+  cell's config is reused, a stopped one resumed exactly, anything else trained anew), with
+  ``"@cell"`` values resolved to those cells' run directories;
+* for an ``evaluate`` cell, evaluates the named run's checkpoint
+  (:func:`robustdrop.evaluation.evaluate_checkpoint`) into ``<cell>/evaluation.csv``;
 
 then writes ``logs/<cell>.result.json`` (``{"ok": true}`` or ``{"ok": false, "error": one line}``).
 A process killed before that leaves no result file; :func:`finish_cell` reports its signal.
@@ -50,6 +52,16 @@ class CellProcess:
     proc: subprocess.Popen
     log: Any
     start: float
+    stopping: bool = False
+
+    def stop(self) -> None:
+        """SIGTERM, once: the run checkpoints and exits (143); the cell is recorded as stopped."""
+        if not self.stopping and self.proc.poll() is None:
+            self.stopping = True
+            self.proc.terminate()
+
+
+EVALUATION_FILE = "evaluation.csv"  # an evaluate cell's metric rows, in <sweep>/<cell>/
 
 
 def result_path(sweep_dir: str | os.PathLike, cell: str) -> Path:
@@ -94,8 +106,9 @@ def finish_cell(started: CellProcess) -> dict[str, Any]:
             pass
     if code != 0 and result.get("ok"):
         result["ok"] = False
-    if code == -signal.SIGTERM:  # the default handler, before the cell's own: nothing to lose either
-        result.update(stopped=True, error="stopped by SIGTERM before the cell started; rerun the sweep to start it")
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) or code == -signal.SIGTERM:
+        # -SIGTERM: the default handler, before the cell's own was installed: nothing to lose either
+        result.update(ok=False, stopped=True, error=result.get("error") or "stopped; rerun the sweep to continue it")
     if not result.get("ok") and not result.get("error"):
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
@@ -106,34 +119,83 @@ def finish_cell(started: CellProcess) -> dict[str, Any]:
     return result
 
 
-def run_cell_blocking(sweep_dir: str, cell: str, threads: int) -> dict[str, Any]:
-    """Run ``cell`` to its end in a new process and return its result (the body of a Ray task).
+def cell_status(result: dict[str, Any]) -> str:
+    """The record's status for a cell's result: ``finished``, ``stopped`` or ``failed``."""
+    if result.get("ok"):
+        return "finished"
+    return "stopped" if result.get("stopped") else "failed"
+
+
+def run_cell_blocking(sweep_dir: str, cell: str, threads: int, deadline: float | None = None,
+                      poll_s: float = 0.5) -> dict[str, Any]:
+    """Run ``cell`` to its end in a new process and return its result (the body of a Ray task):
+    not started after ``deadline`` (``time.time()``; ``{"not_started": true}``), stopped at it.
     Fails with a one-line error when ``sweep_dir`` is not visible here (no shared filesystem)."""
+    host = socket.gethostname()
     if not (Path(sweep_dir) / "sweep.json").is_file():
-        return {"ok": False, "wall_s": 0.0, "host": socket.gethostname(),
-                "error": f"{sweep_dir} is not visible on host {socket.gethostname()}; put --runs-dir on a "
-                         "filesystem every node shares"}
-    result = finish_cell(start_cell(sweep_dir, cell, threads))
-    result["host"] = socket.gethostname()
+        return {"ok": False, "wall_s": 0.0, "host": host,
+                "error": f"{sweep_dir} is not visible on host {host}; put --runs-dir on a filesystem every node shares"}
+    if deadline is not None and time.time() >= deadline:
+        return {"ok": False, "not_started": True, "wall_s": 0.0, "host": host, "error": None}
+    started = start_cell(sweep_dir, cell, threads)
+    while started.proc.poll() is None:
+        if deadline is not None and time.time() >= deadline:
+            started.stop()
+        time.sleep(poll_s)
+    result = finish_cell(started)
+    result["host"] = host
     return result
+
+
+def cell_config(record: SweepRecord, cell: str):
+    """A training cell's resolved config: ``"@cell"`` values are those cells' run directories."""
+    from robustdrop.engine import TrackConfig
+    from robustdrop.sweeps.grid import resolve_refs
+
+    return TrackConfig.from_dict(resolve_refs(record.cells[cell]["config"], record.path))
 
 
 # --------------------------------------------------------------------------------------------
 # Inside the cell's process
 # --------------------------------------------------------------------------------------------
 def _run(sweep_dir: Path, cell: str) -> None:
-    from robustdrop.api import resume, track
-    from robustdrop.engine import TrackConfig
+    from robustdrop.api import ensure, track
+    from robustdrop.reuse import decide
 
     record = SweepRecord.open(sweep_dir)
     if cell not in record.cells:
         raise RobustdropError(f"{sweep_dir}/sweep.json has no cell {cell!r}")
-    run_dir = record.run_dir(cell)
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        resume(run_dir, progress=False)
-    else:
-        config = TrackConfig.from_dict(record.cells[cell]["config"])
+    entry = record.cells[cell]
+    if entry.get("kind", "train") == "evaluate":
+        _evaluate(record, cell, entry["action"])
+        return
+    config = cell_config(record, cell)
+    if entry.get("rerun") and decide(record.run_dir(cell), config).action == "reuse":
+        # A cell it needs ran again (sweeps.runner.mark_stale): this finished result is stale. (A
+        # retraining that was stopped resumes as usual.)
+        print(f"{cell}: retrain ({entry['rerun']})", flush=True)
         track(config, runs_dir=sweep_dir, name=cell, overwrite=True, progress=False)
+        return
+    ensure(config, runs_dir=sweep_dir, name=cell, progress=False,
+           log=lambda d: print(f"{cell}: {d.action} ({d.why})", flush=True))
+
+
+def _evaluate(record: SweepRecord, cell: str, action: dict[str, Any]) -> None:
+    """An ``evaluate`` cell: the run's checkpoint under the attacks, rows to ``<cell>/evaluation.csv``."""
+    from robustdrop.evaluation import evaluate_checkpoint, write_report
+    from robustdrop.sweeps.grid import resolve_refs
+
+    options = resolve_refs(action, record.path)
+    target = Path(options.pop("run"))
+    checkpoint = options.pop("checkpoint", None)
+    if checkpoint:
+        target = target / "checkpoints" / f"{checkpoint}.pt"
+    out = record.run_dir(cell) / EVALUATION_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)  # a rerun measures again, it does not append
+    report = evaluate_checkpoint(target, progress=False, **options)
+    print(report.table(), flush=True)
+    write_report(report, out)
 
 
 def _stop_before_training(signum: int, frame: Any) -> None:
