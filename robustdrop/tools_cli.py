@@ -21,11 +21,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, attacks=args.attack, n=args.n, seed=args.seed, epsilon=args.epsilon,
         pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size, restarts=args.restarts,
         batch_size=args.batch_size, device=args.device, dataset=args.dataset, data_dir=args.data_dir,
-        progress=not args.no_progress,
+        progress=not args.no_progress, model=args.model, normalize=_normalize(args),
     )
     print(report.table())
     print(f"rows written to {write_report(report, args.out)}")
     return 0
+
+
+def _normalize(args: argparse.Namespace) -> tuple | None:
+    """``--normalize`` as ``(mean, std)``; the channel count is checked against the data later."""
+    from robustdrop.models.user import parse_normalize
+
+    return parse_normalize(args.normalize)
+
+
+def add_user_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--normalize``: a user's architecture (:mod:`robustdrop.models.user`)."""
+    parser.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                        help="build the architecture of a checkpoint that other code saved: a function or class "
+                             "called with no arguments (or num_classes= if it takes that), imported from the "
+                             "current directory or PYTHONPATH; or path/to/file.py:factory")
+    parser.add_argument("--normalize", nargs="+", metavar="MEAN STD",
+                        help="the model expects inputs normalized as (x - MEAN) / STD, per channel (e.g. "
+                             "0.4914,0.4822,0.4465 0.2471,0.2435,0.2616, or cifar10); attacks and ε stay in "
+                             "[0, 1] pixel units")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -49,24 +68,27 @@ def add_tool_parsers(subparsers: Any) -> None:
                     "(source=evaluate, with the attack spec, n and the checkpoint's epoch): appended to the run's "
                     "metrics, else to <checkpoint>.evaluate.csv, or to --out.",
     )
-    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoints/*.pt file")
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory or checkpoints/*.pt file; with --model, any checkpoint file of that model")
     e.add_argument("--attack", nargs="+", default=["fgsm", "pgd"], choices=EVAL_ATTACKS.names(),
                    help="attacks to run; clean accuracy is always measured (default: fgsm pgd); autoattack = "
                         "standard L-inf AutoAttack, needs robustdrop[eval]")
     e.add_argument("--n", type=int, default=1000,
                    help="seeded class-balanced test subset size; 0 = the whole test set (default: 1000)")
     e.add_argument("--seed", type=int, help="seed of the subset and the attacks (default: the run's)")
-    e.add_argument("--epsilon", type=parse_fraction, help="L-inf radius, e.g. 8/255 (default: the run's)")
+    e.add_argument("--epsilon", type=parse_fraction,
+                   help="L-inf radius in pixel units, e.g. 8/255 (default: the run's; required with --model)")
     e.add_argument("--pgd-steps", type=int, help="PGD steps (default: the run's --eval-pgd-steps)")
     e.add_argument("--pgd-step-size", type=parse_fraction, help="PGD step, e.g. 2/255 (default: the run's)")
     e.add_argument("--restarts", type=int, help="PGD restarts (default: the run's --eval-restarts)")
     e.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    e.add_argument("--dataset", help="test set (default: the run's dataset)")
+    e.add_argument("--dataset", help="test set (default: the run's dataset; with --model cifar10-jpeg)")
     e.add_argument("--data-dir", help="folder with the dataset files (default: the run's)")
     e.add_argument("--out", help="write the rows to this .csv / .parquet file (appended if it exists)")
     e.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_user_model_flags(e)
     e.set_defaults(func=_cmd_evaluate)
 
     x = subparsers.add_parser(
