@@ -109,7 +109,7 @@ def diagnose_checkpoints(
     name = name or f"diagnose-{plan[0][1].parent.name or 'checkpoints'}"
     monitor = Monitor(net, epsilon=float(epsilon), probe=(data.test_x, data.test_y), normalize=normalize,
                       reference=reference, runs_dir=runs_dir, name=name, overwrite=overwrite, progress=False,
-                      classes=data.classes, dataset=data.name, model=model, epochs=plan[-1][0],
+                      classes=data.classes, dataset=data.name, epochs=plan[-1][0],
                       probe_size=probe_size, seed=seed, diagnostics=diagnostics or ["default"])
     start = time.perf_counter()
     try:
@@ -117,6 +117,10 @@ def diagnose_checkpoints(
             state = load_user_checkpoint(path)
             weights = fit_weights(net, read_user_weights(state, path), path, model)
             (report,) = monitor.replay([(epoch, weights, step)])
+            if i == 1:  # the run directory exists from the first epoch's end on
+                monitor.store.log_event("diagnose", epoch=0, step=0, checkpoints=checkpoints, model=model,
+                                        normalize=[list(v) for v in normalize] if normalize else None,
+                                        files=[str(p) for _, p, _ in plan])
             monitor.store.log_event("checkpoint", epoch=epoch, step=step, path=str(path),
                                     lightning=is_lightning(state))
             if progress:
