@@ -43,14 +43,7 @@ from robustdrop.engine.attack_eval import (
 )
 from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
-from robustdrop.models.user import (
-    Normalized,
-    build_user_model,
-    check_logits,
-    check_normalize,
-    checkpoint_epoch,
-    load_user_weights,
-)
+from robustdrop.models.user import build_user_model, check_logits, checkpoint_epoch, load_user_weights
 from robustdrop.store import METRIC_COLUMNS, RunStore, atomic_write_bytes, atomic_write_text
 
 SOURCE = "evaluate"
@@ -190,20 +183,23 @@ def _evaluate_user(path: str | os.PathLike, spec: str, normalize: tuple | None, 
     dev = resolve_device(device)
     if data is None:
         data = load_dataset(dataset or USER_DEFAULTS["dataset"], data_dir=data_dir)
-    if normalize is not None:
-        normalize = check_normalize(normalize, data.image_shape[0])
+    from robustdrop.monitor import Normalized, _normalization  # one home of the pixel-space view
+
+    pair = _normalization(normalize, data.image_shape[0], dev)
     net = build_user_model(spec, num_classes=data.num_classes)
     state = load_user_weights(net, path, spec)
-    if normalize is not None:
-        net = Normalized(net, *normalize)
-    net.to(dev).eval()
+    net.to(dev)
+    if pair is not None:
+        net = Normalized(net, *pair)
+    net.eval()
     check_logits(net, data.test_x[:2].to(dev).float() / 255, data.num_classes, what=f"--model {spec}")
     try:
         epoch = checkpoint_epoch(path, state)
     except RobustdropError:  # a single file need not be numbered
         epoch = None
     step = state.get("global_step", state.get("step")) if isinstance(state, dict) else None
-    config = {"model": spec, "dataset": data.name, "epsilon": epsilon, "normalize": normalize}
+    config = {"model": spec, "dataset": data.name, "epsilon": epsilon,
+              "normalize": [t.tolist() for t in pair] if pair is not None else None}
     source = ReferenceSource(path, path, config, {}, epoch, int(step) if isinstance(step, int) else None)
     settings = AttackSettings(epsilon=float(epsilon), num_classes=data.num_classes,
                               pgd_steps=20 if pgd_steps is None else int(pgd_steps),

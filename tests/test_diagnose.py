@@ -134,7 +134,7 @@ def _bad_second(folder):
     (None, {"model": "offnets:nothing"}, "has no 'nothing'"),
     (lambda f: (f / "epoch_02.pt").rename(f / "weights-a2-b3.pt"), {"checkpoints": "ckpts/*.pt"},
      "cannot tell the epoch"),
-    (None, {"normalize": ["0.5,0.5", "0.25,0.25"]}, "3 channels|3 values|channels"),
+    (None, {"normalize": ["0.5,0.5", "0.25,0.25"]}, "2 values.*3 channels"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(nets, tmp_path, image_folder, folder_cache, capsys, setup, flags,
                                                   says):

@@ -9,15 +9,12 @@ import textwrap
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from robustdrop.cli import main
 from robustdrop.errors import RobustdropError
 from robustdrop.models.user import (
-    Normalized,
     build_user_model,
     check_logits,
-    check_normalize,
     checkpoint_epoch,
     epoch_from_name,
     find_checkpoints,
@@ -183,18 +180,13 @@ def test_a_series_of_checkpoints_by_epoch(tmp_path):
         find_checkpoints(str(tmp_path / "epoch_*.pt"))
 
 
-def test_normalized_models_see_pixel_inputs():
-    inner = nn.Identity()
-    mean, std = check_normalize(parse_normalize(["cifar10"]), 3)
-    x = torch.rand(2, 3, 4, 4)
-    out = Normalized(inner, mean, std)(x)
-    assert torch.allclose(out[:, 1], (x[:, 1] - 0.4822) / 0.2435)
-    assert check_normalize(parse_normalize(["0.5", "0.25"]), 3) == ((0.5,) * 3, (0.25,) * 3)
-    assert list(Normalized(nn.Linear(2, 2), mean, std).state_dict()) == ["model.weight", "model.bias"]
-    for bad, says in ((["0.5,0.5", "0.2,0.2"], "3 channels"), (["0.5", "0"], "stds must be > 0"),
-                      (["a", "b"], "MEAN STD"), (["1", "2", "3"], "MEAN STD")):
-        with pytest.raises(RobustdropError, match=says):
-            check_normalize(parse_normalize(bad), 3)
+def test_normalize_flags():
+    assert parse_normalize(None) is None
+    assert parse_normalize(["cifar10"]) == ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+    assert parse_normalize(["0.5", "0.1,0.2,0.3"]) == ((0.5,), (0.1, 0.2, 0.3))
+    for bad in (["a", "b"], ["1", "2", "3"], ["imagenet"]):
+        with pytest.raises(RobustdropError, match="MEAN STD"):
+            parse_normalize(bad)
 
 
 def test_check_logits_wants_n_by_classes(user_module):
@@ -243,7 +235,8 @@ def test_evaluate_a_user_checkpoint_from_the_command_line(user_module, tmp_path,
 @pytest.mark.parametrize(("factory", "extra", "says"), [
     ("usernets:wide", [], "give --epsilon"),
     ("usernets:make", ["--epsilon", "8/255"], "logits of shape \\(N, 4\\)"),  # 10 classes, the data has 4
-    ("usernets:wide", ["--epsilon", "8/255", "--normalize", "0.5,0.5", "0.2,0.2"], "3 channels"),
+    ("usernets:wide", ["--epsilon", "8/255", "--normalize", "0.5,0.5", "0.2,0.2"], "has 2 values.*3 channels"),
+    ("usernets:wide", ["--epsilon", "8/255", "--normalize", "0.5", "0"], "std .* must be positive"),
     ("usernets:wide", ["--epsilon", "0"], "--epsilon must be in"),
 ])
 def test_evaluate_model_bad_input_is_one_line(user_module, tmp_path, image_folder, folder_cache, capsys, factory, extra,

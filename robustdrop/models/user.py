@@ -15,8 +15,8 @@ robustdrop diagnoses models it did not train (``robustdrop diagnose``, ``robustd
   LightningModule's attribute, ``model.``) is found and dropped; anything else that does not fit
   is a one-line error naming a missing or unexpected key or the two shapes;
 * numbers checkpoint files by epoch (:func:`checkpoint_epoch`, :func:`find_checkpoints`);
-* wraps a model that expects normalized inputs so that robustdrop's attacks stay in [0, 1] pixel
-  space (:class:`Normalized`, :func:`parse_normalize`).
+* reads ``--normalize`` (:func:`parse_normalize`); the model that takes normalized inputs is seen
+  from [0, 1] pixel space through :class:`robustdrop.monitor.Normalized`.
 
 Epoch rule (robustdrop's epochs count from 1: epoch ``e`` is the model after ``e`` training epochs):
 a Lightning checkpoint (it records ``pytorch-lightning_version``) is epoch ``checkpoint["epoch"] + 1``
@@ -32,7 +32,6 @@ import glob
 import importlib
 import importlib.util
 import inspect
-import math
 import os
 import re
 import sys
@@ -154,22 +153,6 @@ def check_logits(model: nn.Module, images: torch.Tensor, num_classes: int, *, wh
 # ---------------------------------------------------------------------------------------------
 # normalized inputs
 # ---------------------------------------------------------------------------------------------
-class Normalized(nn.Module):
-    """``model((x - mean) / std)``: a model that expects normalized inputs, seen from pixel space.
-    ``x``: ``(B, C, H, W)`` in [0, 1]; ``mean``, ``std``: per channel (length C, or 1 for all)."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        # Not buffers: the wrapped model's state_dict stays the user's own.
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean.to(x.device, x.dtype), self._std.to(x.device, x.dtype)
-        return self.model((x - mean) / std)
-
-
 def parse_normalize(values: Sequence[str] | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """``--normalize``: ``cifar10`` or ``MEAN STD``, each one number or comma-separated numbers
     (one per channel). Returns ``(mean, std)``, or ``None`` when not given."""
@@ -185,20 +168,6 @@ def parse_normalize(values: Sequence[str] | None) -> tuple[tuple[float, ...], tu
         mean, std = (tuple(float(v) for v in text.split(",")) for text in values)
     except ValueError:
         raise RobustdropError(f"{usage}; got {' '.join(values)}") from None
-    return mean, std
-
-
-def check_normalize(normalize: tuple[Sequence[float], Sequence[float]], channels: int
-                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` with ``channels`` values each (one value is repeated); error if they do not
-    fit the images, a std is not positive or a value is not finite."""
-    mean, std = (tuple(float(v) for v in vals) for vals in normalize)
-    mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
-    if len(mean) != channels or len(std) != channels:
-        raise RobustdropError(f"--normalize: the images have {channels} channels; give {channels} means and stds "
-                              f"(got {len(mean)} and {len(std)})")
-    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise RobustdropError(f"--normalize: the stds must be > 0 and all values finite, got {mean} {std}")
     return mean, std
 
 
