@@ -84,9 +84,9 @@ def main() -> None:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=128,
                                          shuffle=True, drop_last=True)
-    monitor = RobustdropCallback(epsilon=10 / 255, probe=(data.test_x, data.test_y), probe_size=args.probe_size,
+    monitor = RobustdropCallback(epsilon=10 / 255, probe="cifar10-jpeg", probe_size=args.probe_size,
                                  normalize=(CIFAR_MEAN, CIFAR_STD), reference="builtin:quick", runs_dir=args.runs_dir,
-                                 name=args.name, model="net")
+                                 name=args.name, model="net", method="fgsm")
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor, checkpoints],
                         logger=L.pytorch.loggers.CSVLogger(args.runs_dir, name=f"{args.name}-lightning-logs"),

@@ -91,7 +91,8 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=0.003, step_size_up=up,
                                                   step_size_down=max(1, total - up), cycle_momentum=False)
     monitor = robustdrop.Monitor(  # robustdrop
-        model, epsilon=10 / 255, probe=(data.test_x, data.test_y), probe_size=args.probe_size,
+        model, epsilon=10 / 255, probe="cifar10-jpeg", probe_size=args.probe_size, epochs=args.epochs,
+        steps_per_epoch=len(loader), method="fgsm",
         normalize=(CIFAR_MEAN, CIFAR_STD), reference="builtin:quick", runs_dir=args.runs_dir, name=args.name)
     ckpt_dir = Path(args.checkpoints)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -110,12 +111,13 @@ def main() -> None:
             opt.step()
             scheduler.step()
             monitor.observe(x, yb, delta=delta)  # robustdrop: the training perturbation (optional)
-        report = monitor.epoch_end(epoch)  # robustdrop: probe evaluation, diagnostics, collapse detector
+        report = monitor.epoch_end(epoch)  # robustdrop: probe evaluation, diagnostics, collapse detector (prints a line)
         torch.save({"model": model.state_dict(), "epoch": epoch}, ckpt_dir / f"epoch_{epoch:02d}.pt")
-        print(f"epoch {epoch:2d}  {time.time() - start:6.1f}s  {report}", flush=True)
+        if report.collapse and epoch == report.onset_epoch:  # your decision: stop, roll back, switch; here: go on
+            print(f"robustdrop: collapse detected (onset epoch {report.onset_epoch}); training continues", flush=True)
     monitor.close()
     run = Path(args.runs_dir) / args.name
-    print(f"\nrun directory: {run}\ncheckpoints: {ckpt_dir}/epoch_*.pt")
+    print(f"\n{time.time() - start:.0f}s; run directory: {run}; checkpoints: {ckpt_dir}/epoch_*.pt")
     print(f"draw the figure:  robustdrop plot collapse {run}")
 
 
