@@ -341,6 +341,8 @@ class Monitor:
         self.device = _device_of(model)
         images, labels, names, dataset = probe_from(probe, probe_size=self.config.probe_size, seed=self.config.seed,
                                                      classes=classes)
+        # config.json says what was used: the device, the probe's size and (unless labelled) its source
+        self.config.device, self.config.probe_size = str(self.device), len(labels)
         if "dataset" not in config:
             self.config.dataset = dataset
         self.normalization = _normalization(normalize, images.shape[1], self.device)
@@ -564,8 +566,9 @@ class Monitor:
         if diff:
             raise RobustdropError(f"load_state_dict: the state was taken with other settings (differs in {diff}); "
                                   "make the Monitor with the same arguments")
-        store = RunStore.open(RunStore.check_run_dir(self.path))
+        RunStore.check_run_dir(self.path)
         self._lock = RunLock(self.path).acquire()
+        store = RunStore.open(self.path)
         store.truncate_logs(int(state["num_metric_rows"]), int(state["num_events"]))
         self.store = self.run.store = store
         for hook in self.observer.hooks:

@@ -103,7 +103,8 @@ def test_a_monitored_loop_trains_bit_identical_weights(synthetic_data, tmp_path,
 
     model, opt = fresh()
     random.seed(1), np.random.seed(1)
-    monitor = make_monitor(model, synthetic_data, tmp_path, reference="builtin:quick", diagnostics=["all"])
+    monitor = make_monitor(model, synthetic_data, tmp_path, reference="builtin:quick",
+                           diagnostics=["all", "landscape:n=16,points=5,grid=3"])
     reports = fgsm_loop(model, opt, synthetic_data, 3, monitor)
     monitor.close()
     watched = (model.state_dict(), opt.state_dict(), torch.get_rng_state(), np.random.rand(), random.random())
@@ -137,8 +138,8 @@ def test_epoch_end_leaves_mode_gradients_and_buffers_as_they_were(synthetic_data
 # ----------------------------------------------------------------------------------------------
 def test_the_run_directory_is_ordinary_and_the_commands_read_it(synthetic_data, tmp_path, one_thread, capsys):
     model, opt = fresh()
-    monitor = make_monitor(model, synthetic_data, tmp_path, epochs=3, diagnostics=["all"],
-                           reference="builtin:quick")
+    monitor = make_monitor(model, synthetic_data, tmp_path, epochs=3, reference="builtin:quick",
+                           diagnostics=["all", "snapshots:k=4", "landscape:n=16,points=5,grid=3"])
     fgsm_loop(model, opt, synthetic_data, 3, monitor)
     monitor.close()
     path = tmp_path / "m"
@@ -160,9 +161,9 @@ def test_the_run_directory_is_ordinary_and_the_commands_read_it(synthetic_data, 
     assert len(df[(df.metric == "acc") & (df.split == "train")]) == 3
     assert main(["compare", str(path)]) == 0
     assert "m" in capsys.readouterr().out
-    for figure in (["collapse"], ["curves"], ["perturbations"], ["landscape"]):
-        assert main(["plot", *figure, str(path), "--out", str(tmp_path / "figs")]) == 0, figure
-    assert len(list((tmp_path / "figs").glob("*.png"))) == 4
+    for figure in ("collapse", "landscape"):  # (the snapshots are track's own: see the equivalence test)
+        assert main(["plot", figure, str(path), "--out", str(tmp_path / "figs")]) == 0, figure
+    assert len(list((tmp_path / "figs").glob("*.png"))) == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +230,48 @@ def test_replaying_saved_weights_logs_the_live_numbers(synthetic_data, tmp_path,
 
 
 # ----------------------------------------------------------------------------------------------
+# The probe: a Dataset, a DataLoader or tensors, uint8 or float; track's subset of a larger set
+# ----------------------------------------------------------------------------------------------
+class Images(torch.utils.data.Dataset):
+    """A torchvision-style dataset: float (C, H, W) images in [0, 1], ``targets``, ``classes``."""
+
+    def __init__(self, data, with_targets=True):
+        self.x, self.y, self.classes = data.test_x, data.test_y, data.classes
+        if with_targets:
+            self.targets = self.y.tolist()
+        self.read = 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.read += 1
+        return self.x[i].float() / 255, int(self.y[i])
+
+
+def test_every_kind_of_probe_gives_tracks_probe_subset(synthetic_data, tmp_path):
+    from robustdrop.data import probe_indices
+
+    keep = probe_indices(synthetic_data.test_y, 40, 0)
+    expected = (synthetic_data.test_x[keep], synthetic_data.test_y[keep])
+    dataset = Images(synthetic_data)
+    probes = {
+        "uint8 tensors": (synthetic_data.test_x, synthetic_data.test_y),
+        "float tensors": (synthetic_data.test_x.float() / 255, synthetic_data.test_y),
+        "dataset with targets": dataset,
+        "dataset": Images(synthetic_data, with_targets=False),
+        "loader": torch.utils.data.DataLoader(Images(synthetic_data), batch_size=50),
+    }
+    for kind, probe in probes.items():
+        monitor = make_monitor(fresh()[0], synthetic_data, tmp_path, probe=probe)
+        images, labels = monitor.run.probe
+        assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1]), kind
+    assert dataset.read == 40  # only the chosen items were read
+    assert monitor.run.data.classes == synthetic_data.classes
+    assert not tmp_path.joinpath("m").exists()  # nothing is written before the first epoch
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: one line, nothing written
 # ----------------------------------------------------------------------------------------------
 class Pair(nn.Module):
@@ -284,3 +327,75 @@ def test_an_existing_run_directory_is_refused_unless_continued(synthetic_data, t
     with pytest.raises(RobustdropError, match="epoch 1 is already recorded"):
         again.epoch_end(1)
     again.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The same numbers as `robustdrop track` (issue 19, item 2)
+# ----------------------------------------------------------------------------------------------
+def quick_loop(cfg, data, monitor):
+    """What `robustdrop track --preset quick` does, as a plain loop: the trainer's seeding, training
+    subset, data order (TrainLoader and its seeded generator), model, Adam with the cyclic LR, and
+    FGSM written inline (batch-norm in train mode while crafting, as --attack-bn train)."""
+    from robustdrop.data import TrainLoader, split_validation
+    from robustdrop.models import create_model
+    from robustdrop.schedules import Schedule
+
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    train_idx, _ = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
+    pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
+    train_idx = train_idx[pick[: cfg.train_subset].sort().values]
+    loader = TrainLoader(data.train_x[train_idx], data.train_y[train_idx], cfg.batch_size, device="cpu")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=10, in_channels=3, image_size=32, width=cfg.width)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = Schedule.from_config(cfg, cfg.lr, len(loader) * cfg.epochs, len(loader))
+    watch = monitor(model, len(loader))
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for batch in loader.epoch(generator):
+            schedule.apply(optimizer)
+            x, y = batch.x, batch.y
+            x_ = x.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(model(x_).float(), y, reduction="sum"), x_)
+            delta = ((x + (cfg.epsilon * grad.sign()).clamp(-cfg.epsilon, cfg.epsilon)).clamp(0, 1) - x).detach()
+            logits = model(x + delta)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            watch.observe(x, y, delta=delta, loss=loss.detach(), logits=logits.detach())
+        watch.epoch_end(epoch)
+    watch.close()
+    return watch
+
+
+def test_a_monitored_plain_loop_logs_what_track_logs(tmp_path, one_thread):
+    from robustdrop.api import track
+    from robustdrop.data import make_synthetic
+
+    synthetic_data = make_synthetic(n_train=288, n_test=80, num_classes=10, size=32, channels=3, seed=0)
+    cfg = robustdrop.make_config("quick", epochs=3, train_subset=256, val_size=32, probe_size=60, threads=1,
+                                 device="cpu")
+    store = track(cfg, runs_dir=tmp_path, name="track", data=synthetic_data, progress=False)
+    monitor = quick_loop(cfg, synthetic_data, lambda model, steps: robustdrop.Monitor(
+        model, epsilon=cfg.epsilon, probe=(synthetic_data.test_x, synthetic_data.test_y), reference=cfg.reference,
+        runs_dir=tmp_path, name="monitored", steps_per_epoch=steps, method="fgsm", epochs=cfg.epochs,
+        classes=synthetic_data.classes,
+        probe_size=cfg.probe_size, seed=cfg.seed, eval_pgd_step_size=cfg.eval_pgd_step_size, progress=False))
+
+    def comparable(df):  # what both record: the probe's evaluation, every diagnostic, training loss / accuracy
+        keep = (df.split == "probe") | (df.attack == "train-perturbation") | df.metric.isin(["loss", "acc"])
+        return without_time(df[keep & (df.split != "val") & (df.split != "test")])
+
+    tracked, monitored = comparable(store.metrics()), comparable(RunStore.open(monitor.path).metrics())
+    assert set(tracked.source) == {"eval", "train", "strength", "strength-ref", "snapshots", "collapse"}
+    assert len(tracked) > 60 and sorted(tracked.epoch.unique()) == [1, 2, 3]
+    pd.testing.assert_frame_equal(tracked, monitored, check_exact=True)
+    kinds = ("reference", "collapse_warning", "collapse_onset")
+    assert [e for e in store.events() if e["kind"] in kinds] == \
+        [e for e in RunStore.open(monitor.path).events() if e["kind"] in kinds]
+    for epoch in (1, 3):  # the snapshots (Fig. 1) too
+        a, b = store.load_arrays("snapshots", f"epoch_{epoch:04d}"), monitor.store.load_arrays(
+            "snapshots", f"epoch_{epoch:04d}")
+        assert all(np.array_equal(a[k], b[k]) for k in a)
