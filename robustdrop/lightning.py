@@ -24,6 +24,8 @@ diagnostics, the collapse detector; an ordinary run directory) from a ``Lightnin
   ``robustdrop/collapse_warning`` and ``robustdrop/collapse`` as 0 / 1), and the last
   :class:`~robustdrop.monitor.EpochReport` is ``callback.report``. With ``on_collapse="stop"`` the
   trainer stops after the epoch where the detector fires (``trainer.should_stop``).
+* **Several processes** (DDP): the monitor lives in the process of global rank 0 and observes
+  that process's batches; the others train only.
 * **Checkpoints**: the monitor's state (run position, detector) is stored in every Lightning
   checkpoint (``Callback.state_dict``); ``trainer.fit(..., ckpt_path=...)`` resumes the same run
   directory with no epoch twice and none missing. A checkpoint written after the epoch's training
@@ -95,6 +97,9 @@ class RobustdropCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         from robustdrop.monitor import Monitor  # api layer; imported when used
 
+        if trainer.global_rank != 0:  # one writer per run directory: the other processes only train
+            return
+
         options = dict(self.kwargs)
         if "epochs" not in options and trainer.max_epochs and trainer.max_epochs > 0:
             options["epochs"] = int(trainer.max_epochs)
@@ -138,7 +143,7 @@ class RobustdropCallback(Callback):
                       if isinstance(v, (int, float)) and math.isfinite(v)}
             values[LOG_PREFIX + "collapse_warning"] = float(report.warning)
             values[LOG_PREFIX + "collapse"] = float(report.collapse)
-            pl_module.log_dict(values, on_step=False, on_epoch=True, logger=True)
+            pl_module.log_dict(values, on_step=False, on_epoch=True, logger=True, rank_zero_only=True)
         if report.stop:
             trainer.should_stop = True
 
