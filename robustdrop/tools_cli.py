@@ -41,10 +41,10 @@ def add_user_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="build the architecture of a checkpoint that other code saved: a function or class "
                              "called with no arguments (or num_classes= if it takes that), imported from the "
                              "current directory or PYTHONPATH; or path/to/file.py:factory")
-    parser.add_argument("--normalize", nargs="+", metavar="MEAN STD",
-                        help="the model expects inputs normalized as (x - MEAN) / STD, per channel (e.g. "
-                             "0.4914,0.4822,0.4465 0.2471,0.2435,0.2616, or cifar10); attacks and ε stay in "
-                             "[0, 1] pixel units")
+    parser.add_argument("--normalize", nargs="+", metavar="VALUE",
+                        help="MEAN STD: the model expects inputs normalized as (x - MEAN) / STD, each one value or "
+                             "one per channel (e.g. --normalize 0.4914,0.4822,0.4465 0.2471,0.2435,0.2616), or the "
+                             "name cifar10 for exactly those; attacks and ε stay in [0, 1] pixel units")
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
