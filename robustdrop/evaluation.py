@@ -43,7 +43,7 @@ from robustdrop.engine.attack_eval import (
 )
 from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
-from robustdrop.models.user import build_user_model, check_logits, checkpoint_epoch, load_user_weights
+from robustdrop.models.user import build_user_model, checkpoint_epoch, load_user_weights
 from robustdrop.store import METRIC_COLUMNS, RunStore, atomic_write_bytes, atomic_write_text
 
 SOURCE = "evaluate"
@@ -183,7 +183,7 @@ def _evaluate_user(path: str | os.PathLike, spec: str, normalize: tuple | None, 
     dev = resolve_device(device)
     if data is None:
         data = load_dataset(dataset or USER_DEFAULTS["dataset"], data_dir=data_dir)
-    from robustdrop.monitor import Normalized, _normalization  # one home of the pixel-space view
+    from robustdrop.monitor import Normalized, _check_output, _normalization  # one home of the pixel-space view
 
     pair = _normalization(normalize, data.image_shape[0], dev)
     net = build_user_model(spec, num_classes=data.num_classes)
@@ -192,7 +192,7 @@ def _evaluate_user(path: str | os.PathLike, spec: str, normalize: tuple | None, 
     if pair is not None:
         net = Normalized(net, *pair)
     net.eval()
-    check_logits(net, data.test_x[:2].to(dev).float() / 255, data.num_classes, what=f"--model {spec}")
+    _check_output(net, data.test_x, data.test_y, dev)  # (N, classes) logits with a class for every label
     try:
         epoch = checkpoint_epoch(path, state)
     except RobustdropError:  # a single file need not be numbered

@@ -14,7 +14,6 @@ from robustdrop.cli import main
 from robustdrop.errors import RobustdropError
 from robustdrop.models.user import (
     build_user_model,
-    check_logits,
     checkpoint_epoch,
     epoch_from_name,
     find_checkpoints,
@@ -51,8 +50,8 @@ USER_MODULE = textwrap.dedent("""
     def not_a_model():
         return 3
 
-    def flat():
-        return nn.Flatten()
+    def feature_map():  # not logits: (N, 4, H, W)
+        return nn.Conv2d(3, 4, 3, padding=1)
 
     CONSTANT = 3
 """)
@@ -189,14 +188,6 @@ def test_normalize_flags():
             parse_normalize(bad)
 
 
-def test_check_logits_wants_n_by_classes(user_module):
-    model = _net(user_module).train()
-    check_logits(model, torch.rand(2, 3, 8, 8), 10)
-    assert model.training  # mode restored
-    with pytest.raises(RobustdropError, match=r"logits of shape \(N, 4\).*\(2, 10\)"):
-        check_logits(model, torch.rand(2, 3, 8, 8), 4)
-
-
 def test_fit_prefers_the_exact_match(user_module):
     model = _net(user_module)
     sd = model.state_dict()
@@ -234,7 +225,7 @@ def test_evaluate_a_user_checkpoint_from_the_command_line(user_module, tmp_path,
 
 @pytest.mark.parametrize(("factory", "extra", "says"), [
     ("usernets:wide", [], "give --epsilon"),
-    ("usernets:make", ["--epsilon", "8/255"], "logits of shape \\(N, 4\\)"),  # 10 classes, the data has 4
+    ("usernets:feature_map", ["--epsilon", "8/255"], "logits of shape \\(N, classes\\)"),
     ("usernets:wide", ["--epsilon", "8/255", "--normalize", "0.5,0.5", "0.2,0.2"], "has 2 values.*3 channels"),
     ("usernets:wide", ["--epsilon", "8/255", "--normalize", "0.5", "0"], "std .* must be positive"),
     ("usernets:wide", ["--epsilon", "0"], "--epsilon must be in"),

@@ -131,25 +131,6 @@ def build_user_model(spec: str, *, num_classes: int) -> nn.Module:
     return model
 
 
-def check_logits(model: nn.Module, images: torch.Tensor, num_classes: int, *, what: str = "--model") -> None:
-    """Raise unless ``model(images)`` is ``(N, num_classes)`` logits. ``images``: a few float
-    ``(N, C, H, W)`` inputs on the model's device. Runs in eval mode and restores the mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(images)
-    except Exception as exc:  # the user's forward
-        raise RobustdropError(f"{what}: the model fails on inputs of shape {tuple(images.shape)}: "
-                              f"{type(exc).__name__}: {first_line(exc)}") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (images.shape[0], num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RobustdropError(f"{what}: the model must return logits of shape (N, {num_classes}) for this dataset's "
-                              f"{num_classes} classes; it returned {got} for N={images.shape[0]}")
-
-
 # ---------------------------------------------------------------------------------------------
 # normalized inputs
 # ---------------------------------------------------------------------------------------------
