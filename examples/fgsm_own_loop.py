@@ -9,8 +9,8 @@ one-layer CNN with 4 filters, ε = 10/255, FGSM from zero with step ε, Adam wit
 JPEG copy of CIFAR-10. Measured at seed 0 (probe of 1000 test images, PGD-20 at 10/255): PGD
 accuracy rises to 0.132 (epoch 3), falls to 0.070 (epoch 7) and collapses to 0.001 at epoch 8,
 where the detector sets the onset, while FGSM accuracy climbs to 1.000 (above the clean 0.14-0.22):
-catastrophic overfitting. (On normalized inputs the same optimizer collapses earlier than
-robustdrop's pixel-space quick preset, epoch 15-18: Adam's steps are not scale invariant in the input.)
+catastrophic overfitting. (Earlier than robustdrop's pixel-space quick preset, epoch 15-18: the
+model here sees normalized inputs, which changes the optimization; not investigated further.)
 
 The three lines that involve robustdrop are marked ``# robustdrop``; the rest is your training.
 Every epoch's weights are saved to ``--checkpoints`` (``epoch_XX.pt``), so the same training can
