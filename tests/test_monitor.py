@@ -138,10 +138,13 @@ def test_epoch_end_leaves_mode_gradients_and_buffers_as_they_were(synthetic_data
 # ----------------------------------------------------------------------------------------------
 def test_the_run_directory_is_ordinary_and_the_commands_read_it(synthetic_data, tmp_path, one_thread, capsys):
     model, opt = fresh()
+    called = []
     monitor = make_monitor(model, synthetic_data, tmp_path, epochs=3, reference="builtin:quick",
-                           diagnostics=["all", "snapshots:k=4", "landscape:n=16,points=5,grid=3"])
-    fgsm_loop(model, opt, synthetic_data, 3, monitor)
+                           diagnostics=["all", "snapshots:k=4", "landscape:n=16,points=5,grid=3"],
+                           callback=called.append)
+    reports = fgsm_loop(model, opt, synthetic_data, 3, monitor)
     monitor.close()
+    assert called == reports and reports[-1].values["probe/acc/pgd"] == reports[-1].pgd_acc
     path = tmp_path / "m"
     config = robustdrop.TrackConfig.from_dict(RunStore(path).read_json(RunStore.CONFIG))
     assert config.epsilon == EPS and config.method == "rs-fgsm" and config.model == "Net" and config.epochs == 3

@@ -263,7 +263,9 @@ def test_cuda_run_keeps_training_bf16_and_evaluation_fp32(monkeypatch, tmp_path,
     """The plumbing on a pretend CUDA device: training autocast follows --amp, the evaluation's and
     the hooks' follow --eval-precision."""
     seen = []
-    monkeypatch.setattr("robustdrop.engine.trainer.autocast_for", lambda device, on: seen.append(on) or contextlib.nullcontext)
+    record = lambda device, on: seen.append(on) or contextlib.nullcontext  # noqa: E731
+    monkeypatch.setattr("robustdrop.engine.trainer.autocast_for", record)  # the training steps
+    monkeypatch.setattr("robustdrop.engine.observer.autocast_for", record)  # the context hooks and evaluation see
     trainer = Trainer(tiny_config(amp=True), RunStore.create(tmp_path, "c"), [], progress=False, data=tiny_data)
     trainer.prepare()
     assert seen == [True, False]  # training: amp; evaluation and diagnostics: eval_precision == bf16

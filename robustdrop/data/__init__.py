@@ -2,7 +2,8 @@
 
 ``datasets`` (the :func:`load_dataset` dispatcher) over three loaders (``cifar10_jpeg``, ``folder``,
 ``torchvision_data``) built from ``image_data`` (the container), ``cache``, ``decode`` and ``trees``
-(folder layout and tar reading); ``synthetic`` makes test data; ``augment`` and ``loader`` feed training.
+(folder layout and tar reading); ``synthetic`` makes test data; ``augment`` and ``loader`` feed training;
+``probe`` turns a user's Dataset / DataLoader / tensors into a probe set (the Monitor's).
 
 May import only :mod:`robustdrop.errors` and :mod:`robustdrop._files` (see ``docs/architecture.md``).
 """
@@ -21,17 +22,20 @@ from robustdrop.data.datasets import DATASET_SPECS, check_dataset_spec, load_dat
 from robustdrop.data.folder import write_image_folder
 from robustdrop.data.image_data import ImageData
 from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation
+from robustdrop.data.probe import NORMALIZED_HINT, as_uint8_images, probe_from
 from robustdrop.data.synthetic import make_synthetic
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_JPEG_SHA256",
     "DATASET_SPECS",
+    "NORMALIZED_HINT",
     "Batch",
     "CropFlip",
     "ImageData",
     "TrainLoader",
     "apply_crop_flip",
+    "as_uint8_images",
     "check_dataset_spec",
     "default_cache_dir",
     "embedded_archive_path",
@@ -41,6 +45,7 @@ __all__ = [
     "make_synthetic",
     "pad_images",
     "padding_mask",
+    "probe_from",
     "probe_indices",
     "sample_crop_flip",
     "split_validation",
