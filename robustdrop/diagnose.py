@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,8 +34,8 @@ from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
 from robustdrop.models.user import (
     build_user_model,
-    checkpoint_epoch,
     expand_checkpoints,
+    find_checkpoints,
     fit_weights,
     is_lightning,
     load_user_checkpoint,
@@ -47,31 +46,12 @@ DEFAULT_DATASET = "cifar10-jpeg"  # the embedded copy: works without downloads
 
 
 def plan_checkpoints(pattern: str, model: torch.nn.Module, spec: str) -> list[tuple[int, Path, int]]:
-    """``(epoch, file, step)`` of every checkpoint ``pattern`` matches, by epoch, each checked to
-    load into ``model``; a one-line error for the first that does not (or two of one epoch).
-    ``step``: the optimizer step the checkpoint records (``global_step`` / ``step``), else 0."""
-    plan: dict[int, tuple[Path, int]] = {}
-    for path in expand_checkpoints(pattern):
-        state = load_user_checkpoint(path, mmap=True)
-        epoch = checkpoint_epoch(path, state)
-        if epoch < 1:
-            raise RobustdropError(f"{path} is epoch {epoch}: epochs count from 1 (epoch 1 = after the first training "
-                                  "epoch); leave out the checkpoint of the initial weights")
-        if epoch in plan:
-            raise RobustdropError(f"two checkpoints of epoch {epoch}: {plan[epoch][0]} and {path}; narrow "
-                                  "--checkpoints to one file per epoch (e.g. leave out last.ckpt)")
-        fit_weights(model, read_user_weights(state, path), path, spec)
-        plan[epoch] = (path, _step_of(state))
-        del state
-    return [(epoch, path, step) for epoch, (path, step) in sorted(plan.items())]
-
-
-def _step_of(state: Any) -> int:
-    if isinstance(state, dict):
-        for key in ("global_step", "step"):
-            if isinstance(state.get(key), int) and not isinstance(state.get(key), bool):
-                return int(state[key])
-    return 0
+    """:func:`~robustdrop.models.user.find_checkpoints` of ``pattern``, each file checked to load
+    into ``model`` (read memory-mapped: cheap); a one-line error names the first that does not."""
+    plan = find_checkpoints(pattern)
+    for _, path, _ in plan:
+        fit_weights(model, read_user_weights(load_user_checkpoint(path, mmap=True), path), path, spec)
+    return plan
 
 
 def diagnose_checkpoints(

@@ -171,12 +171,17 @@ def test_a_series_of_checkpoints_by_epoch(tmp_path):
     sd = {"w": torch.zeros(2)}
     for e in (10, 2, 1):
         torch.save(sd, tmp_path / f"epoch_{e}.pt")
-    assert [e for e, _ in find_checkpoints(str(tmp_path / "epoch_*.pt"))] == [1, 2, 10]  # by number, not text
+    assert [e for e, _, _ in find_checkpoints(str(tmp_path / "epoch_*.pt"))] == [1, 2, 10]  # by number, not text
     with pytest.raises(RobustdropError, match="matches no file"):
         find_checkpoints(str(tmp_path / "nothing_*.pt"))
     torch.save(sd, tmp_path / "epoch_01.pt")
     with pytest.raises(RobustdropError, match="two checkpoints of epoch 1"):
         find_checkpoints(str(tmp_path / "epoch_*.pt"))
+    torch.save({"model": sd, "step": 7}, tmp_path / "only_0.pt")
+    with pytest.raises(RobustdropError, match="epochs count from 1"):
+        find_checkpoints(str(tmp_path / "only_*.pt"))
+    torch.save({"model": sd, "step": 7}, tmp_path / "only_3.pt")
+    assert find_checkpoints(str(tmp_path / "only_3.pt")) == [(3, tmp_path / "only_3.pt", 7)]
 
 
 def test_normalize_flags():

@@ -299,14 +299,29 @@ def expand_checkpoints(pattern: str) -> list[Path]:
     return files
 
 
-def find_checkpoints(pattern: str) -> list[tuple[int, Path]]:
-    """``(epoch, file)`` of every checkpoint ``pattern`` matches, by epoch; each file read once
-    memory-mapped (cheap) to check that it loads and to number Lightning checkpoints."""
-    by_epoch: dict[int, Path] = {}
+def checkpoint_step(state: Any) -> int:
+    """The optimizer step a loaded checkpoint records (``global_step``, Lightning's, or ``step``), else 0."""
+    if isinstance(state, dict):
+        for key in ("global_step", "step"):
+            value = state.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return int(value)
+    return 0
+
+
+def find_checkpoints(pattern: str) -> list[tuple[int, Path, int]]:
+    """``(epoch, file, step)`` of every checkpoint ``pattern`` matches, by epoch; each file read once
+    memory-mapped (cheap) to check that it loads and to number it. Errors: no file, an epoch below
+    1 (robustdrop's epoch 0 is before training), two files of one epoch."""
+    by_epoch: dict[int, tuple[Path, int]] = {}
     for path in expand_checkpoints(pattern):
-        epoch = checkpoint_epoch(path, load_user_checkpoint(path, mmap=True))
+        state = load_user_checkpoint(path, mmap=True)
+        epoch = checkpoint_epoch(path, state)
+        if epoch < 1:
+            raise RobustdropError(f"{path} is epoch {epoch}: epochs count from 1 (epoch 1 = after the first training "
+                                  "epoch); leave out the checkpoint of the initial weights")
         if epoch in by_epoch:
-            raise RobustdropError(f"two checkpoints of epoch {epoch}: {by_epoch[epoch]} and {path}; narrow "
+            raise RobustdropError(f"two checkpoints of epoch {epoch}: {by_epoch[epoch][0]} and {path}; narrow "
                                   "--checkpoints to one file per epoch (e.g. leave out last.ckpt)")
-        by_epoch[epoch] = path
-    return sorted(by_epoch.items())
+        by_epoch[epoch] = (path, checkpoint_step(state))
+    return [(epoch, path, step) for epoch, (path, step) in sorted(by_epoch.items())]
