@@ -11,6 +11,12 @@ A run directory is evaluated at ``checkpoints/result.pt`` (a rollback's result) 
 set with ``n = 0``. Results are metric rows with ``source=evaluate``, ``split=test``, the attack's
 spec, ``n`` and the checkpoint's epoch and step: appended to the run's metrics for a checkpoint
 of a run directory, else written (appended) to ``<checkpoint>.evaluate.csv`` or ``--out``.
+
+A checkpoint that other code saved is evaluated with ``model="package.module:factory"`` (the user's
+architecture, :mod:`robustdrop.models.user`), ``normalize=(mean, std)`` when the model expects
+normalized inputs (the attacks stay in [0, 1] pixel space, ε in pixel units) and an explicit
+``epsilon``; the test set is then ``dataset`` (default ``cifar10-jpeg``, the embedded copy), the
+seed 0 and the attacks' settings robustdrop's defaults (PGD-20, step 2/255, 1 restart).
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ from robustdrop.engine.attack_eval import AttackResult, evaluate_attacks, format
 from robustdrop.engine.evaluate import autocast_for, evaluate
 from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
+from robustdrop.models.user import build_user_model, checkpoint_epoch, load_user_weights
 from robustdrop.store import METRIC_COLUMNS, RunStore, atomic_write_bytes, atomic_write_text, result_checkpoint
 
 SOURCE = "evaluate"
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd")
+USER_DEFAULTS = {"dataset": "cifar10-jpeg", "seed": 0}  # a user checkpoint has no run config to take these from
 
 
 @dataclass
@@ -95,6 +103,8 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     data: ImageData | None = None,
     progress: bool = True,
+    model: str | None = None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> EvaluationReport:
     """Evaluate the model of ``path`` (run directory or checkpoint file) under ``attacks``.
 
@@ -107,10 +117,20 @@ def evaluate_checkpoint(
             settings (``--eval-epsilon``, else ``--epsilon``; ``--eval-pgd-steps``,
             ``--eval-pgd-step-size``, ``--eval-restarts``, ``--eval-batch-size``).
         dataset, data_dir, data: the test set (default: the run's dataset).
+        model: ``package.module:factory`` building the architecture of a checkpoint file that
+            other code saved (then ``epsilon`` is required); ``normalize``: its input
+            normalization ``(mean, std)`` per channel.
     """
     names = check_attack_names(["clean", *attacks], "--attack")
     if n < 0:
         raise RobustdropError(f"--n must be >= 0 (0 = the whole test set), got {n}")
+    if model is not None:
+        return _evaluate_user(path, model, normalize, names=names, n=n, seed=seed, epsilon=epsilon,
+                              pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, restarts=restarts,
+                              batch_size=batch_size, device=device, dataset=dataset, data_dir=data_dir, data=data,
+                              progress=progress)
+    if normalize is not None:
+        raise RobustdropError("--normalize applies to a user's model; give --model package.module:factory with it")
     if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives
         raise RobustdropError(f"{path} is not a checkpoint (robustdrop writes checkpoints/*.pt with torch.save); "
                               "give a run directory or one of its checkpoints/*.pt files")
@@ -122,22 +142,74 @@ def evaluate_checkpoint(
         data = load_dataset(dataset or cfg["dataset"], data_dir=data_dir if data_dir is not None else cfg.get("data_dir"))
     model = build_reference(source, num_classes=data.num_classes, image_shape=data.image_shape, device=dev,
                             role="checkpoint")
-    given = {"epsilon": epsilon, "pgd_steps": pgd_steps, "pgd_step_size": pgd_step_size, "restarts": restarts}
-    settings = dataclasses.replace(run_attack_settings(cfg, data.num_classes, seed),
+    settings = _settings(cfg, data.num_classes, seed, epsilon=epsilon, pgd_steps=pgd_steps,
+                         pgd_step_size=pgd_step_size, restarts=restarts)
+    bs = int(batch_size or cfg.get("eval_batch_size", 500))
+    return _report(source, model, data, names, settings, n=n, seed=seed, batch_size=bs, device=dev,
+                   progress=progress, run_dir=_run_dir_of(source))
+
+
+def _settings(cfg: dict[str, Any], num_classes: int, seed: int, **given: float | int | None) -> AttackSettings:
+    """The run's evaluation settings (:func:`run_attack_settings`) with the caller's values where given, checked."""
+    settings = dataclasses.replace(run_attack_settings(cfg, num_classes, seed),
                                    **{k: v for k, v in given.items() if v is not None})  # the caller's win
     if not 0 < settings.epsilon <= 1 or settings.pgd_steps < 1 or settings.restarts < 1 or settings.pgd_step_size <= 0:
         raise RobustdropError("--epsilon must be in (0, 1], --pgd-steps and --restarts >= 1, --pgd-step-size > 0")
+
+
+def _report(source: ReferenceSource, model: torch.nn.Module, data: ImageData, names: list[str],
+            settings: AttackSettings, *, n: int, seed: int, batch_size: int, device: torch.device, progress: bool,
+            run_dir: Path | None) -> EvaluationReport:
+    """Evaluate ``model`` on the seeded subset of ``n`` test images (0 = all) under ``names``."""
     images, labels = data.test_x, data.test_y
     pick = subset(labels, n, seed)
     if pick is not None:
         images, labels = images[pick], labels[pick]
-    bs = int(batch_size or cfg.get("eval_batch_size", 500))
-    results = evaluate_attacks(model, images, labels, build_attacks(names, settings), device=dev, batch_size=bs,
-                               seed=seed, progress=progress)
+    results = evaluate_attacks(model, images, labels, build_attacks(names, settings), device=device,
+                               batch_size=batch_size, seed=seed, progress=progress)
     state_epoch = source.epoch if source.epoch is not None else 0
     step = source.step if source.step is not None else 0
     rows = [row for r in results for row in r.rows(epoch=state_epoch, step=step, split="test", source=SOURCE)]
-    return EvaluationReport(source, _run_dir_of(source), results, state_epoch, step, rows=rows)
+    return EvaluationReport(source, run_dir, results, state_epoch, step, rows=rows)
+
+
+def _evaluate_user(path: str | os.PathLike, spec: str, normalize: tuple | None, *, names: list[str], n: int,
+                   seed: int | None, epsilon: float | None, pgd_steps: int | None, pgd_step_size: float | None,
+                   restarts: int | None, batch_size: int | None, device: str, dataset: str | None,
+                   data_dir: str | None, data: ImageData | None, progress: bool) -> EvaluationReport:
+    """:func:`evaluate_checkpoint` of a checkpoint file that other code saved, built by ``spec``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RobustdropError(f"--model evaluates a checkpoint file; {path} is not a file")
+    if epsilon is None:
+        raise RobustdropError("--model: give --epsilon, the L-inf radius in pixel units (e.g. 8/255); a user "
+                              "checkpoint does not record it")
+    seed = USER_DEFAULTS["seed"] if seed is None else int(seed)
+    dev = resolve_device(device)
+    if data is None:
+        data = load_dataset(dataset or USER_DEFAULTS["dataset"], data_dir=data_dir)
+    from robustdrop.monitor import Normalized, _check_output, _normalization  # one home of the pixel-space view
+
+    pair = _normalization(normalize, data.image_shape[0], dev)
+    net = build_user_model(spec, num_classes=data.num_classes)
+    state = load_user_weights(net, path, spec)
+    net.to(dev)
+    if pair is not None:
+        net = Normalized(net, *pair)
+    net.eval()
+    _check_output(net, data.test_x, data.test_y, dev)  # (N, classes) logits with a class for every label
+    try:
+        epoch = checkpoint_epoch(path, state)
+    except RobustdropError:  # a single file need not be numbered
+        epoch = None
+    step = state.get("global_step", state.get("step")) if isinstance(state, dict) else None
+    config = {"model": spec, "dataset": data.name, "epsilon": epsilon,
+              "normalize": [t.tolist() for t in pair] if pair is not None else None}
+    source = ReferenceSource(path, path, config, {}, epoch, int(step) if isinstance(step, int) else None)
+    settings = _settings({"epsilon": epsilon}, data.num_classes, seed, pgd_steps=pgd_steps,
+                         pgd_step_size=pgd_step_size, restarts=restarts)
+    return _report(source, net, data, names, settings, n=n, seed=seed, batch_size=int(batch_size or 500), device=dev,
+                   progress=progress, run_dir=None)
 
 
 def write_report(report: EvaluationReport, out: str | os.PathLike | None = None) -> Path:
