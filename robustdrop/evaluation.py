@@ -155,6 +155,7 @@ def _settings(cfg: dict[str, Any], num_classes: int, seed: int, **given: float |
                                    **{k: v for k, v in given.items() if v is not None})  # the caller's win
     if not 0 < settings.epsilon <= 1 or settings.pgd_steps < 1 or settings.restarts < 1 or settings.pgd_step_size <= 0:
         raise RobustdropError("--epsilon must be in (0, 1], --pgd-steps and --restarts >= 1, --pgd-step-size > 0")
+    return settings
 
 
 def _report(source: ReferenceSource, model: torch.nn.Module, data: ImageData, names: list[str],
