@@ -8,8 +8,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -20,24 +19,22 @@ from tqdm.auto import tqdm
 from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
-from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
+from robustdrop.engine.checkpoint import EpochProgress, checkpoint_saver, load_run_checkpoint, run_state
+from robustdrop.engine.config import TrackConfig, switched_config
 from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
 from robustdrop.engine.evaluate import EvalResult, autocast_for, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
-from robustdrop.engine.observer import Observer, eval_rows, make_context, rng_state, set_rng_state
+from robustdrop.engine.observer import Observer, eval_rows, make_context
 from robustdrop.environment import manifest
 from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
 from robustdrop.formatting import eps_in_255ths, format_duration
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
-from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore, load_checkpoint_file, metric_row
+from robustdrop.store import RunStore, load_checkpoint_file, metric_row
 
-# Checkpoints written since mid-epoch checkpoints also carry ``partial_epoch`` and ``elapsed_s``;
-# older ones (without) are read as epoch ends.
-CHECKPOINT_FORMAT = "robustdrop-checkpoint-1"
 ESTIMATE_EXAMPLES_CPU = 32  # probe examples the cost estimate times the evaluation on (CPU; a batch on CUDA)
 
 
@@ -74,43 +71,6 @@ def make_optimizer(config: TrackConfig, model: nn.Module, steps_per_epoch: int) 
 def default_run_name(config: TrackConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{config.method}-{config.model}-eps{eps_in_255ths(config.epsilon)}-{stamp}"
-
-
-@dataclass
-class EpochProgress:
-    """The epoch in progress: what a mid-epoch checkpoint holds beyond model, optimizer, method,
-    hooks and RNG states to continue the epoch at its next step exactly.
-
-    ``generator``: the data generator's state before the epoch drew its permutation and
-    augmentation (drawing again from it gives the same batches); ``steps_done``: the epoch's steps
-    already taken; ``loss_sum``, ``correct`` (device scalars), ``seen``: the epoch's training
-    accumulators; ``lr``: the last step's LR; ``train_s``, ``diag_s``: wall time spent so far.
-    """
-
-    generator: torch.Tensor
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    steps_done: int = 0
-    seen: int = 0
-    lr: float = 0.0
-    train_s: float = 0.0
-    diag_s: float = 0.0
-
-    @classmethod
-    def start(cls, generator: torch.Generator, device: torch.device) -> EpochProgress:
-        zero = torch.zeros((), device=device)
-        return cls(generator.get_state(), zero, zero.clone())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.clone(), "loss_sum": self.loss_sum.detach().cpu(),
-                "correct": self.correct.detach().cpu(), "steps_done": self.steps_done, "seen": self.seen,
-                "lr": self.lr, "train_s": self.train_s, "diag_s": self.diag_s}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
-        return cls(state["generator"], state["loss_sum"].to(device), state["correct"].to(device),
-                   int(state["steps_done"]), int(state["seen"]), float(state["lr"]), float(state["train_s"]),
-                   float(state["diag_s"]))
 
 
 class Trainer:
@@ -236,114 +196,11 @@ class Trainer:
         return self
 
     # ------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints (what they hold, restoring, extending: engine/checkpoint.py)
     # ------------------------------------------------------------------------------------------
-    def _state(self, finished: bool, progress: EpochProgress | None = None) -> dict[str, Any]:
-        """Everything to continue the run: at an epoch end, or (``progress``) in the middle of an
-        epoch, where ``epoch`` counts the finished epochs and ``partial_epoch`` the one in progress."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "epoch": self.epoch - 1 if progress is not None else self.epoch,
-            "step": self.step,
-            "finished": finished,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "method": self.method.state_dict(),
-            "switches": self._switches,
-            "hooks": {h.state_key: h.state_dict() for h in self.hooks},
-            "hooks_by": "state_key",
-            "rng": rng_state(),
-            "data_generator": self.data_generator.get_state(),
-            "num_metric_rows": self.store.num_metric_rows,
-            "num_events": self.store.num_events,
-            "partial_epoch": progress.state_dict() if progress is not None else None,
-            "elapsed_s": self._elapsed(),
-        }
-
-    def _checkpoint_saver(self) -> CheckpointSaver:
-        cfg = self.config
-        return CheckpointSaver(self.store, every=cfg.checkpoint_every,
-                               rolling=KEEP_ROLLING if cfg.on_collapse == "rollback" else 0,
-                               keep_best=cfg.keep_best, weights_every=cfg.save_weights_every)
-
     def _save_checkpoint(self, finished: bool = False) -> None:
-        self._checkpoint_saver().save(self._state(finished), self.epoch, metrics=self.run.metrics)
+        checkpoint_saver(self.config, self.store).save(run_state(self, finished), self.epoch, metrics=self.run.metrics)
 
-    def _load_checkpoint(self) -> bool:
-        """Restore from ``last.pt`` (an epoch end or a mid-epoch state); returns whether the run had
-        already finished. A config with more epochs than the checkpoint's extends the run."""
-        path = self.store.checkpoint_path("last")
-        state = self.store.load_checkpoint(
-            "last", map_location=self.device,
-            todo="copy an older checkpoints/epoch_XXXX.pt over it if there is one, or start the run again with --overwrite")
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise RobustdropError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        # Fields added to TrackConfig after the checkpoint was written take their defaults on both
-        # sides (from_dict fills them), so a newer robustdrop still resumes an older run.
-        saved, current = TrackConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
-        extending = saved["epochs"] < current["epochs"]
-        same = set(RUNTIME_FIELDS) | ({"epochs", "schedule_epochs"} if extending else set())
-        diff = sorted(k for k in saved if k not in same and saved[k] != current.get(k))
-        if diff:
-            raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
-                                  "restore config.json or start a new run")
-        if extending:
-            if state["finished"] and state["epoch"] < saved["epochs"]:
-                raise RobustdropError(f"{self.store.path} was stopped at epoch {state['epoch']} of {saved['epochs']} "
-                                      "(see its events.jsonl); a stopped run cannot be extended: start a new run")
-            planned = TrackConfig.from_dict(saved).extended(self.config.epochs)
-            if planned.schedule_epochs != self.config.schedule_epochs:
-                raise RobustdropError(f"--schedule-epochs of an extended run must stay {planned.schedule_epochs}")
-        for switch in state.get("switches", []):  # continue with the method the run had switched to
-            self._switch_method(switch["to"])
-        self._switches = list(state.get("switches", []))
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise RobustdropError(f"checkpoint does not fit the model/method ({str(exc).splitlines()[0][:160]}); "
-                                  "it belongs to another run") from None
-        self.schedule.load_state_dict(state["schedule"])
-        by_key = state.get("hooks_by") == "state_key"  # older checkpoints keyed hook states by name
-        for hook in self.hooks:
-            key = hook.state_key if by_key else hook.name
-            if key in state["hooks"]:
-                hook.load_state_dict(state["hooks"][key])
-        set_rng_state(state["rng"])
-        self.data_generator.set_state(state["data_generator"])
-        self.run.epoch, self.run.step = state["epoch"], state["step"]
-        partial = state.get("partial_epoch")
-        self._progress = EpochProgress.from_state(partial, self.device) if partial else None
-        self._last_is_epoch_end = self._progress is None
-        self._elapsed0 = float(state.get("elapsed_s", 0.0))
-        self.store.truncate_logs(state["num_metric_rows"], state["num_events"])
-        self.store.log_event("resume", epoch=self.epoch, step=self.step,
-                             **({"steps_into_epoch": self._progress.steps_done} if self._progress else {}))
-        if extending:
-            self._extended_from = saved["epochs"]
-            self._record_extension(saved)
-        return bool(state["finished"])
-
-    def _record_extension(self, saved: dict[str, Any]) -> None:
-        """The extension is an event, and config.json becomes the extended config; the manifest's
-        ``config_history`` lists every change (what, from, to, at which epoch, by which command)."""
-        cfg = self.config
-        changes = {k: [saved.get(k), getattr(cfg, k)] for k in ("epochs", "schedule_epochs")
-                   if saved.get(k) != getattr(cfg, k)}
-        self.store.log_event("extend", epoch=self.epoch, step=self.step, from_epochs=saved["epochs"],
-                             to_epochs=cfg.epochs)
-        on_disk = self.store.read_json(RunStore.CONFIG)
-        self.store.write_json(RunStore.CONFIG, {**on_disk, **{k: new for k, (_, new) in changes.items()}})
-        manifest = self.store.read_json(RunStore.MANIFEST)
-        history = manifest.setdefault("config_history", [])
-        entry = {"epoch": self.epoch, "step": self.step, "changes": changes}
-        if not history or {k: history[-1].get(k) for k in entry} != entry:  # not twice for one extension
-            history.append({**entry, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "command": sys.argv})
-            self.store.write_json(RunStore.MANIFEST, manifest)
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -375,7 +232,7 @@ class Trainer:
         self.prepare()
         cfg = self.config
         if self.resume:
-            finished = self._load_checkpoint()
+            finished = load_run_checkpoint(self)
             if finished and self._extended_from is None:
                 print(f"{self.store.path}: the run already finished at epoch {self.epoch}; nothing to resume")
                 return self.store
@@ -526,7 +383,7 @@ class Trainer:
         """Checkpoint the epoch in progress (``last.pt`` only) and raise :class:`RunInterrupted`."""
         p = self._progress
         self.store.flush()
-        self._checkpoint_saver().save_mid_epoch(self._state(finished=False, progress=p))
+        checkpoint_saver(self.config, self.store).save_mid_epoch(run_state(self, finished=False, progress=p))
         n = len(self.loader)
         where = f"in epoch {self.epoch} after step {p.steps_done} of {n}" if p.steps_done < n else \
             f"after the training steps of epoch {self.epoch} (its evaluation runs on resume)"
@@ -638,7 +495,7 @@ class Trainer:
             return
         # last.pt still holds the previous epoch (or, after a mid-epoch resume, part of this one):
         # this epoch is saved after the stop is handled.
-        saver = self._checkpoint_saver()
+        saver = checkpoint_saver(self.config, self.store)
         source = saver.rollback_source(rollback, last_epoch=self.epoch - 1 if self._last_is_epoch_end else None)
         if source is None:
             self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
