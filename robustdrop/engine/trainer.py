@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -14,28 +13,26 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.checkpoint import EpochProgress, checkpoint_saver, load_run_checkpoint, run_state
 from robustdrop.engine.config import TrackConfig, switched_config
-from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
-from robustdrop.engine.evaluate import EvalResult, autocast_for, spec_of
+from robustdrop.engine.estimate import Estimate, StepTimer
+from robustdrop.engine.evaluate import EvalResult, autocast_for
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
 from robustdrop.engine.observer import Observer, eval_rows, make_context
+from robustdrop.engine.report import bar_text, dry_run_estimate, print_summary, report_estimate
 from robustdrop.environment import manifest
 from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
-from robustdrop.formatting import eps_in_255ths, format_duration
+from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
 from robustdrop.store import RunStore, load_checkpoint_file, metric_row
-
-ESTIMATE_EXAMPLES_CPU = 32  # probe examples the cost estimate times the evaluation on (CPU; a batch on CUDA)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -290,7 +287,7 @@ class Trainer:
         self.store.flush()
         self._save_checkpoint(finished=finished)
         self._progress, self._last_is_epoch_end = None, True
-        self._print_summary(times)
+        print_summary(self, times)
         return finished
 
     def _step(self, batch: Any) -> tuple[float, Any]:
@@ -311,7 +308,7 @@ class Trainer:
             self.data_generator.set_state(p.generator)
         self._progress = p
         n = len(self.loader)
-        bar = progress_bar(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, enabled=self.progress)
+        bar = progress_bar(total=n, initial=p.steps_done, desc=bar_text(self, p), leave=False, enabled=self.progress)
         timer = self._timer
         if timer is not None:
             timer.begin()
@@ -330,17 +327,17 @@ class Trainer:
             if due:
                 diag += self._emit("on_train_step", batch, out, hooks=due)
             if timer is not None and timer.tick():
-                aside += self._report_estimate(timer)
+                aside += report_estimate(self, timer)
                 timer = None
             if i % 20 == 0 or i == n - 1:
                 mean_loss = p.loss_sum.item() / p.seen
                 self._check_finite(mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{p.correct.item() / p.seen:.3f}", lr=f"{p.lr:.3g}")
-                bar.set_description(self._bar_text(p), refresh=False)
+                bar.set_description(bar_text(self, p), refresh=False)
             bar.update(1)
         bar.close()
         if timer is not None and timer.finish():  # an epoch shorter than the warm-up
-            aside += self._report_estimate(timer)
+            aside += report_estimate(self, timer)
         p.train_s += time.perf_counter() - start - diag - aside
         p.diag_s += diag
         loss, acc = p.loss_sum.item() / p.seen, p.correct.item() / p.seen
@@ -356,10 +353,6 @@ class Trainer:
                 f"training loss became {loss} at epoch {self.epoch}, step {self.step}; lower --lr (now {self.config.lr}) "
                 f"or --epsilon; the last good checkpoint is {self.store.checkpoint_path('last')} (resume with --resume)"
             )
-
-    def _eval_sets(self, epoch: int) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor], list[Attack | None]]]:
-        """What the run evaluates at the end of ``epoch``: ``(split, (images, labels), attacks)``."""
-        return self.observer.eval_sets(epoch)
 
     def _evaluate_epoch(self) -> None:
         self._eval = self.observer.evaluate(self.epoch)
@@ -396,75 +389,18 @@ class Trainer:
                                       f"`robustdrop track --resume {self.store.path}`")
 
     # ------------------------------------------------------------------------------------------
-    # cost and progress
+    # cost and progress (the estimate and the progress text: engine/report.py); the epoch's rows
     # ------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
         """Wall time of the run's training loop so far, across resumes."""
         now = time.perf_counter() - self._loop_start if self._loop_start is not None else 0.0
         return self._elapsed0 + now
 
-    def _estimate(self, timer: StepTimer, *, epoch: int, steps_done: int) -> Estimate:
-        """The cost of the run from step ``steps_done`` of ``epoch`` on (see engine/estimate.py)."""
-        cfg, n = self.config, len(self.loader)
-        timed_on = next((s for s in (self.probe, self.val, self.test) if len(s[1])), self.probe)
-        slice_n = ESTIMATE_EXAMPLES_CPU if self.device.type == "cpu" else cfg.eval_batch_size
-        per_example = time_evaluation(self.model, *timed_on, self.eval_attacks, device=self.device,
-                                      autocast=self._autocast, channels_last=self._channels_last, n=slice_n)
-        eval_s = sum(len(labels) * sum(per_example[spec_of(a).attack] for a in attacks)
-                     for e in range(epoch, cfg.epochs + 1) for _, (_, labels), attacks in self._eval_sets(e))
-        steps_left = (cfg.epochs - epoch + 1) * n - steps_done
-        return Estimate(device=describe_device(self.device), on_cpu=self.device.type == "cpu",
-                        seconds_per_step=timer.seconds_per_step, steps_timed=timer.timed, steps_per_epoch=n,
-                        epochs=cfg.epochs, epochs_left=steps_left / n, train_s=steps_left * timer.seconds_per_step,
-                        eval_s=eval_s, eval_examples_timed=min(slice_n, len(timed_on[1])),
-                        diagnostics=any(type(h).on_epoch_end is not Hook.on_epoch_end for h in self.hooks))
-
-    def _report_estimate(self, timer: StepTimer) -> float:
-        """Print the cost estimate (one line) and record it as an event; returns the seconds it took."""
-        start = time.perf_counter()
-        p = self._progress
-        steps_before = p.steps_done - timer.steps  # the estimate starts where this process started
-        self.estimate = self._estimate(timer, epoch=self.epoch, steps_done=max(steps_before, 0))
-        self.store.log_event("estimate", epoch=self.epoch, step=self.step, **self.estimate.as_event())
-        tqdm.write(self.estimate.line(), file=sys.stdout)
-        sys.stdout.flush()
-        return time.perf_counter() - start
-
     def dry_run(self) -> Estimate:
         """The cost estimate of the whole run from a few training steps of this (prepared, never
         fitted) trainer's model, and the evaluation timed on a probe slice. Writes nothing."""
         self.prepare()
-        self.model.train()
-        timer = StepTimer(self.device)
-        timer.begin()
-        for batch in self.loader.epoch(torch.Generator().manual_seed(self.config.seed)):
-            self._step(batch)
-            if timer.tick():
-                break
-        timer.finish()
-        return self._estimate(timer, epoch=1, steps_done=0)
-
-    def _remaining(self, done: float) -> float | None:
-        """Estimated wall time left when ``done`` epochs (a fraction mid-epoch) are behind us."""
-        left = self.config.epochs - done
-        if done >= 1 and self._elapsed() > 0:  # measured: training, evaluation and diagnostics
-            return self._elapsed() / done * left
-        if self.estimate is not None:
-            return self.estimate.total_s * left / max(self.estimate.epochs_left, 1e-9)
-        return None
-
-    def _run_progress(self, done: float) -> str:
-        """Run-level progress: epochs done (whole, else the run's percentage), wall time elapsed
-        (across resumes) and estimated time left."""
-        left = self._remaining(done)
-        rest = f", ~{format_duration(left)} left" if left is not None else ""
-        where = (f"{int(done)}/{self.config.epochs} epochs" if done == int(done)
-                 else f"{100 * done / self.config.epochs:.0f}% of {self.config.epochs} epochs")
-        return f"{where}, {format_duration(self._elapsed())} elapsed{rest}"
-
-    def _bar_text(self, p: EpochProgress) -> str:
-        done = self.epoch - 1 + p.steps_done / max(len(self.loader), 1)
-        return f"epoch {self.epoch}/{self.config.epochs} (run {self._run_progress(done)})"
+        return dry_run_estimate(self)
 
     def _log_epoch(self, times: dict[str, float]) -> None:
         loss, acc, seen, lr = self._train_stats
@@ -520,22 +456,6 @@ class Trainer:
         self.store.log_event("method_switch", epoch=self.epoch, step=self.step, to=to, method=self.method.name,
                              previous=before, spec=self.method.perturbation_spec().as_columns(), reason=reason)
         print(f"switched training from {before} to {to} after epoch {self.epoch}: {reason}", flush=True)
-
-    def _print_summary(self, times: dict[str, float]) -> None:
-        loss, acc, _, lr = self._train_stats
-        parts = [f"epoch {self.epoch:>3}/{self.config.epochs}", f"train loss {loss:.3f} acc {acc:.3f} lr {lr:.3g}"]
-        for split in ("probe", "val", "test"):
-            here = [r for r in self._eval if r.split == split]
-            if here:
-                accs = " ".join(f"{'clean' if r.spec.attack == 'none' else r.spec.attack}"
-                                f"{'' if r.spec.steps <= 1 else f'-{r.spec.steps}'} {r.acc:.3f}" for r in here)
-                parts.append(f"{split}(n={here[0].n}) {accs}")
-        parts.append(f"{sum(times.values()):.1f}s (train {times['train']:.1f}, eval {times['eval']:.1f}, "
-                     f"diag {times['diag']:.1f})")
-        parts.append(f"run {self._run_progress(self.epoch)}")
-        print(" | ".join(parts), flush=True)
-        if self._stop is not None:
-            print(f"stopped: {self._stop[0]}", flush=True)
 
     def _manifest(self) -> dict[str, Any]:
         """The machine's facts (:func:`robustdrop.environment.manifest`) and this run's."""
