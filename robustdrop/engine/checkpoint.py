@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig
+from robustdrop.engine.control import switch_method
 from robustdrop.engine.observer import rng_state, set_rng_state
 from robustdrop.errors import RobustdropError
 from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore
@@ -135,7 +136,7 @@ def load_run_checkpoint(trainer: Trainer) -> bool:
         todo="copy an older checkpoints/epoch_XXXX.pt over it if there is one, or start the run again with --overwrite")
     saved, extending = _check_config(state, t.config, t.store)
     for switch in state.get("switches", []):  # continue with the method the run had switched to
-        t._switch_method(switch["to"])
+        switch_method(t, switch["to"])
     t._switches = list(state.get("switches", []))
     try:
         t.model.load_state_dict(state["model"])

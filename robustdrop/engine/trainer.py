@@ -18,7 +18,8 @@ from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
 from robustdrop.engine.checkpoint import EpochProgress, checkpoint_saver, load_run_checkpoint, run_state
-from robustdrop.engine.config import TrackConfig, switched_config
+from robustdrop.engine.config import TrackConfig
+from robustdrop.engine.control import handle_stop, handle_switch
 from robustdrop.engine.estimate import Estimate, StepTimer
 from robustdrop.engine.evaluate import EvalResult, autocast_for
 from robustdrop.engine.hooks import Hook, RunContext
@@ -32,7 +33,7 @@ from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
-from robustdrop.store import RunStore, load_checkpoint_file, metric_row
+from robustdrop.store import RunStore, metric_row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,6 +185,7 @@ class Trainer:
         self._method_context = MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total, steps_per_epoch,
                                              self.device)
         self.method.setup(self.model, self._method_context)
+        self.saver = checkpoint_saver(cfg, self.store)  # the store's checkpoint policy with this run's options
         self.run = make_context(cfg, self.store, self.model, device=self.device, data=data, probe=self.probe,
                                 method=self.method, optimizer=self.optimizer, train_images=self.train_images,
                                 steps_per_epoch=steps_per_epoch, channels_last=self._channels_last)
@@ -196,7 +198,7 @@ class Trainer:
     # checkpoints (what they hold, restoring, extending: engine/checkpoint.py)
     # ------------------------------------------------------------------------------------------
     def _save_checkpoint(self, finished: bool = False) -> None:
-        checkpoint_saver(self.config, self.store).save(run_state(self, finished), self.epoch, metrics=self.run.metrics)
+        self.saver.save(run_state(self, finished), self.epoch, metrics=self.run.metrics)
 
 
     # ------------------------------------------------------------------------------------------
@@ -279,9 +281,9 @@ class Trainer:
         self._log_epoch(times)
         finished = last or self._stop is not None
         if self._stop is not None:
-            self._handle_stop()
+            handle_stop(self)
         elif self.run.switch_request is not None and not last:
-            self._handle_switch()
+            handle_switch(self)
         if finished:
             self._emit("on_run_end")
         self.store.flush()
@@ -376,7 +378,7 @@ class Trainer:
         """Checkpoint the epoch in progress (``last.pt`` only) and raise :class:`RunInterrupted`."""
         p = self._progress
         self.store.flush()
-        checkpoint_saver(self.config, self.store).save_mid_epoch(run_state(self, finished=False, progress=p))
+        self.saver.save_mid_epoch(run_state(self, finished=False, progress=p))
         n = len(self.loader)
         where = f"in epoch {self.epoch} after step {p.steps_done} of {n}" if p.steps_done < n else \
             f"after the training steps of epoch {self.epoch} (its evaluation runs on resume)"
@@ -423,39 +425,6 @@ class Trainer:
                  for k, v in self.method.epoch_metrics().items()]
         rows += eval_rows(self.epoch, self.step, self._eval)
         self.store.log_metrics(rows)
-
-    def _handle_stop(self) -> None:
-        reason, rollback = self._stop
-        self.store.log_event("stop", epoch=self.epoch, step=self.step, reason=reason)
-        if rollback is None:
-            return
-        # last.pt still holds the previous epoch (or, after a mid-epoch resume, part of this one):
-        # this epoch is saved after the stop is handled.
-        saver = checkpoint_saver(self.config, self.store)
-        source = saver.rollback_source(rollback, last_epoch=self.epoch - 1 if self._last_is_epoch_end else None)
-        if source is None:
-            self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
-            return
-        result = saver.keep_as_result(source)
-        to_epoch = int(load_checkpoint_file(result)["epoch"])
-        self.store.log_event("rollback", epoch=self.epoch, step=self.step, to_epoch=to_epoch,
-                             checkpoint=f"checkpoints/{result.name}")
-
-    def _switch_method(self, to: str) -> None:
-        """Train with the method of ``to`` (a ``--switch-to`` spec) from now on, same model and optimizer."""
-        method = create_method(switched_config(self.config, to))
-        method.setup(self.model, self._method_context)
-        self.method = self.run.method = method
-
-    def _handle_switch(self) -> None:
-        reason, to = self.run.switch_request
-        self.run.switch_request = None
-        before = self.method.name
-        self._switch_method(to)
-        self._switches.append({"epoch": self.epoch, "to": to})
-        self.store.log_event("method_switch", epoch=self.epoch, step=self.step, to=to, method=self.method.name,
-                             previous=before, spec=self.method.perturbation_spec().as_columns(), reason=reason)
-        print(f"switched training from {before} to {to} after epoch {self.epoch}: {reason}", flush=True)
 
     def _manifest(self) -> dict[str, Any]:
         """The machine's facts (:func:`robustdrop.environment.manifest`) and this run's."""
