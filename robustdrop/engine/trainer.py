@@ -1,4 +1,10 @@
-"""The training loop: train, evaluate, emit hook events, log, checkpoint, resume."""
+"""The training loop: train, evaluate, emit hook events, log, checkpoint, resume.
+
+Its parts live beside it: what a checkpoint holds and restoring from it (:mod:`.checkpoint`), the
+cost estimate and the progress text (:mod:`.report`), a hook's stop / rollback / switch requests
+(:mod:`.control`), the end of an epoch's evaluation and hook events (:mod:`.observer`), SIGINT /
+SIGTERM (:mod:`.interrupt`).
+"""
 
 from __future__ import annotations
 
