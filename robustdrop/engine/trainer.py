@@ -206,7 +206,6 @@ class Trainer:
     def _save_checkpoint(self, finished: bool = False) -> None:
         self.saver.save(run_state(self, finished), self.epoch, metrics=self.run.metrics)
 
-
     # ------------------------------------------------------------------------------------------
     # hooks
     # ------------------------------------------------------------------------------------------
