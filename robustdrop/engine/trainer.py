@@ -1,44 +1,45 @@
-"""The training loop: train, evaluate, emit hook events, log, checkpoint, resume."""
+"""The training loop: train, evaluate, emit hook events, log, checkpoint, resume.
+
+Its parts live beside it: what a checkpoint holds and restoring from it (:mod:`.checkpoint`), the
+cost estimate and the progress text (:mod:`.report`), a hook's stop / rollback / switch requests
+(:mod:`.control`), the end of an epoch's evaluation and hook events (:mod:`.observer`), SIGINT /
+SIGTERM (:mod:`.interrupt`).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
 import random
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
-from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
-from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
-from robustdrop.engine.evaluate import EvalResult, autocast_for, spec_of
+from robustdrop.engine.checkpoint import EpochProgress, checkpoint_saver, load_run_checkpoint, run_state
+from robustdrop.engine.config import TrackConfig
+from robustdrop.engine.control import handle_stop, handle_switch
+from robustdrop.engine.estimate import Estimate, StepTimer
+from robustdrop.engine.evaluate import EvalResult, autocast_for
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
-from robustdrop.engine.observer import Observer, eval_rows, make_context, rng_state, set_rng_state
+from robustdrop.engine.observer import Observer, eval_rows, make_context
+from robustdrop.engine.report import bar_text, dry_run_estimate, print_summary, report_estimate
 from robustdrop.environment import manifest
 from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
-from robustdrop.formatting import eps_in_255ths, format_duration
+from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import MethodContext, create_method
 from robustdrop.models import create_model
 from robustdrop.schedules import Schedule
-from robustdrop.store import KEEP_ROLLING, CheckpointSaver, RunStore, load_checkpoint_file, metric_row
-
-# Checkpoints written since mid-epoch checkpoints also carry ``partial_epoch`` and ``elapsed_s``;
-# older ones (without) are read as epoch ends.
-CHECKPOINT_FORMAT = "robustdrop-checkpoint-1"
-ESTIMATE_EXAMPLES_CPU = 32  # probe examples the cost estimate times the evaluation on (CPU; a batch on CUDA)
+from robustdrop.store import RunStore, metric_row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,43 +75,6 @@ def make_optimizer(config: TrackConfig, model: nn.Module, steps_per_epoch: int) 
 def default_run_name(config: TrackConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{config.method}-{config.model}-eps{eps_in_255ths(config.epsilon)}-{stamp}"
-
-
-@dataclass
-class EpochProgress:
-    """The epoch in progress: what a mid-epoch checkpoint holds beyond model, optimizer, method,
-    hooks and RNG states to continue the epoch at its next step exactly.
-
-    ``generator``: the data generator's state before the epoch drew its permutation and
-    augmentation (drawing again from it gives the same batches); ``steps_done``: the epoch's steps
-    already taken; ``loss_sum``, ``correct`` (device scalars), ``seen``: the epoch's training
-    accumulators; ``lr``: the last step's LR; ``train_s``, ``diag_s``: wall time spent so far.
-    """
-
-    generator: torch.Tensor
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    steps_done: int = 0
-    seen: int = 0
-    lr: float = 0.0
-    train_s: float = 0.0
-    diag_s: float = 0.0
-
-    @classmethod
-    def start(cls, generator: torch.Generator, device: torch.device) -> EpochProgress:
-        zero = torch.zeros((), device=device)
-        return cls(generator.get_state(), zero, zero.clone())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.clone(), "loss_sum": self.loss_sum.detach().cpu(),
-                "correct": self.correct.detach().cpu(), "steps_done": self.steps_done, "seen": self.seen,
-                "lr": self.lr, "train_s": self.train_s, "diag_s": self.diag_s}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
-        return cls(state["generator"], state["loss_sum"].to(device), state["correct"].to(device),
-                   int(state["steps_done"]), int(state["seen"]), float(state["lr"]), float(state["train_s"]),
-                   float(state["diag_s"]))
 
 
 class Trainer:
@@ -227,6 +191,7 @@ class Trainer:
         self._method_context = MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total, steps_per_epoch,
                                              self.device)
         self.method.setup(self.model, self._method_context)
+        self.saver = checkpoint_saver(cfg, self.store)  # the store's checkpoint policy with this run's options
         self.run = make_context(cfg, self.store, self.model, device=self.device, data=data, probe=self.probe,
                                 method=self.method, optimizer=self.optimizer, train_images=self.train_images,
                                 steps_per_epoch=steps_per_epoch, channels_last=self._channels_last)
@@ -236,114 +201,10 @@ class Trainer:
         return self
 
     # ------------------------------------------------------------------------------------------
-    # checkpoints
+    # checkpoints (what they hold, restoring, extending: engine/checkpoint.py)
     # ------------------------------------------------------------------------------------------
-    def _state(self, finished: bool, progress: EpochProgress | None = None) -> dict[str, Any]:
-        """Everything to continue the run: at an epoch end, or (``progress``) in the middle of an
-        epoch, where ``epoch`` counts the finished epochs and ``partial_epoch`` the one in progress."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.config.to_dict(),
-            "epoch": self.epoch - 1 if progress is not None else self.epoch,
-            "step": self.step,
-            "finished": finished,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "method": self.method.state_dict(),
-            "switches": self._switches,
-            "hooks": {h.state_key: h.state_dict() for h in self.hooks},
-            "hooks_by": "state_key",
-            "rng": rng_state(),
-            "data_generator": self.data_generator.get_state(),
-            "num_metric_rows": self.store.num_metric_rows,
-            "num_events": self.store.num_events,
-            "partial_epoch": progress.state_dict() if progress is not None else None,
-            "elapsed_s": self._elapsed(),
-        }
-
-    def _checkpoint_saver(self) -> CheckpointSaver:
-        cfg = self.config
-        return CheckpointSaver(self.store, every=cfg.checkpoint_every,
-                               rolling=KEEP_ROLLING if cfg.on_collapse == "rollback" else 0,
-                               keep_best=cfg.keep_best, weights_every=cfg.save_weights_every)
-
     def _save_checkpoint(self, finished: bool = False) -> None:
-        self._checkpoint_saver().save(self._state(finished), self.epoch, metrics=self.run.metrics)
-
-    def _load_checkpoint(self) -> bool:
-        """Restore from ``last.pt`` (an epoch end or a mid-epoch state); returns whether the run had
-        already finished. A config with more epochs than the checkpoint's extends the run."""
-        path = self.store.checkpoint_path("last")
-        state = self.store.load_checkpoint(
-            "last", map_location=self.device,
-            todo="copy an older checkpoints/epoch_XXXX.pt over it if there is one, or start the run again with --overwrite")
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise RobustdropError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-        # Fields added to TrackConfig after the checkpoint was written take their defaults on both
-        # sides (from_dict fills them), so a newer robustdrop still resumes an older run.
-        saved, current = TrackConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
-        extending = saved["epochs"] < current["epochs"]
-        same = set(RUNTIME_FIELDS) | ({"epochs", "schedule_epochs"} if extending else set())
-        diff = sorted(k for k in saved if k not in same and saved[k] != current.get(k))
-        if diff:
-            raise RobustdropError(f"checkpoint does not match the run's config.json (differs in {diff}); "
-                                  "restore config.json or start a new run")
-        if extending:
-            if state["finished"] and state["epoch"] < saved["epochs"]:
-                raise RobustdropError(f"{self.store.path} was stopped at epoch {state['epoch']} of {saved['epochs']} "
-                                      "(see its events.jsonl); a stopped run cannot be extended: start a new run")
-            planned = TrackConfig.from_dict(saved).extended(self.config.epochs)
-            if planned.schedule_epochs != self.config.schedule_epochs:
-                raise RobustdropError(f"--schedule-epochs of an extended run must stay {planned.schedule_epochs}")
-        for switch in state.get("switches", []):  # continue with the method the run had switched to
-            self._switch_method(switch["to"])
-        self._switches = list(state.get("switches", []))
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise RobustdropError(f"checkpoint does not fit the model/method ({str(exc).splitlines()[0][:160]}); "
-                                  "it belongs to another run") from None
-        self.schedule.load_state_dict(state["schedule"])
-        by_key = state.get("hooks_by") == "state_key"  # older checkpoints keyed hook states by name
-        for hook in self.hooks:
-            key = hook.state_key if by_key else hook.name
-            if key in state["hooks"]:
-                hook.load_state_dict(state["hooks"][key])
-        set_rng_state(state["rng"])
-        self.data_generator.set_state(state["data_generator"])
-        self.run.epoch, self.run.step = state["epoch"], state["step"]
-        partial = state.get("partial_epoch")
-        self._progress = EpochProgress.from_state(partial, self.device) if partial else None
-        self._last_is_epoch_end = self._progress is None
-        self._elapsed0 = float(state.get("elapsed_s", 0.0))
-        self.store.truncate_logs(state["num_metric_rows"], state["num_events"])
-        self.store.log_event("resume", epoch=self.epoch, step=self.step,
-                             **({"steps_into_epoch": self._progress.steps_done} if self._progress else {}))
-        if extending:
-            self._extended_from = saved["epochs"]
-            self._record_extension(saved)
-        return bool(state["finished"])
-
-    def _record_extension(self, saved: dict[str, Any]) -> None:
-        """The extension is an event, and config.json becomes the extended config; the manifest's
-        ``config_history`` lists every change (what, from, to, at which epoch, by which command)."""
-        cfg = self.config
-        changes = {k: [saved.get(k), getattr(cfg, k)] for k in ("epochs", "schedule_epochs")
-                   if saved.get(k) != getattr(cfg, k)}
-        self.store.log_event("extend", epoch=self.epoch, step=self.step, from_epochs=saved["epochs"],
-                             to_epochs=cfg.epochs)
-        on_disk = self.store.read_json(RunStore.CONFIG)
-        self.store.write_json(RunStore.CONFIG, {**on_disk, **{k: new for k, (_, new) in changes.items()}})
-        manifest = self.store.read_json(RunStore.MANIFEST)
-        history = manifest.setdefault("config_history", [])
-        entry = {"epoch": self.epoch, "step": self.step, "changes": changes}
-        if not history or {k: history[-1].get(k) for k in entry} != entry:  # not twice for one extension
-            history.append({**entry, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "command": sys.argv})
-            self.store.write_json(RunStore.MANIFEST, manifest)
+        self.saver.save(run_state(self, finished), self.epoch, metrics=self.run.metrics)
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -375,7 +236,7 @@ class Trainer:
         self.prepare()
         cfg = self.config
         if self.resume:
-            finished = self._load_checkpoint()
+            finished = load_run_checkpoint(self)
             if finished and self._extended_from is None:
                 print(f"{self.store.path}: the run already finished at epoch {self.epoch}; nothing to resume")
                 return self.store
@@ -425,15 +286,15 @@ class Trainer:
         self._log_epoch(times)
         finished = last or self._stop is not None
         if self._stop is not None:
-            self._handle_stop()
+            handle_stop(self)
         elif self.run.switch_request is not None and not last:
-            self._handle_switch()
+            handle_switch(self)
         if finished:
             self._emit("on_run_end")
         self.store.flush()
         self._save_checkpoint(finished=finished)
         self._progress, self._last_is_epoch_end = None, True
-        self._print_summary(times)
+        print_summary(self, times)
         return finished
 
     def _step(self, batch: Any) -> tuple[float, Any]:
@@ -454,7 +315,7 @@ class Trainer:
             self.data_generator.set_state(p.generator)
         self._progress = p
         n = len(self.loader)
-        bar = progress_bar(total=n, initial=p.steps_done, desc=self._bar_text(p), leave=False, enabled=self.progress)
+        bar = progress_bar(total=n, initial=p.steps_done, desc=bar_text(self, p), leave=False, enabled=self.progress)
         timer = self._timer
         if timer is not None:
             timer.begin()
@@ -473,17 +334,17 @@ class Trainer:
             if due:
                 diag += self._emit("on_train_step", batch, out, hooks=due)
             if timer is not None and timer.tick():
-                aside += self._report_estimate(timer)
+                aside += report_estimate(self, timer)
                 timer = None
             if i % 20 == 0 or i == n - 1:
                 mean_loss = p.loss_sum.item() / p.seen
                 self._check_finite(mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{p.correct.item() / p.seen:.3f}", lr=f"{p.lr:.3g}")
-                bar.set_description(self._bar_text(p), refresh=False)
+                bar.set_description(bar_text(self, p), refresh=False)
             bar.update(1)
         bar.close()
         if timer is not None and timer.finish():  # an epoch shorter than the warm-up
-            aside += self._report_estimate(timer)
+            aside += report_estimate(self, timer)
         p.train_s += time.perf_counter() - start - diag - aside
         p.diag_s += diag
         loss, acc = p.loss_sum.item() / p.seen, p.correct.item() / p.seen
@@ -499,10 +360,6 @@ class Trainer:
                 f"training loss became {loss} at epoch {self.epoch}, step {self.step}; lower --lr (now {self.config.lr}) "
                 f"or --epsilon; the last good checkpoint is {self.store.checkpoint_path('last')} (resume with --resume)"
             )
-
-    def _eval_sets(self, epoch: int) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor], list[Attack | None]]]:
-        """What the run evaluates at the end of ``epoch``: ``(split, (images, labels), attacks)``."""
-        return self.observer.eval_sets(epoch)
 
     def _evaluate_epoch(self) -> None:
         self._eval = self.observer.evaluate(self.epoch)
@@ -526,7 +383,7 @@ class Trainer:
         """Checkpoint the epoch in progress (``last.pt`` only) and raise :class:`RunInterrupted`."""
         p = self._progress
         self.store.flush()
-        self._checkpoint_saver().save_mid_epoch(self._state(finished=False, progress=p))
+        self.saver.save_mid_epoch(run_state(self, finished=False, progress=p))
         n = len(self.loader)
         where = f"in epoch {self.epoch} after step {p.steps_done} of {n}" if p.steps_done < n else \
             f"after the training steps of epoch {self.epoch} (its evaluation runs on resume)"
@@ -539,75 +396,18 @@ class Trainer:
                                       f"`robustdrop track --resume {self.store.path}`")
 
     # ------------------------------------------------------------------------------------------
-    # cost and progress
+    # cost and progress (the estimate and the progress text: engine/report.py); the epoch's rows
     # ------------------------------------------------------------------------------------------
     def _elapsed(self) -> float:
         """Wall time of the run's training loop so far, across resumes."""
         now = time.perf_counter() - self._loop_start if self._loop_start is not None else 0.0
         return self._elapsed0 + now
 
-    def _estimate(self, timer: StepTimer, *, epoch: int, steps_done: int) -> Estimate:
-        """The cost of the run from step ``steps_done`` of ``epoch`` on (see engine/estimate.py)."""
-        cfg, n = self.config, len(self.loader)
-        timed_on = next((s for s in (self.probe, self.val, self.test) if len(s[1])), self.probe)
-        slice_n = ESTIMATE_EXAMPLES_CPU if self.device.type == "cpu" else cfg.eval_batch_size
-        per_example = time_evaluation(self.model, *timed_on, self.eval_attacks, device=self.device,
-                                      autocast=self._autocast, channels_last=self._channels_last, n=slice_n)
-        eval_s = sum(len(labels) * sum(per_example[spec_of(a).attack] for a in attacks)
-                     for e in range(epoch, cfg.epochs + 1) for _, (_, labels), attacks in self._eval_sets(e))
-        steps_left = (cfg.epochs - epoch + 1) * n - steps_done
-        return Estimate(device=describe_device(self.device), on_cpu=self.device.type == "cpu",
-                        seconds_per_step=timer.seconds_per_step, steps_timed=timer.timed, steps_per_epoch=n,
-                        epochs=cfg.epochs, epochs_left=steps_left / n, train_s=steps_left * timer.seconds_per_step,
-                        eval_s=eval_s, eval_examples_timed=min(slice_n, len(timed_on[1])),
-                        diagnostics=any(type(h).on_epoch_end is not Hook.on_epoch_end for h in self.hooks))
-
-    def _report_estimate(self, timer: StepTimer) -> float:
-        """Print the cost estimate (one line) and record it as an event; returns the seconds it took."""
-        start = time.perf_counter()
-        p = self._progress
-        steps_before = p.steps_done - timer.steps  # the estimate starts where this process started
-        self.estimate = self._estimate(timer, epoch=self.epoch, steps_done=max(steps_before, 0))
-        self.store.log_event("estimate", epoch=self.epoch, step=self.step, **self.estimate.as_event())
-        tqdm.write(self.estimate.line(), file=sys.stdout)
-        sys.stdout.flush()
-        return time.perf_counter() - start
-
     def dry_run(self) -> Estimate:
         """The cost estimate of the whole run from a few training steps of this (prepared, never
         fitted) trainer's model, and the evaluation timed on a probe slice. Writes nothing."""
         self.prepare()
-        self.model.train()
-        timer = StepTimer(self.device)
-        timer.begin()
-        for batch in self.loader.epoch(torch.Generator().manual_seed(self.config.seed)):
-            self._step(batch)
-            if timer.tick():
-                break
-        timer.finish()
-        return self._estimate(timer, epoch=1, steps_done=0)
-
-    def _remaining(self, done: float) -> float | None:
-        """Estimated wall time left when ``done`` epochs (a fraction mid-epoch) are behind us."""
-        left = self.config.epochs - done
-        if done >= 1 and self._elapsed() > 0:  # measured: training, evaluation and diagnostics
-            return self._elapsed() / done * left
-        if self.estimate is not None:
-            return self.estimate.total_s * left / max(self.estimate.epochs_left, 1e-9)
-        return None
-
-    def _run_progress(self, done: float) -> str:
-        """Run-level progress: epochs done (whole, else the run's percentage), wall time elapsed
-        (across resumes) and estimated time left."""
-        left = self._remaining(done)
-        rest = f", ~{format_duration(left)} left" if left is not None else ""
-        where = (f"{int(done)}/{self.config.epochs} epochs" if done == int(done)
-                 else f"{100 * done / self.config.epochs:.0f}% of {self.config.epochs} epochs")
-        return f"{where}, {format_duration(self._elapsed())} elapsed{rest}"
-
-    def _bar_text(self, p: EpochProgress) -> str:
-        done = self.epoch - 1 + p.steps_done / max(len(self.loader), 1)
-        return f"epoch {self.epoch}/{self.config.epochs} (run {self._run_progress(done)})"
+        return dry_run_estimate(self)
 
     def _log_epoch(self, times: dict[str, float]) -> None:
         loss, acc, seen, lr = self._train_stats
@@ -630,55 +430,6 @@ class Trainer:
                  for k, v in self.method.epoch_metrics().items()]
         rows += eval_rows(self.epoch, self.step, self._eval)
         self.store.log_metrics(rows)
-
-    def _handle_stop(self) -> None:
-        reason, rollback = self._stop
-        self.store.log_event("stop", epoch=self.epoch, step=self.step, reason=reason)
-        if rollback is None:
-            return
-        # last.pt still holds the previous epoch (or, after a mid-epoch resume, part of this one):
-        # this epoch is saved after the stop is handled.
-        saver = self._checkpoint_saver()
-        source = saver.rollback_source(rollback, last_epoch=self.epoch - 1 if self._last_is_epoch_end else None)
-        if source is None:
-            self.store.log_event("rollback_failed", epoch=self.epoch, step=self.step, to_epoch=rollback)
-            return
-        result = saver.keep_as_result(source)
-        to_epoch = int(load_checkpoint_file(result)["epoch"])
-        self.store.log_event("rollback", epoch=self.epoch, step=self.step, to_epoch=to_epoch,
-                             checkpoint=f"checkpoints/{result.name}")
-
-    def _switch_method(self, to: str) -> None:
-        """Train with the method of ``to`` (a ``--switch-to`` spec) from now on, same model and optimizer."""
-        method = create_method(switched_config(self.config, to))
-        method.setup(self.model, self._method_context)
-        self.method = self.run.method = method
-
-    def _handle_switch(self) -> None:
-        reason, to = self.run.switch_request
-        self.run.switch_request = None
-        before = self.method.name
-        self._switch_method(to)
-        self._switches.append({"epoch": self.epoch, "to": to})
-        self.store.log_event("method_switch", epoch=self.epoch, step=self.step, to=to, method=self.method.name,
-                             previous=before, spec=self.method.perturbation_spec().as_columns(), reason=reason)
-        print(f"switched training from {before} to {to} after epoch {self.epoch}: {reason}", flush=True)
-
-    def _print_summary(self, times: dict[str, float]) -> None:
-        loss, acc, _, lr = self._train_stats
-        parts = [f"epoch {self.epoch:>3}/{self.config.epochs}", f"train loss {loss:.3f} acc {acc:.3f} lr {lr:.3g}"]
-        for split in ("probe", "val", "test"):
-            here = [r for r in self._eval if r.split == split]
-            if here:
-                accs = " ".join(f"{'clean' if r.spec.attack == 'none' else r.spec.attack}"
-                                f"{'' if r.spec.steps <= 1 else f'-{r.spec.steps}'} {r.acc:.3f}" for r in here)
-                parts.append(f"{split}(n={here[0].n}) {accs}")
-        parts.append(f"{sum(times.values()):.1f}s (train {times['train']:.1f}, eval {times['eval']:.1f}, "
-                     f"diag {times['diag']:.1f})")
-        parts.append(f"run {self._run_progress(self.epoch)}")
-        print(" | ".join(parts), flush=True)
-        if self._stop is not None:
-            print(f"stopped: {self._stop[0]}", flush=True)
 
     def _manifest(self) -> dict[str, Any]:
         """The machine's facts (:func:`robustdrop.environment.manifest`) and this run's."""
