@@ -172,6 +172,8 @@ def check_cell_data(plan: SweepPlan, cells: Sequence[str]) -> None:
     sizes: dict[tuple[str, str | None], tuple[int, int, str] | None] = {}
     for name in cells:
         cfg = plan.cell(name).config
+        if cfg is None:  # an evaluate cell trains nothing
+            continue
         key = (cfg.dataset, cfg.data_dir)
         if key not in sizes:
             try:
