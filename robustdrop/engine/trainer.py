@@ -266,6 +266,7 @@ class Trainer:
         self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method,
                               optimizer=self.optimizer, device=self.device,
                               data=data, train_images=self.train_images, probe=self.probe,
+                              train_labels=data.train_y[train_idx],
                               steps_per_epoch=steps_per_epoch, autocast_factory=self._eval_autocast,
                               eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
                               channels_last=self._channels_last)
