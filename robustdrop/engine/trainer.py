@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import robustdrop
 from robustdrop.attacks import FGSM, PGD, Attack
-from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
+from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, train_indices
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
 from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
@@ -232,11 +232,7 @@ class Trainer:
             self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
         data = self.data
         cfg.check_data(len(data.train_y), len(data.test_y), data.name)
-        train_idx, val_idx = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
-        if cfg.train_subset:
-            # A seeded random subset: the datasets are stored class by class.
-            pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
-            train_idx = train_idx[pick[: cfg.train_subset].sort().values]
+        train_idx, val_idx = train_indices(len(data.train_y), cfg.val_size, cfg.seed, cfg.train_subset)
         self.train_images = data.train_x[train_idx]
         self.loader = TrainLoader(self.train_images, data.train_y[train_idx], cfg.batch_size, device=self.device,
                                   augment=cfg.augment, pad=4, pad_value=cfg.pad_value, channels_last=self._channels_last)
