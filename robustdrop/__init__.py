@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["TrackConfig", "load_sweep", "make_config", "resume", "sweep", "track"]
+__all__ = ["Monitor", "TrackConfig", "load_sweep", "make_config", "resume", "sweep", "track"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from robustdrop import api
 
         return getattr(api, name)
+    if name == "Monitor":  # diagnostics on the user's own training loop
+        from robustdrop.monitor import Monitor
+
+        return Monitor
     if name == "sweep":  # the function; the package is robustdrop.sweeps
         from robustdrop.sweeps import sweep
 

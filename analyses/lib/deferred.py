@@ -4,7 +4,8 @@ Where Figure 2's referee is a catalog run (paper scale, --smoke: ``lib.catalog.r
 the GPU plan, run_all and fig2_strength alike), Figure 2's runs train WITHOUT the referee, so
 they run at the same time as the referee's own training instead of after it, and keep each epoch's
 weights (:class:`lib.training.EpochWeights`). Once both are finished, :func:`measure_run` replays
-every diagnostic that needs the reference (``strength-ref``) over those weights: the same
+every diagnostic that needs the reference (``strength-ref``) over those weights
+(:func:`robustdrop.diagnostics.replay.replay_hooks`, the context built as the trainer builds it): the same
 diagnostic object, options, probe set, random generators (seeded by run seed, name and epoch) and
 epoch/step numbers as during training, so the rows it appends to the run's metrics are the ones an
 in-training measurement logs (its ``time_s`` aside). What differs: the collapse detector ran
@@ -26,7 +27,8 @@ from lib.setting import Setting
 from lib.training import WEIGHTS_PREFIX
 from robustdrop.data import probe_indices
 from robustdrop.diagnostics import DIAGNOSTICS, create_diagnostic, select
-from robustdrop.engine import RunContext, TrackConfig, autocast_for, resolve_device
+from robustdrop.diagnostics.replay import replay_hooks
+from robustdrop.engine import Observer, TrackConfig, make_context, resolve_device
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
@@ -83,32 +85,28 @@ def measure_run(setting: Setting, name: str) -> Path:
     hooks = reference_hooks(cfg, reference)
 
     device = resolve_device(setting.device)
-    on_cuda = device.type == "cuda"
-    channels_last = cfg.channels_last and on_cuda
+    channels_last = cfg.channels_last and device.type == "cuda"
     data = load_data(setting, cfg.to_dict())
     probe = probe_indices(data.test_y, min(cfg.probe_size, len(data.test_y)), cfg.seed)
     model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.image_shape[0],
-                         image_size=data.image_shape[1], width=cfg.width).to(device)
+                         image_size=data.image_shape[1], width=cfg.width, depth=cfg.depth).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.eval()
-    run = RunContext(config=cfg, store=store, model=model, method=create_method(cfg), optimizer=None,
-                     device=device, data=data, train_images=data.train_x[:0],
-                     probe=(data.test_x[probe].to(device), data.test_y[probe].to(device)),
-                     autocast_factory=autocast_for(device, cfg.amp), channels_last=channels_last)
-    for hook in hooks:
-        hook.on_run_start(run)  # at epoch 0: logs the "reference" event, as in training
-    for epoch, file in sorted(files.items()):
-        if epoch > cfg.epochs:
-            continue
-        state = load_checkpoint_file(file, map_location=device)
-        model.load_state_dict(state["model"])
-        run.epoch, run.step = epoch, int(state["step"])
-        run.metrics.clear()
-        for hook in hooks:
-            if hook.wants_epoch(epoch, last=epoch == cfg.epochs):
-                hook.on_epoch_end(run, epoch)
-        print(f"{name}: referee measured at epoch {epoch}", flush=True)
+    # The trainer's context, built the trainer's way (robustdrop.engine.make_context).
+    run = make_context(cfg, store, model, device=device, data=data, method=create_method(cfg),
+                       probe=(data.test_x[probe].to(device), data.test_y[probe].to(device)),
+                       channels_last=channels_last)
+    observer = Observer(run, hooks)
+    observer.emit("on_run_start")  # at epoch 0: logs the "reference" event, as in training
+
+    def weights():
+        for epoch, file in sorted(files.items()):
+            if epoch <= cfg.epochs:
+                state = load_checkpoint_file(file, map_location=device)
+                yield epoch, state["model"], int(state["step"])
+
+    replay_hooks(observer, weights(),
+                 on_epoch=lambda epoch, _: print(f"{name}: referee measured at epoch {epoch}", flush=True))
     store.log_event(MEASURED_EVENT, epoch=run.epoch, step=run.step, reference=str(reference),
                     diagnostics=[h.state_key for h in hooks], epochs=len(files))
     store.flush()

@@ -3,7 +3,8 @@ finished run's per-epoch checkpoints (``checkpoints/epoch_XXXX.pt``, ``--checkpo
 for runs that trained without it (issue 21: the frontier sweeps).
 
 Each epoch's weights are loaded and the diagnostic's epoch end runs as it would have during
-training: the same options, fixed training minibatch (seeded by the run's seed), generators
+training (:func:`robustdrop.diagnostics.replay.replay_hooks` over the context the trainer builds,
+:func:`robustdrop.engine.make_context`): the same options, fixed training minibatch (seeded by the run's seed), generators
 (seeded by run seed, name and epoch) and epoch/step numbers, so the rows are the ones an attached
 ``--diagnostics wong`` logs (``time_s`` aside; ``tests/test_wong_replay.py`` checks this).
 
@@ -23,7 +24,8 @@ import pandas as pd
 
 from robustdrop.data import ImageData, probe_indices, train_indices
 from robustdrop.diagnostics import WongDiagnostic
-from robustdrop.engine import RunContext, TrackConfig, autocast_for, resolve_device
+from robustdrop.diagnostics.replay import replay_hooks
+from robustdrop.engine import Observer, TrackConfig, make_context, resolve_device
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
@@ -61,21 +63,19 @@ def replay_wong(path: Path, data: ImageData, *, device: str = "cpu", **options) 
     probe = probe_indices(data.test_y, min(cfg.probe_size, len(data.test_y)), cfg.seed)
     with tempfile.TemporaryDirectory(prefix="wong-replay-") as scratch:
         store = RunStore.create(scratch, "rows")  # receives the rows; thrown away after reading
-        run = RunContext(config=cfg, store=store, model=model, method=create_method(cfg), optimizer=None, device=dev,
-                         data=data, train_images=data.train_x[train_idx], train_labels=data.train_y[train_idx],
-                         probe=(data.test_x[probe].to(dev), data.test_y[probe].to(dev)),
-                         autocast_factory=autocast_for(dev, cfg.eval_precision == "bf16"))
-        hook = WongDiagnostic(**options)
-        hook.on_run_start(run)
-        for epoch, file in sorted(files.items()):
-            if epoch > cfg.epochs:
-                continue
-            state = load_checkpoint_file(file, map_location=dev)
-            model.load_state_dict(state["model"])
-            run.epoch, run.step = epoch, int(state["step"])
-            run.metrics.clear()
-            if hook.wants_epoch(epoch, last=epoch == cfg.epochs):
-                hook.on_epoch_end(run, epoch)
+        run = make_context(cfg, store, model, device=dev, data=data, method=create_method(cfg),
+                           probe=(data.test_x[probe].to(dev), data.test_y[probe].to(dev)),
+                           train_images=data.train_x[train_idx], train_labels=data.train_y[train_idx])
+        observer = Observer(run, [WongDiagnostic(**options)])
+        observer.emit("on_run_start")
+
+        def weights():
+            for epoch, file in sorted(files.items()):
+                if epoch <= cfg.epochs:
+                    state = load_checkpoint_file(file, map_location=dev)
+                    yield epoch, state["model"], int(state["step"])
+
+        replay_hooks(observer, weights())
         store.flush()
         return store.metrics()
 

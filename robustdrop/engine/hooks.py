@@ -11,10 +11,10 @@ The :class:`~robustdrop.engine.trainer.Trainer` emits four events to every hook:
 
 ``run`` is the :class:`RunContext`: everything a hook may use of the run, declared in one place.
 The trainer builds it and keeps ``epoch`` and ``step`` current; hooks read it and never reach
-into the trainer or into other hooks. Hooks run with the model in eval mode and with every
-global random state saved and restored around them, so a hook can not change the training; they
-must still take their own randomness from :meth:`RunContext.generator` and must not touch
-parameter gradients.
+into the trainer or into other hooks. Hooks run inside :func:`robustdrop.engine.guarded`: the
+model in eval mode, every global random state, each parameter's ``.grad`` (``None`` inside) and
+every buffer restored afterwards, so a hook can not change the training; they must still take
+their own randomness from :meth:`RunContext.generator` (reproducible numbers).
 
 **Sharing values: ``run.metrics``.** The one channel between the trainer and hooks (and between
 hooks) is ``run.metrics``, a ``{name: float}`` mapping of the current epoch's values, emptied at

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -23,14 +23,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import robustdrop
-from robustdrop.attacks import FGSM, PGD, Attack
+from robustdrop.attacks import Attack
 from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, train_indices
 from robustdrop.engine.config import RUNTIME_FIELDS, TrackConfig, switched_config
 from robustdrop.engine.estimate import Estimate, StepTimer, describe_device, time_evaluation
-from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
+from robustdrop.engine.evaluate import EvalResult, autocast_for, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
 from robustdrop.engine.interrupt import Abort, Interrupts
 from robustdrop.engine.memory import keep_freed_memory
+from robustdrop.engine.observer import Observer, eval_rows, make_context, rng_state, set_rng_state
 from robustdrop.errors import FileWriteError, RobustdropError, RunInterrupted
 from robustdrop.formatting import eps_in_255ths, format_duration
 from robustdrop.methods import MethodContext, create_method
@@ -77,31 +78,6 @@ def make_optimizer(config: TrackConfig, model: nn.Module, steps_per_epoch: int) 
 def default_run_name(config: TrackConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{config.method}-{config.model}-eps{eps_in_255ths(config.epsilon)}-{stamp}"
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 @dataclass
@@ -218,9 +194,6 @@ class Trainer:
             keep_freed_memory()  # a CPU step otherwise page-faults its buffers anew (engine/memory.py)
         self._channels_last = cfg.channels_last and on_cuda
         self._autocast = autocast_for(self.device, cfg.amp)  # the training steps only
-        # Evaluation attacks and diagnostics: fp32 unless --eval-precision bf16 (bf16 gradients can
-        # make an attack look weaker than it is).
-        self._eval_autocast = autocast_for(self.device, cfg.eval_precision == "bf16")
         if on_cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -254,18 +227,13 @@ class Trainer:
         self._method_context = MethodContext(len(train_idx), tuple(data.train_x.shape[1:]), total, steps_per_epoch,
                                              self.device)
         self.method.setup(self.model, self._method_context)
-        eval_eps = cfg.epsilon if cfg.eval_epsilon is None else cfg.eval_epsilon
-        self.eval_attacks: list[Attack | None] = [
-            None, FGSM(eval_eps),
-            PGD(eval_eps, steps=cfg.eval_pgd_steps, step_size=cfg.eval_pgd_step_size, restarts=cfg.eval_restarts),
-        ]
-        self.run = RunContext(config=cfg, store=self.store, model=self.model, method=self.method,
-                              optimizer=self.optimizer, device=self.device,
-                              data=data, train_images=self.train_images, probe=self.probe,
-                              train_labels=data.train_y[train_idx],
-                              steps_per_epoch=steps_per_epoch, autocast_factory=self._eval_autocast,
-                              eval_specs={s.attack: s for s in map(spec_of, self.eval_attacks)},
-                              channels_last=self._channels_last)
+        self.run = make_context(cfg, self.store, self.model, device=self.device, data=data, probe=self.probe,
+                                method=self.method, optimizer=self.optimizer, train_images=self.train_images,
+                                train_labels=data.train_y[train_idx],
+                                steps_per_epoch=steps_per_epoch, channels_last=self._channels_last)
+        # Evaluation, the hook guard and events: the one home shared with the Monitor and the replay.
+        self.observer = Observer(self.run, self.hooks, val=self.val, test=self.test)
+        self.eval_attacks: list[Attack | None] = self.observer.attacks
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -287,7 +255,7 @@ class Trainer:
             "switches": self._switches,
             "hooks": {h.state_key: h.state_dict() for h in self.hooks},
             "hooks_by": "state_key",
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "data_generator": self.data_generator.get_state(),
             "num_metric_rows": self.store.num_metric_rows,
             "num_events": self.store.num_events,
@@ -344,7 +312,7 @@ class Trainer:
             key = hook.state_key if by_key else hook.name
             if key in state["hooks"]:
                 hook.load_state_dict(state["hooks"][key])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.data_generator.set_state(state["data_generator"])
         self.run.epoch, self.run.step = state["epoch"], state["step"]
         partial = state.get("partial_epoch")
@@ -380,28 +348,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # hooks
     # ------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _hook_guard(self) -> Iterator[None]:
-        """Hooks see the model in eval mode and cannot move any global random state."""
-        rng = _rng_state()
-        modes = [m.training for m in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for module, mode in zip(self.model.modules(), modes):
-                module.training = mode
-            _set_rng_state(rng)
-
     def _emit(self, event: str, *args: Any, hooks: Sequence[Hook] | None = None) -> float:
-        hooks = self.hooks if hooks is None else hooks
-        if not hooks:
-            return 0.0
-        start = time.perf_counter()
-        with self._hook_guard():
-            for hook in hooks:
-                getattr(hook, event)(self.run, *args)
-        return time.perf_counter() - start
+        return self.observer.emit(event, *args, hooks=hooks)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -555,28 +503,10 @@ class Trainer:
 
     def _eval_sets(self, epoch: int) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor], list[Attack | None]]]:
         """What the run evaluates at the end of ``epoch``: ``(split, (images, labels), attacks)``."""
-        cfg = self.config
-        last = epoch == cfg.epochs
-        sets = []
-        if epoch % cfg.eval_every == 0 or last:
-            sets.append(("probe", self.probe, self.eval_attacks))
-            if len(self.val[1]):
-                sets.append(("val", self.val, [self.eval_attacks[0], self.eval_attacks[2]]))
-        if last or (cfg.test_every and epoch % cfg.test_every == 0):
-            sets.append(("test", self.test, self.eval_attacks))
-        return sets
+        return self.observer.eval_sets(epoch)
 
     def _evaluate_epoch(self) -> None:
-        cfg = self.config
-        self._eval = []
-        for split, (images, labels), attacks in self._eval_sets(self.epoch):
-            results = evaluate(self.model, images, labels, attacks, split=split, batch_size=cfg.eval_batch_size,
-                               device=self.device, generator=self.run.generator(f"eval/{split}"),
-                               autocast=self._eval_autocast, channels_last=self._channels_last)
-            for r in results:
-                self._eval.append(r)
-                self.run.metrics[f"{split}/acc/{r.spec.attack}"] = r.acc
-                self.run.metrics[f"{split}/loss/{r.spec.attack}"] = r.loss
+        self._eval = self.observer.evaluate(self.epoch)
 
     # ------------------------------------------------------------------------------------------
     # interruption
@@ -699,10 +629,7 @@ class Trainer:
         ]
         rows += [metric_row(self.epoch, self.step, "train", k, v, source=self.method.name, epsilon=self.config.epsilon)
                  for k, v in self.method.epoch_metrics().items()]
-        for r in self._eval:
-            cols = r.spec.as_columns()
-            rows.append(metric_row(self.epoch, self.step, r.split, "acc", r.acc, n=r.n, source="eval", **cols))
-            rows.append(metric_row(self.epoch, self.step, r.split, "loss", r.loss, n=r.n, source="eval", **cols))
+        rows += eval_rows(self.epoch, self.step, self._eval)
         self.store.log_metrics(rows)
 
     def _handle_stop(self) -> None:
