@@ -266,8 +266,9 @@ def test_landscape_runs_around_a_collapse_onset(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_selection_words():
     assert list(select(["default"])) == ["strength", "snapshots", "collapse"]
-    assert list(select(["all"])) == ["strength", "snapshots", "wong", "collapse", "landscape"]
-    assert list(select(["all"], reference="runs/ref")) == list(DIAGNOSTICS)
+    assert list(select(["all"])) == ["strength", "snapshots", "collapse", "landscape"]
+    assert list(select(["all", "wong"])) == ["strength", "snapshots", "wong", "collapse", "landscape"]
+    assert list(select(["all"], reference="runs/ref")) == [n for n in DIAGNOSTICS if n != "wong"]
     assert list(select(["default"], reference="runs/ref"))[0] == "strength-ref"
     assert select(["none"]) == {}
     assert select(["landscape:every=2,points=11", "collapse"]) == {"collapse": {},
@@ -327,7 +328,7 @@ def test_docs_table_shows_the_declared_defaults():
 
 
 def test_build_hooks_order_and_cadence():
-    hooks = build_hooks(make_config(diagnostics=["all", "landscape:every=3", "strength:train_every=4"]))
+    hooks = build_hooks(make_config(diagnostics=["all", "wong", "landscape:every=3", "strength:train_every=4"]))
     assert [h.name for h in hooks] == ["strength", "snapshots", "wong", "collapse", "landscape"]
     assert hooks[0].every_n_steps == 4 and hooks[0].every_n_epochs == 1
     assert hooks[4].every_n_epochs == 3
@@ -406,7 +407,7 @@ def test_reference_errors(tmp_path, small_data, reference_run):
 # diagnostics do not change training
 # ---------------------------------------------------------------------------------------------
 def test_diagnostics_on_and_off_train_identically(tmp_path, small_data, reference_run):
-    words = ["all", "landscape:every=1,n=32,points=5,grid=3", "strength:train_every=1,n=64"]
+    words = ["all", "wong:n=32", "landscape:every=1,n=32,points=5,grid=3", "strength:train_every=1,n=64"]
     model = dict(model="smallcnn", width=4)  # batch norm: eval mode in hooks must hold
     off = track(small_config(**model), runs_dir=tmp_path, name="off", progress=False, data=small_data)
     on = track(small_config(**model, diagnostics=words, reference=str(reference_run)), runs_dir=tmp_path,

@@ -92,7 +92,7 @@ def test_options_and_missing_labels_are_one_line_errors(tmp_path):
         WongDiagnostic(step_size=0.0)
     run = wong_run(tmp_path)
     run.train_labels = None
-    with pytest.raises(RobustdropError, match="needs the run's training images and labels"):
+    with pytest.raises(RobustdropError, match="needs the run's training images and labels.*leave it out"):
         WongDiagnostic().on_run_start(run)
 
 

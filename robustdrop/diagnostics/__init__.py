@@ -9,7 +9,7 @@ strength-ref   a frozen reference model's accuracy on FGSM / PGD δ of the curre
 strength       FGSM vs random-sign loss increase, FGSM–PGD agreement, gradient          default
                alignment, δ statistics (probe and training perturbations)
 snapshots      FGSM δ of fixed probe images every epoch (the paper's Fig. 1)           default
-wong           Wong et al. 2020's early-stop check: PGD-5 accuracy on one fixed         (by name)
+wong           Wong et al. 2020's early-stop check: PGD-5 accuracy on one fixed         by name
                training minibatch (the collapse detector's ``wong_fall`` signal)
 collapse       online detector of the robustness collapse; acts on ``--on-collapse``   default
 landscape      1-D / 2-D input-space loss landscapes, linearity error, curvature       all

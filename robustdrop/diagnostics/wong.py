@@ -80,8 +80,8 @@ def fixed_minibatch(run: RunContext, n: int, name: str) -> tuple[torch.Tensor, t
     (run seed, ``name``). Raises ``RobustdropError`` when the context has no training labels."""
     images, labels = run.train_images, run.train_labels
     if labels is None or len(labels) != len(images) or len(images) == 0:
-        raise RobustdropError(f"the {name} diagnostic needs the run's training images and labels; this run "
-                              "context has none (a replay must pass train_images and train_labels)")
+        raise RobustdropError(f"the {name} diagnostic needs the run's training images and labels, which this run "
+                              "has not (a robustdrop.Monitor sees the probe only): leave it out of diagnostics")
     seed = run.generator(name, epoch=0).initial_seed()
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=gen)[: min(n, len(images))]
@@ -98,6 +98,7 @@ class WongDiagnostic(Diagnostic):
     name = "wong"
     Options = WongOptions
     in_default = False
+    in_all = False  # needs the training data, which a robustdrop.Monitor does not have
 
     def __init__(self, **options: Any):
         o = WongOptions(**options)
