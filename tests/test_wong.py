@@ -18,13 +18,7 @@ from robustdrop.engine import make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.store import metric_row
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models are fastest on one thread
 
 
 class BNNet(nn.Module):
