@@ -405,12 +405,13 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
 
 def wong_rows(setting: Setting, dirs: Sequence[Path], table: Path | None) -> dict[Path, pd.DataFrame]:
     """Each run's ``wong`` rows from ``table`` (lib.wong_replay), measuring first the finished runs
-    that kept every epoch's checkpoint and are not in it; ``{}`` without a table."""
+    that kept every epoch's checkpoint, did not log the diagnostic themselves and are not in the
+    table; ``{}`` without a table."""
     if table is None:
         return {}
     data = DataCache(data_for(setting))
     replayable = [p for p in dirs if is_finished(p) and len(epoch_checkpoints(p)) >= int(
-        json.loads((p / RunStore.CONFIG).read_text())["epochs"])]
+        json.loads((p / RunStore.CONFIG).read_text())["epochs"]) and "wong" not in set(RunStore.open(p).metrics()["source"])]
     rows = wong_table(replayable, table, data, device=setting.device)
     return {p: rows[rows["run"] == str(p)] for p in dirs} if len(rows) else {}
 
@@ -445,6 +446,10 @@ def analyse(setting: Setting, paths: Sequence[Path], wong: Path | None = None) -
     if not dirs:
         print(f"no run directories under {', '.join(map(str, paths))}; train the study first (--plan)", file=sys.stderr)
         return 2
+    running = [d for d in dirs if (d / "checkpoints" / "last.pt").is_file() and not is_finished(d)]
+    if running:  # a study still training: its unfinished runs would count as controls
+        print(f"leaving out {len(running)} unfinished runs ({', '.join(d.name for d in running[:6])})", flush=True)
+        dirs = [d for d in dirs if d not in running]
     extra = wong_rows(setting, dirs, wong)
     every = [summarize(p, extra=extra.get(p)) for p in dirs]
     runs, calibration = split_calibration(every)
