@@ -155,6 +155,8 @@ def draw(df: pd.DataFrame, groups: pd.DataFrame) -> Any:
             x, y, se = fg["alpha_over_eps"], 100 * fg["final_test_pgd"], 100 * fg["final_test_pgd_se"].fillna(0)
             ax.plot(x, y, "o-", color="black", label="FGSM, fixed α (mean ± s.e.)")
             ax.fill_between(x, y - se, y + se, color="black", alpha=0.15)
+            ax.scatter(x, 100 * fg["best_test_pgd"], s=40, facecolors="none", edgecolors="black", zorder=3,
+                       label="FGSM, best-by-validation epoch (mean)")
             runs = here[here["method"] == "fgsm"]
             ok, bad = runs[~runs["collapsed"]], runs[runs["collapsed"]]
             ax.scatter(ok["alpha"] / eps, 100 * ok["final_test_pgd"], s=12, color="gray", zorder=3, label="one seed")
