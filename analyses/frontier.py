@@ -102,9 +102,13 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
         groups = group_table(runs_frame(runs))
         for eps in sorted({r.epsilon for r in runs}):
             best = best_alpha(groups, eps)
-            labels = {best["label"]} if best is not None else set()
-            for run in runs:
-                if run.epsilon == eps and (run.label in labels or run.method in AA_METHODS):
+            if best is None:
+                continue
+            # only the seeds where the best α and a compared method both finished: the comparison is paired
+            here = [r for r in runs if r.epsilon == eps]
+            seeds = {r.seed for r in here if r.label == best["label"]} & {r.seed for r in here if r.method in AA_METHODS}
+            for run in here:
+                if run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
                     evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device)
     cache.save()
     return runs, skipped
@@ -219,8 +223,9 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
     lines += ["", frame_markdown(display_answer(answer)) if len(answer) else "No comparison possible yet "
               "(a best α and a compared method with common seeds are both needed).", ""]
     lines += ["AutoAttack: " + (f"standard L∞ AutoAttack (torchattacks: APGD-CE, APGD-T, FAB-T, Square) on the final "
-                                f"models of the best α, APART and N-FGSM, n={aa_n} seeded class-balanced test images "
-                                "(the run's seed: the same images for every method of one seed)." if aa_n > 0 else
+                                f"models of the best α, APART and N-FGSM, for the seeds where the best α and one of "
+                                f"those both finished, n={aa_n} seeded class-balanced test images (the run's seed: the "
+                                "same images for every method of one seed)." if aa_n > 0 else
                                 "not run this time (`--aa-n 0`)."), ""]
     lines += ["Missing cells of the issue's grid (no finished run yet): "
               + (", ".join(missing) if missing else "none") + ".", "",

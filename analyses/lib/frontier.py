@@ -150,7 +150,10 @@ class EvalCache:
         return f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{what}|n={n}"
 
     def save(self) -> None:
+        """Write the rows, merged with what another process wrote to the file since it was read."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            self.rows = {**json.loads(self.path.read_text()), **self.rows}
         atomic_write_text(self.path, json.dumps(self.rows, indent=1, sort_keys=True) + "\n")
 
 
