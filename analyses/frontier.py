@@ -86,7 +86,8 @@ def smoke_runs(setting: Setting) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------------
-def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int) -> tuple[list[FrontierRun], list[Path]]:
+def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int,
+            aa_measure: bool = True) -> tuple[list[FrontierRun], list[Path]]:
     """Read every finished run, evaluate its best-by-validation checkpoint and (``aa_n`` > 0) the
     AutoAttack of the compared final models; returns the runs and the unfinished ones skipped."""
     data = DataCache(data_for(setting))
@@ -109,7 +110,7 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
             seeds = {r.seed for r in here if r.label == best["label"]} & {r.seed for r in here if r.method in AA_METHODS}
             for run in here:
                 if run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
-                    evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device)
+                    evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device, measure=aa_measure)
     cache.save()
     return runs, skipped
 
@@ -226,27 +227,31 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
                                 f"models of the best α, APART and N-FGSM, for the seeds where the best α and one of "
                                 f"those both finished, n={aa_n} seeded class-balanced test images (the run's seed: the "
                                 "same images for every method of one seed)." if aa_n > 0 else
-                                "not run this time (`--aa-n 0`)."), ""]
+                                f"only the rows already in the cache (`--aa-cached`, n={-aa_n}): seeds without one were "
+                                "not attacked this time." if aa_n < 0 else "not run this time (`--aa-n 0`)."), ""]
     lines += ["Missing cells of the issue's grid (no finished run yet): "
               + (", ".join(missing) if missing else "none") + ".", "",
               "Command: `python analyses/frontier.py --runs " + " ".join(map(str, paths))
-              + (f" --aa-n {aa_n}" if aa_n else "") + "`; checkpoint evaluations cached in "
+              + (f" --aa-n {abs(aa_n)}" if aa_n else "") + (" --aa-cached" if aa_n < 0 else "")
+              + "`; checkpoint evaluations cached in "
               "`frontier_eval.json`.", "",
               f"This analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
     return "\n".join(lines)
 
 
-def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int) -> int:
+def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int, aa_measure: bool = True) -> int:
     start = time.perf_counter()
     torch.set_num_threads(max(1, setting.threads))
     cache = EvalCache(cache_file)
-    runs, skipped = collect(setting, paths, cache, aa_n)
+    runs, skipped = collect(setting, paths, cache, aa_n, aa_measure)
     if not runs:
         print(f"no finished runs under {', '.join(map(str, paths))}", file=sys.stderr)
         return 2
     df = runs_frame(runs)
     groups = group_table(df)
     answer = answer_rows(df, groups)
+    if aa_n and not aa_measure:
+        aa_n = -aa_n  # the text says: cached rows only
     out = setting.out
     fig = draw(df, groups)
     add_caption(fig, ("SMOKE TEST (not a result) — " if setting.smoke else "")
@@ -269,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run or sweep directories to read (default: <runs-dir>/frontier)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON cache of the checkpoint evaluations (default: <out>/frontier_eval.json)")
+    parser.add_argument("--aa-cached", action="store_true",
+                        help="with --aa-n: use only the AutoAttack rows already cached, attack nothing new")
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     aa_n = args.aa_n if args.aa_n is not None else 0  # AutoAttack only when asked for (minutes per model)
@@ -276,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = args.runs or [smoke_runs(setting)]
     else:
         paths = args.runs or [setting.runs_dir / "frontier"]
-    return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n)
+    return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached)
 
 
 if __name__ == "__main__":

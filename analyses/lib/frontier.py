@@ -197,13 +197,16 @@ def evaluate_best(run: FrontierRun, cache: EvalCache, data: DataCache, *, n: int
     run.best_test_pgd, run.best_test_clean, run.best_test_n = row["pgd"], row["clean"], int(row["n"])
 
 
-def evaluate_autoattack(run: FrontierRun, cache: EvalCache, data: DataCache, *, n: int, device: str = "cpu") -> None:
+def evaluate_autoattack(run: FrontierRun, cache: EvalCache, data: DataCache, *, n: int, device: str = "cpu",
+                        measure: bool = True) -> None:
     """Fill ``run.aa*``: standard AutoAttack on the final model (``last.pt``), on the seeded
     class-balanced subset of ``n`` test images of the run's seed (the same images for every method
-    of one seed: the comparison is paired)."""
+    of one seed: the comparison is paired). ``measure=False``: only what the cache holds."""
     path = Path(run.path)
     ckpt = path / "checkpoints" / "last.pt"
     key = EvalCache.key(ckpt, "autoattack", n)
+    if key not in cache.rows and not measure:
+        return
     if key not in cache.rows:
         cfg = RunStore.open(path).read_json(RunStore.CONFIG)
         print(f"{path.name}: standard AutoAttack on n={n} test images ...", flush=True)
