@@ -20,6 +20,7 @@ and ``table_matched_strength.{md,csv,tex}``.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from lib.catalog import data_for, make_run_config
+from lib.early_rule import CANDIDATES, choose, default_score, pool, score, warning_epoch, wins
+from lib.frontier import DataCache, is_finished
 from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
 from lib.prediction import (
     FLOOR,
@@ -49,6 +52,7 @@ from lib.prediction import (
     tradeoff,
 )
 from lib.setting import REPO, Setting, build_parser, setting_from_args
+from lib.wong_replay import epoch_checkpoints, wong_table
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
@@ -57,6 +61,7 @@ from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_eps, format_pct
 from robustdrop.plots._common import new_figure
+from robustdrop.store import RunStore
 from robustdrop.sweeps import read_toml
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +250,7 @@ def display_signals(table: pd.DataFrame) -> pd.DataFrame:
             "lead range": _range(t["lead_min"], t["lead_max"]),
             "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–",
             "false-alarm runs": t["false_alarm_methods"],
+            "s/epoch of its diagnostic": fixed(t["cost_s_per_epoch"], 1),
         })
     return pd.DataFrame(rows)
 
@@ -347,7 +353,8 @@ def _draw_strength(ax: Any, runs: list[RunSummary], strength: pd.DataFrame, colo
 
 def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSummary], table: pd.DataFrame,
              trade: pd.DataFrame, strength: pd.DataFrame, calibrated: dict[str, float],
-             calibrated_table: pd.DataFrame | None, paths: Sequence[Path], wall: float) -> str:
+             calibrated_table: pd.DataFrame | None, paths: Sequence[Path], wall: float,
+             rule_lines: Sequence[str] = ()) -> str:
     counts = pd.crosstab(pd.Series([r.label for r in runs], name="method"),
                          pd.Series([r.outcome for r in runs], name="outcome")) if runs else pd.DataFrame()
     by_eps = pd.crosstab(pd.Series([f"{r.label} ε={format_eps(r.epsilon)}" for r in runs], name="runs"),
@@ -381,6 +388,7 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
                   f"Chosen on the calibration runs (the longest median lead with no false alarm there): {chosen}. "
                   "The same table on the evaluation runs with them:", "", frame_markdown(display_signals(calibrated_table)),
                   ""]
+    lines += list(rule_lines)
     lines += ["## Matched-strength controls and robust accuracy", "", frame_markdown(display_strength(strength))
               if len(strength) else "(none)", "",
               "## Commands and wall time", "",
@@ -394,13 +402,55 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
     return "\n".join(lines)
 
 
-def analyse(setting: Setting, paths: Sequence[Path]) -> int:
+def wong_rows(setting: Setting, dirs: Sequence[Path], table: Path | None) -> dict[Path, pd.DataFrame]:
+    """Each run's ``wong`` rows from ``table`` (lib.wong_replay), measuring first the finished runs
+    that kept every epoch's checkpoint, did not log the diagnostic themselves and are not in the
+    table; ``{}`` without a table."""
+    if table is None:
+        return {}
+    data = DataCache(data_for(setting))
+    replayable = [p for p in dirs if is_finished(p) and len(epoch_checkpoints(p)) >= int(
+        json.loads((p / RunStore.CONFIG).read_text())["epochs"]) and "wong" not in set(RunStore.open(p).metrics()["source"])]
+    rows = wong_table(replayable, table, data, device=setting.device)
+    return {p: rows[rows["run"] == str(p)] for p in dirs} if len(rows) else {}
+
+
+def calibrated_rule_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary]) -> list[str]:
+    """The early rule chosen on the calibration seeds and evaluated on the others (lib.early_rule)."""
+    lines = ["## The early rule calibrated (signals that work at this scale)", "",
+             f"Candidate signals: {', '.join(f'`{s}`' for s in CANDIDATES)}; measured in every calibration run: "
+             f"{', '.join(f'`{s}`' for s in pool(calibration)) or 'none'}. Chosen on the calibration runs: no false "
+             "alarm, then most hits, longest median lead, simplest rule, largest `fall` (lib/early_rule.py).", ""]
+    chosen, cal_score, tried = choose(calibration)
+    if chosen is None:
+        return lines + [f"No rule can be chosen ({tried} tried; the calibration runs need collapsing and "
+                        "non-collapsing runs): the default early rule stays.", ""]
+    ours = score(runs, lambda r: warning_epoch(r, chosen))
+    default = default_score(runs)
+    rows = pd.DataFrame([{"rule": name, "hits": f"{s['hits']}/{s['collapsing']}",
+                          "late / missed": f"{s['late']} / {s['missed']}", "median lead": fixed(s["lead_median"], 1),
+                          "false alarms": f"{s['false_alarms']}/{s['controls']}"}
+                         for name, s in (("calibration: " + chosen.text(), cal_score),
+                                         ("evaluation: " + chosen.text(), ours),
+                                         ("evaluation: the default early rule", default))])
+    verdict = ("it wins (no fewer hits, no more false alarms, better in one): the default should change to it"
+               if wins(ours, default) else "it does not win: the default early rule stays")
+    return lines + [f"Chosen among {tried} rules: {chosen.text()}. On the evaluation seeds {verdict}.", "",
+                    frame_markdown(rows), ""]
+
+
+def analyse(setting: Setting, paths: Sequence[Path], wong: Path | None = None) -> int:
     start = time.perf_counter()
     dirs = find_run_dirs(paths)
     if not dirs:
         print(f"no run directories under {', '.join(map(str, paths))}; train the study first (--plan)", file=sys.stderr)
         return 2
-    every = [summarize(p) for p in dirs]
+    running = [d for d in dirs if (d / "checkpoints" / "last.pt").is_file() and not is_finished(d)]
+    if running:  # a study still training: its unfinished runs would count as controls
+        print(f"leaving out {len(running)} unfinished runs ({', '.join(d.name for d in running[:6])})", flush=True)
+        dirs = [d for d in dirs if d not in running]
+    extra = wong_rows(setting, dirs, wong)
+    every = [summarize(p, extra=extra.get(p)) for p in dirs]
     runs, calibration = split_calibration(every)
     table, trade, strength = signal_table(runs), tradeoff(runs), strength_table(runs)
     calibrated, calibrated_table = {}, None
@@ -418,7 +468,7 @@ def analyse(setting: Setting, paths: Sequence[Path]) -> int:
                  f"(probe PGD accuracy below half its best, best ≥ {FLOOR})."])
     write_figure(draw(setting, runs, table, trade, strength), out, "collapse_prediction")
     text = markdown(setting, runs, calibration, table, trade, strength, calibrated, calibrated_table, paths,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, calibrated_rule_text(runs, calibration) if calibration else [])
     write_text(out / "collapse_prediction.md", text)
     for _, t in table.iterrows():
         print(f"{t['signal']}: hit {int(t['hits'])}/{int(t['collapsing_runs'])}, median lead "
@@ -434,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="print the study's sweep commands, cells and CPU time")
     parser.add_argument("--matched-from", type=Path, nargs="+", default=None, metavar="DIR",
                         help="print the matched-strength FGSM steps (and sweep commands) from the APART runs there")
+    parser.add_argument("--wong", type=Path, default=None, metavar="TABLE",
+                        help="a table of the wong check's rows (lib/wong_replay.py; e.g. figures/frontier_wong.csv): "
+                             "runs that kept every epoch's checkpoint and are not in it are measured first (the run "
+                             "directories are only read); its wong_fall signal joins the table")
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     if args.plan:
@@ -447,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(matched_text(runs, shown(default_runs(setting))), end="")
         return 0
     paths = args.runs or [smoke_runs(setting) if setting.smoke else default_runs(setting)]
-    return analyse(setting, paths)
+    return analyse(setting, paths, args.wong)
 
 
 if __name__ == "__main__":

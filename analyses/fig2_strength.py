@@ -13,6 +13,7 @@ Writes ``<out>/fig2_strength.{png,pdf}`` (the three runs, with the reference-fre
 curves overlaid at paper scale) and ``fig2_strength.md`` (the numbers).
 
     python analyses/fig2_strength.py [--scale quick|paper] [--smoke] [--runs-dir DIR] [--out DIR] [--jobs N]
+    python analyses/fig2_strength.py --from-runs FGSM_RUN [RUN ...]   # draw from finished runs (trains nothing)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import pandas as pd
 from lib.catalog import reference_for, reference_run, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
-from lib.setting import Setting, parse_setting
+from lib.setting import Setting, build_parser, setting_from_args
 from lib.tasks import ensure_runs
 
 from robustdrop.diagnostics import verify_builtin
@@ -92,16 +93,22 @@ def summarize(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
-    ensure_runs(setting, needed(setting))
-    write_outputs(setting, RUNS)
+    parser = build_parser(__doc__)
+    parser.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                        help="draw from these finished runs measured on the setting's referee (the first gets the "
+                             "single-run figure) instead of the catalog's fgsm, fgsm+ and apart")
+    args = parser.parse_args(argv)
+    setting = setting_from_args(args)
+    if args.from_runs is None:
+        ensure_runs(setting, needed(setting))
+    write_outputs(setting, args.from_runs or RUNS)
     return 0
 
 
-def write_outputs(setting: Setting, runs: Sequence[str]) -> None:
-    """Draw the figures and write the numbers from finished (and measured) runs ``runs`` (the first
-    one also gets the paper's single-run layout); trains nothing."""
-    paths = [run_dir(setting, n) for n in runs]
+def write_outputs(setting: Setting, runs: Sequence[str | Path]) -> None:
+    """Draw the figures and write the numbers from finished (and measured) runs ``runs`` (catalog
+    names or run directories; the first one also gets the paper's single-run layout); trains nothing."""
+    paths = [Path(n) if isinstance(n, Path) else run_dir(setting, n) for n in runs]
     caption = setting_caption(setting)
     ref_text = referee_text(setting)
     fgsm_df = open_run(paths[0]).metrics

@@ -142,12 +142,14 @@ def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_pat
                  "table_collapse_prediction.csv", "table_collapse_prediction.md", "table_matched_strength.csv"):
         assert (tmp_path / stem).stat().st_size > 0, stem
     text = (tmp_path / "collapse_prediction.md").read_text()
-    assert "| `early`: early rule (any of the above) | 4/4 | 0 | 0 / 0 | +2.0 [+1.5, +2.0] | +0 … +2 | 1/4 | APART |" \
+    # (the last column, the signal's diagnostic's seconds per epoch, is empty: these runs log no time_s)
+    assert "| `early`: early rule (any of the above) | 4/4 | 0 | 0 / 0 | +2.0 [+1.5, +2.0] | +0 … +2 | 1/4 | APART |  |" \
         in text
     assert "## Calibrated thresholds" in text and "`fall` = 0.4" in text
+    assert "## The early rule calibrated" in text
     raw = pd.read_csv(tmp_path / "table_collapse_prediction.csv")
     assert list(raw["signal"]) == ["weak_fgsm", "ref_weak", "misaligned", "align_fall", "cos_fall", "ref_fall",
-                                   "early", "confirm"]
+                                   "wong_fall", "early", "confirm"]
     assert "early: hit 4/4, median lead 2.0 epochs, false alarms 1/4" in capsys.readouterr().out
 
 
@@ -192,3 +194,27 @@ def test_smoke_trains_both_stages_and_reuses_them(study, tmp_path, capsys):
     capsys.readouterr()
     assert script.main(argv) == 0
     assert capsys.readouterr().out.count("reusing finished run") == 5
+
+
+def test_early_rule_chosen_on_calibration_seeds_and_evaluated_on_the_others(study, sweep):
+    script, lib = study
+    rule_lib = importlib.import_module("lib.early_rule")
+    runs = [lib.summarize(d) for d in lib.find_run_dirs([sweep])]
+    evaluation, calibration = script.split_calibration(runs)
+    # no wong rows in these runs: wong_fall is left out of the pool
+    assert rule_lib.pool(calibration) == ("align_fall", "cos_fall", "misaligned")
+    chosen, cal, tried = rule_lib.choose(calibration)
+    # align_fall false-alarms on the calibration PGD run's dip (0.86 → 0.60) up to fall 0.25; cos_fall
+    # warns 3 epochs ahead at fall 0.05 and 0.1 (the larger wins) and alone (simplest)
+    assert chosen == rule_lib.EarlyRule(("cos_fall",), 1, 0.1) and tried > 20
+    assert (cal["hits"], cal["false_alarms"], cal["lead_median"]) == (1, 0, 3)
+    ours = rule_lib.score(evaluation, lambda r: rule_lib.warning_epoch(r, chosen))
+    default = rule_lib.default_score(evaluation)
+    assert (ours["hits"], ours["collapsing"], ours["false_alarms"], ours["controls"]) == (4, 4, 0, 4)
+    assert (default["hits"], default["false_alarms"]) == (4, 1)  # the APART run's dip
+    assert rule_lib.wins(ours, default) and not rule_lib.wins(default, ours) and not rule_lib.wins(ours, ours)
+    assert rule_lib.choose(calibration[:1])[0] is None  # no control among them: nothing can be chosen
+    two_of = rule_lib.EarlyRule(("align_fall", "cos_fall"), 2, 0.2)
+    by = {r.path.name: r for r in evaluation}
+    assert rule_lib.warning_epoch(by["fgsm-s0"], two_of) == max(by["fgsm-s0"].first["align_fall"],
+                                                                by["fgsm-s0"].first["cos_fall"])

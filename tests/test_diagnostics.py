@@ -267,7 +267,8 @@ def test_landscape_runs_around_a_collapse_onset(tmp_path):
 def test_selection_words():
     assert list(select(["default"])) == ["strength", "snapshots", "collapse"]
     assert list(select(["all"])) == ["strength", "snapshots", "collapse", "landscape"]
-    assert list(select(["all"], reference="runs/ref")) == list(DIAGNOSTICS)
+    assert list(select(["all", "wong"])) == ["strength", "snapshots", "wong", "collapse", "landscape"]
+    assert list(select(["all"], reference="runs/ref")) == [n for n in DIAGNOSTICS if n != "wong"]
     assert list(select(["default"], reference="runs/ref"))[0] == "strength-ref"
     assert select(["none"]) == {}
     assert select(["landscape:every=2,points=11", "collapse"]) == {"collapse": {},
@@ -291,7 +292,7 @@ def test_selection_errors(words, match):
 
 
 def test_options_are_declared_once_on_each_class():
-    assert list(DIAGNOSTICS) == ["strength-ref", "strength", "snapshots", "collapse", "landscape"]
+    assert list(DIAGNOSTICS) == ["strength-ref", "strength", "snapshots", "wong", "collapse", "landscape"]
     for name, cls in DIAGNOSTICS.items():
         opts = schema(name)
         assert opts and all(f.metadata["help"] for f in opts.values()), name
@@ -327,10 +328,10 @@ def test_docs_table_shows_the_declared_defaults():
 
 
 def test_build_hooks_order_and_cadence():
-    hooks = build_hooks(make_config(diagnostics=["all", "landscape:every=3", "strength:train_every=4"]))
-    assert [h.name for h in hooks] == ["strength", "snapshots", "collapse", "landscape"]
+    hooks = build_hooks(make_config(diagnostics=["all", "wong", "landscape:every=3", "strength:train_every=4"]))
+    assert [h.name for h in hooks] == ["strength", "snapshots", "wong", "collapse", "landscape"]
     assert hooks[0].every_n_steps == 4 and hooks[0].every_n_epochs == 1
-    assert hooks[3].every_n_epochs == 3
+    assert hooks[4].every_n_epochs == 3
     assert build_hooks(make_config(diagnostics=["none"])) == []
 
 
@@ -406,7 +407,7 @@ def test_reference_errors(tmp_path, small_data, reference_run):
 # diagnostics do not change training
 # ---------------------------------------------------------------------------------------------
 def test_diagnostics_on_and_off_train_identically(tmp_path, small_data, reference_run):
-    words = ["all", "landscape:every=1,n=32,points=5,grid=3", "strength:train_every=1,n=64"]
+    words = ["all", "wong:n=32", "landscape:every=1,n=32,points=5,grid=3", "strength:train_every=1,n=64"]
     model = dict(model="smallcnn", width=4)  # batch norm: eval mode in hooks must hold
     off = track(small_config(**model), runs_dir=tmp_path, name="off", progress=False, data=small_data)
     on = track(small_config(**model, diagnostics=words, reference=str(reference_run)), runs_dir=tmp_path,
@@ -420,7 +421,7 @@ def test_diagnostics_on_and_off_train_identically(tmp_path, small_data, referenc
     assert len(core(off)) > 10
     pd.testing.assert_frame_equal(core(off), core(on))
     on_sources = set(on.metrics()["source"])
-    assert {"strength", "strength-ref", "snapshots", "collapse", "landscape"} <= on_sources
+    assert {"strength", "strength-ref", "snapshots", "wong", "collapse", "landscape"} <= on_sources
     a = torch.load(off.checkpoint_path("last"), weights_only=True)["model"]
     b = torch.load(on.checkpoint_path("last"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -615,10 +616,10 @@ def test_detector_patience_reference_signal_and_state_round_trip():
 def test_signals_are_defined_once_and_documented():
     names = [s.name for s in SIGNALS]
     assert names == ["pgd_drop", "gap_widening", "weak_fgsm", "ref_weak", "misaligned",  # the events' order
-                     "align_fall", "cos_fall", "ref_fall"]
+                     "align_fall", "cos_fall", "ref_fall", "wong_fall"]
     fired = next(v for v in detect_collapse(series(**COLLAPSING)) if v.fired)
     # no reference and no cos_fgsm_pgd in the series
-    assert list(fired.flags) == [n for n in names if n not in ("ref_weak", "cos_fall", "ref_fall")]
+    assert list(fired.flags) == [n for n in names if n not in ("ref_weak", "cos_fall", "ref_fall", "wong_fall")]
     docs = (Path(__file__).parent.parent / "docs" / "diagnostics.md").read_text()
     listed = re.findall(r"^- `([a-z_]+)`:", docs, flags=re.M)
     assert listed == names

@@ -53,6 +53,7 @@ ROW_TEXT = {
     "align_fall": "grad alignment fell by 0.2",
     "cos_fall": "cos(δ_FGSM, δ_PGD) fell by 0.2",
     "ref_fall": "referee gap halved",
+    "wong_fall": "Wong et al.'s check: minibatch PGD-5 acc fell by > 0.2",
     "early": "early rule (any of the above)",
     "confirm": "confirmatory rule (needs the PGD drop)",
 }
@@ -60,6 +61,11 @@ ROW_TEXT = {
 FALLS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 REF_FALLS = (0.3, 0.5, 0.7, 0.85)
 TREND = {"align_fall": "fall", "cos_fall": "fall", "ref_fall": "ref_fall"}
+# The diagnostic that measures each early signal and the split of its time_s rows: a signal's cost per epoch.
+COST_SOURCE = {"weak_fgsm": ("strength", "probe"), "misaligned": ("strength", "probe"),
+               "align_fall": ("strength", "probe"), "cos_fall": ("strength", "probe"),
+               "ref_weak": ("strength-ref", "probe"), "ref_fall": ("strength-ref", "probe"),
+               "wong_fall": ("wong", "train")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +125,7 @@ class RunSummary:
     apart_delta: float                # APART / FGSM+: their own mean |δ| of the training perturbations, last epoch
     seconds: float                    # train + eval + diagnostics seconds
     first: dict[str, int | None] = field(default_factory=dict)   # warning epoch per signal and rule
+    diag_seconds: dict[str, float] = field(default_factory=dict)  # median time_s per epoch, by (source, split)
     evaluated: set[str] = field(default_factory=set)            # signals whose inputs were logged
     inputs: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
 
@@ -131,11 +138,14 @@ def _last(s: pd.Series) -> float:
     return float(s.iloc[-1]) if len(s) else math.nan
 
 
-def summarize(path: Path, rule: CollapseRule | None = None) -> RunSummary:
+def summarize(path: Path, rule: CollapseRule | None = None, extra: pd.DataFrame | None = None) -> RunSummary:
     """Read one run: its outcome (with :data:`FLOOR`) and every signal's warning epoch under ``rule``
-    (default: the detector's a-priori thresholds)."""
+    (default: the detector's a-priori thresholds). ``extra``: metric rows measured after training
+    and kept outside the run (e.g. the ``wong`` replay's), added to its metrics."""
     run = open_run(path)
     cfg, df = run.config, run.metrics
+    if extra is not None and len(extra):
+        df = pd.concat([df, extra[df.columns.intersection(extra.columns)]], ignore_index=True)
     inputs = signals_from_metrics(df)
     pgd = eval_curve(df)
     truth = first_epochs(_verdicts(inputs, CollapseRule(floor=FLOOR)))
@@ -153,7 +163,29 @@ def summarize(path: Path, rule: CollapseRule | None = None) -> RunSummary:
         final_test_clean=_last(eval_curve(df, attack="none", split="test")),
         test_n=int(test["n"].max()) if len(test) else 0, train_delta=_last(delta),
         apart_alpha=_last(_per_epoch(method_rows, "alpha")), apart_delta=_last(_per_epoch(method_rows, "delta_abs_mean")),
-        seconds=run_seconds(df), inputs=inputs, **_warnings(inputs, rule or CollapseRule()))
+        seconds=run_seconds(df), inputs=inputs, diag_seconds=_diag_seconds(df),
+        **_warnings(inputs, rule or CollapseRule()))
+
+
+def _diag_seconds(df: pd.DataFrame) -> dict[str, float]:
+    """Median per-epoch ``time_s`` of each diagnostic behind a signal, keyed ``source/split``."""
+    out = {}
+    for source, split in set(COST_SOURCE.values()):
+        rows = df[(df["source"] == source) & (df["split"] == split) & (df["metric"] == "time_s")]
+        if len(rows):
+            out[f"{source}/{split}"] = float(rows.groupby("epoch")["value"].sum().median())
+    return out
+
+
+def signal_cost(runs: Sequence[RunSummary], row: str) -> float:
+    """Median over ``runs`` of the seconds per epoch of the diagnostic(s) behind ``row`` (the
+    early rule: all of them that ran); NaN for the confirmatory rule (the probe evaluation's)."""
+    if row == "confirm":
+        return math.nan
+    keys = {f"{s}/{p}" for s, p in ([COST_SOURCE[row]] if row in COST_SOURCE else COST_SOURCE.values())}
+    per_run = [sum(r.diag_seconds[k] for k in keys if k in r.diag_seconds) for r in runs
+               if any(k in r.diag_seconds for k in keys)]
+    return float(np.median(per_run)) if per_run else math.nan
 
 
 def _per_epoch(rows: pd.DataFrame, metric: str) -> pd.Series:
@@ -212,6 +244,7 @@ def signal_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
             "control_runs": len(ctrl), "false_alarms": len(alarms),
             "false_alarm_rate": len(alarms) / len(ctrl) if ctrl else math.nan,
             "false_alarm_methods": ", ".join(sorted({r.label for r in alarms})),
+            "cost_s_per_epoch": signal_cost(here, row),
         })
     return pd.DataFrame(out)
 

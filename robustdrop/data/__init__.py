@@ -21,7 +21,7 @@ from robustdrop.data.cifar10_jpeg import CIFAR10_CLASSES, CIFAR10_JPEG_SHA256, e
 from robustdrop.data.datasets import DATASET_SPECS, check_dataset_spec, load_dataset
 from robustdrop.data.folder import write_image_folder
 from robustdrop.data.image_data import ImageData
-from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation
+from robustdrop.data.loader import Batch, TrainLoader, iterate_eval, probe_indices, split_validation, train_indices
 from robustdrop.data.probe import NORMALIZED_HINT, as_uint8_images, probe_from
 from robustdrop.data.synthetic import make_synthetic
 
@@ -49,5 +49,6 @@ __all__ = [
     "probe_indices",
     "sample_crop_flip",
     "split_validation",
+    "train_indices",
     "write_image_folder",
 ]

@@ -161,6 +161,16 @@ def split_validation(num_examples: int, num_val: int, seed: int) -> tuple[torch.
     return train_idx, val_idx
 
 
+def train_indices(num_examples: int, num_val: int, seed: int, subset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_idx, val_idx)`` of a run: :func:`split_validation`, then (``subset`` > 0) a seeded
+    random ``subset`` of the training indices, sorted (the datasets are stored class by class)."""
+    train_idx, val_idx = split_validation(num_examples, num_val, seed)
+    if subset:
+        pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(int(seed)))
+        train_idx = train_idx[pick[:subset].sort().values]
+    return train_idx, val_idx
+
+
 def probe_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """A fixed, seeded, class-balanced subset of ``n`` indices into ``labels`` (sorted).
 

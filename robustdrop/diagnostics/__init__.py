@@ -9,6 +9,8 @@ strength-ref   a frozen reference model's accuracy on FGSM / PGD δ of the curre
 strength       FGSM vs random-sign loss increase, FGSM–PGD agreement, gradient          default
                alignment, δ statistics (probe and training perturbations)
 snapshots      FGSM δ of fixed probe images every epoch (the paper's Fig. 1)           default
+wong           Wong et al. 2020's early-stop check: PGD-5 accuracy on one fixed         by name
+               training minibatch (the collapse detector's ``wong_fall`` signal)
 collapse       online detector of the robustness collapse; acts on ``--on-collapse``   default
 landscape      1-D / 2-D input-space loss landscapes, linearity error, curvature       all
 =============  =====================================================================  ==========
@@ -54,6 +56,7 @@ from robustdrop.diagnostics.registry import DIAGNOSTICS, create_diagnostic, regi
 from robustdrop.diagnostics.selection import schema, select
 from robustdrop.diagnostics.snapshots import SnapshotDiagnostic, SnapshotOptions, pick_snapshot_indices
 from robustdrop.diagnostics.strength import StrengthDiagnostic, StrengthOptions
+from robustdrop.diagnostics.wong import WongDiagnostic, WongOptions, fixed_minibatch
 from robustdrop.engine import Hook
 
 
@@ -76,8 +79,8 @@ __all__ = [
     "AUTO", "DIAGNOSTICS", "INPUTS", "SIGNALS", "CollapseDetector", "CollapseDiagnostic", "CollapseRule", "Diagnostic",
     "LandscapeDiagnostic", "LandscapeOptions", "Options", "ReferenceOptions", "ReferenceSource",
     "ReferenceStrengthDiagnostic", "Signal", "SnapshotDiagnostic", "SnapshotOptions", "StrengthDiagnostic",
-    "StrengthOptions", "Verdict", "auto_referee", "build_hooks", "build_reference", "builtin_names",
+    "StrengthOptions", "Verdict", "WongDiagnostic", "WongOptions", "auto_referee", "build_hooks", "build_reference", "builtin_names",
     "compute_landscape", "create_diagnostic", "delta_autocorr", "delta_stats", "detect_collapse", "find_reference",
-    "first_epochs", "load_builtin", "option", "per_example_cos", "pick_snapshot_indices", "referee_config",
+    "first_epochs", "fixed_minibatch", "load_builtin", "option", "per_example_cos", "pick_snapshot_indices", "referee_config",
     "register_diagnostic", "schema", "select", "sign_agreement", "signals_from_metrics", "verify_builtin",
 ]

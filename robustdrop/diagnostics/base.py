@@ -53,6 +53,7 @@ class Diagnostic(Hook):
     name = "diagnostic"
     Options: ClassVar[type[Options]] = Options
     in_default: ClassVar[bool] = True
+    in_all: ClassVar[bool] = True  # False: only by name (e.g. it needs the training data, which a Monitor lacks)
     needs_reference: ClassVar[bool] = False
 
     def __init__(self, options: Options, **cadence: Any):

@@ -15,8 +15,10 @@ at most the number measured) of the ``early`` signals hold, for ``patience`` con
 warning is the first epoch of that streak. No early signal reads the probe PGD evaluation: they are
 the gradient alignment, cos(δ_FGSM, δ_PGD) of the strength diagnostic (a PGD-5 attack on its 500
 probe examples, cheaper than the probe's PGD-20 evaluation and not an accuracy), the FGSM-vs-noise
-loss increase, the referee's FGSM-vs-noise gap, and the falls of these from their running maxima
-(counted from epoch ``start``). Thresholds are fixed a priori from what the signals mean
+loss increase, the referee's FGSM-vs-noise gap, the falls of these from their running maxima
+(counted from epoch ``start``), and — with ``--diagnostics wong`` — the field's baseline, Wong et
+al. 2020's early stop (``wong_fall``: PGD-5 accuracy on a fixed training minibatch down by more
+than ``wong_fall`` from the previous epoch). Thresholds are fixed a priori from what the signals mean
 (docs/diagnostics.md, "The early warning").
 
 Signals whose diagnostic did not run are left out. ``collapse_score`` (logged every evaluated
@@ -56,13 +58,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Input:
     """A value the detector reads: ``run.metrics[channel]`` in a live run; in a recorded run the
-    ``split=probe`` row with this ``source``, ``metric`` and ``attack`` (``None``: any attack)."""
+    row of this ``split`` with this ``source``, ``metric`` and ``attack`` (``None``: any attack)."""
 
     key: str
     channel: str
     source: str
     metric: str
     attack: str | None = None
+    split: str = "probe"
 
 
 # The detector's inputs, in the order its verdicts list their values.
@@ -75,6 +78,7 @@ INPUTS = (
     Input("strength_ratio", "strength/strength_ratio", "strength", "strength_ratio"),
     Input("grad_alignment", "strength/grad_alignment", "strength", "grad_alignment"),
     Input("cos_fgsm_pgd", "strength/cos_fgsm_pgd", "strength", "cos_fgsm_pgd"),
+    Input("wong_acc", "wong/acc", "wong", "acc", "pgd", split="train"),
 )
 REQUIRED = INPUTS[0]  # pgd_acc: no verdict without it
 MODES = ("confirm", "early")
@@ -97,6 +101,8 @@ class CollapseRule(Options):
     ref_fall: float = option(0.5, "early: the referee's noise−FGSM gap at most ref_fall × its running max")
     start: int = option(2, "early: first epoch that counts in the running maxima", minimum=1)
     votes: int = option(1, "early: early signals that must hold at once", minimum=1)
+    wong_fall: float = option(0.2, "early: the wong minibatch's PGD accuracy more than this below the previous "
+                                   "epoch's (Wong et al. 2020's early stop)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +172,14 @@ def _cos_fall(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | No
     return _fallen(d, "cos_fgsm_pgd", v)
 
 
+def _wong_fall(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
+    # Wong et al. stop when acc − previous acc < −0.2; their previous starts at 0, so epoch 1 never fires.
+    if "wong_acc" not in v:
+        return None
+    previous = d.previous.get("wong_acc")
+    return previous is not None and v["wong_acc"] - previous < -d.rule.wong_fall
+
+
 def _ref_fall(d: CollapseDetector, v: dict[str, float], gap: float) -> bool | None:
     ref_gap, peak = _ref_gap(v), d.peaks.get("ref_gap")
     if ref_gap is None or peak is None or peak <= d.rule.margin:  # never separated: ref_weak's case
@@ -190,6 +204,9 @@ SIGNALS = (
            _cos_fall, confirm=False, early=True),
     Signal("ref_fall", "the referee's gap ref_acc(noise-sign) − ref_acc(fgsm) at most `ref_fall` × its running "
            "max (from epoch `start`; left out while that max is ≤ `margin`)", _ref_fall, confirm=False, early=True),
+    Signal("wong_fall", "the `wong` diagnostic's PGD-5 accuracy on its fixed training minibatch more than `wong_fall` "
+           "below the previous epoch's (Wong et al. 2020's early stop; needs `--diagnostics wong`)", _wong_fall,
+           confirm=False, early=True),
 )
 # The values whose running maxima (from epoch ``start``) the trend signals compare with.
 _PEAKS: dict[str, Callable[[dict[str, float]], float | None]] = {
@@ -236,6 +253,7 @@ class CollapseDetector:
     streak_start: int = 0
     onset: int | None = None
     peaks: dict[str, float] = field(default_factory=dict)  # running maxima of the trend signals' values
+    previous: dict[str, float] = field(default_factory=dict)  # the last epoch's values (wong_fall's baseline)
     early_streak: int = 0
     early_streak_start: int = 0
     warning: int | None = None
@@ -279,6 +297,7 @@ class CollapseDetector:
                       "gap_at_best": self.gap_at_best, "early_votes": votes,
                       **{f"peak_{k}": x for k, x in self.peaks.items()}}
         verdict = Verdict(epoch, score, flags, values_out, onset=self.onset, warning=self.warning)
+        self.previous = v
         if not self.fired and on and self.streak >= r.patience:
             self.onset = self.streak_start
             verdict.fired, verdict.onset = True, self.onset
@@ -295,7 +314,7 @@ class CollapseDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, val in state.items():  # a state saved before the early rule lacks its keys: their defaults stay
             if k != "rule":
-                setattr(self, k, dict(val) if k == "peaks" else val)
+                setattr(self, k, dict(val) if k in ("peaks", "previous") else val)
 
 
 def _advance(streak: int, start: int, on: bool, epoch: int) -> tuple[int, int]:
@@ -310,11 +329,11 @@ def _advance(streak: int, start: int, on: bool, epoch: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 def signals_from_metrics(metrics: pd.DataFrame) -> dict[int, dict[str, float]]:
     """Per-epoch detector inputs (:data:`INPUTS`) from a tidy metrics table (``RunStore.metrics()``):
-    probe accuracies (``source=eval``) and the strength diagnostics' rows. Epochs without a probe
-    PGD accuracy are left out."""
-    df = metrics[metrics["split"] == "probe"]
+    probe accuracies (``source=eval``), the strength diagnostics' rows and ``wong``'s (``split=train``).
+    Epochs without a probe PGD accuracy are left out."""
     out: dict[int, dict[str, float]] = {}
     for inp in INPUTS:
+        df = metrics[metrics["split"] == inp.split]
         rows = df[(df["source"] == inp.source) & (df["metric"] == inp.metric)]
         if inp.attack is not None:
             rows = rows[rows["attack"] == inp.attack]

@@ -1,7 +1,7 @@
 """The diagnostics registry: the one list of diagnostic names, name → class, in running order.
 
-The order is the order hooks run each epoch: the strength measures first (the collapse detector
-reads what they publish in ``run.metrics``), the detector before ``landscape`` (which reacts to a
+The order is the order hooks run each epoch: the strength measures and ``wong`` first (the collapse
+detector reads what they publish in ``run.metrics``), the detector before ``landscape`` (which reacts to a
 fresh onset). Each class declares its options (``Options``), whether ``--diagnostics default``
 includes it (``in_default``) and whether it needs ``--reference`` (``needs_reference``).
 """
@@ -16,6 +16,7 @@ from robustdrop.diagnostics.landscape import LandscapeDiagnostic
 from robustdrop.diagnostics.reference import ReferenceStrengthDiagnostic
 from robustdrop.diagnostics.snapshots import SnapshotDiagnostic
 from robustdrop.diagnostics.strength import StrengthDiagnostic
+from robustdrop.diagnostics.wong import WongDiagnostic
 from robustdrop.registry import Registry
 
 DIAGNOSTICS: Registry[type[Diagnostic]] = Registry("diagnostic")
@@ -26,7 +27,7 @@ def register_diagnostic(cls: type[Diagnostic]) -> type[Diagnostic]:
     return DIAGNOSTICS.register(cls.name)(cls)
 
 
-for _cls in (ReferenceStrengthDiagnostic, StrengthDiagnostic, SnapshotDiagnostic, CollapseDiagnostic,
+for _cls in (ReferenceStrengthDiagnostic, StrengthDiagnostic, SnapshotDiagnostic, WongDiagnostic, CollapseDiagnostic,
              LandscapeDiagnostic):
     register_diagnostic(_cls)
 

@@ -76,7 +76,7 @@ def select(words: Sequence[str], *, reference: str | None = None) -> dict[str, d
             continue
         if low in ("default", "all"):
             for name, cls in DIAGNOSTICS.items():
-                if low == "all" or cls.in_default:
+                if (low == "all" and cls.in_all) or cls.in_default:
                     chosen.setdefault(name, {})
             continue
         name, options = _parse_word(word)

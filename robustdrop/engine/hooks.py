@@ -72,6 +72,7 @@ class RunContext:
         data: the :class:`~robustdrop.data.ImageData` (CPU).
         train_images: the uint8 ``(N, C, H, W)`` training tensor actually trained on (CPU).
         probe: ``(images uint8 (N, C, H, W), labels (N,))`` on ``device``: the fixed probe set.
+        train_labels: the ``(N,)`` labels of ``train_images`` (CPU); ``None`` where a caller has none.
         steps_per_epoch: optimizer steps in one epoch.
         epoch: the current (1-based) epoch, 0 before training; ``step``: optimizer steps taken.
         eval_specs: the evaluation's attacks by name (``none``, ``fgsm``, ``pgd``), as in the
@@ -92,6 +93,7 @@ class RunContext:
     data: ImageData
     train_images: torch.Tensor
     probe: tuple[torch.Tensor, torch.Tensor]
+    train_labels: torch.Tensor | None = None
     steps_per_epoch: int = 0
     epoch: int = 0
     step: int = 0

@@ -121,15 +121,17 @@ def eval_attacks(config: TrackConfig) -> list[Attack | None]:
 def make_context(config: TrackConfig, store: RunStore, model: nn.Module, *, device: torch.device, data: ImageData,
                  probe: tuple[torch.Tensor, torch.Tensor], method: TrainingMethod | None = None,
                  optimizer: torch.optim.Optimizer | None = None, train_images: torch.Tensor | None = None,
-                 steps_per_epoch: int = 0, channels_last: bool = False) -> RunContext:
+                 train_labels: torch.Tensor | None = None, steps_per_epoch: int = 0,
+                 channels_last: bool = False) -> RunContext:
     """The :class:`RunContext` hooks see, built from ``config`` the one way: evaluation specs
     from :func:`eval_attacks`, the evaluation / diagnostics autocast from ``--eval-precision``
     (bf16 gradients can make an attack look weaker than it is; training's ``--amp`` never reaches
     hooks). ``probe``: uint8 ``(N, C, H, W)`` images and
-    ``(N,)`` labels on ``device``; ``train_images`` defaults to none (an empty tensor)."""
+    ``(N,)`` labels on ``device``; ``train_images`` defaults to none (an empty tensor), ``train_labels``
+    (their labels, needed by the ``wong`` diagnostic) to ``None``."""
     return RunContext(config=config, store=store, model=model, method=method, optimizer=optimizer, device=device,
                       data=data, train_images=data.train_x[:0] if train_images is None else train_images,
-                      probe=probe, steps_per_epoch=steps_per_epoch,
+                      probe=probe, train_labels=train_labels, steps_per_epoch=steps_per_epoch,
                       autocast_factory=autocast_for(device, config.eval_precision == "bf16"),
                       eval_specs={s.attack: s for s in map(spec_of, eval_attacks(config))},
                       channels_last=channels_last)

@@ -22,7 +22,7 @@ from torch import nn
 
 from robustdrop._progress import progress_bar
 from robustdrop.attacks import Attack
-from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, split_validation
+from robustdrop.data import ImageData, TrainLoader, load_dataset, probe_indices, train_indices
 from robustdrop.engine.checkpoint import EpochProgress, checkpoint_saver, load_run_checkpoint, run_state
 from robustdrop.engine.config import TrackConfig
 from robustdrop.engine.control import handle_stop, handle_switch
@@ -165,11 +165,7 @@ class Trainer:
             self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
         data = self.data
         cfg.check_data(len(data.train_y), len(data.test_y), data.name)
-        train_idx, val_idx = split_validation(len(data.train_y), cfg.val_size, cfg.seed)
-        if cfg.train_subset:
-            # A seeded random subset: the datasets are stored class by class.
-            pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
-            train_idx = train_idx[pick[: cfg.train_subset].sort().values]
+        train_idx, val_idx = train_indices(len(data.train_y), cfg.val_size, cfg.seed, cfg.train_subset)
         self.train_images = data.train_x[train_idx]
         self.loader = TrainLoader(self.train_images, data.train_y[train_idx], cfg.batch_size, device=self.device,
                                   augment=cfg.augment, pad=4, pad_value=cfg.pad_value, channels_last=self._channels_last)
@@ -194,6 +190,7 @@ class Trainer:
         self.saver = checkpoint_saver(cfg, self.store)  # the store's checkpoint policy with this run's options
         self.run = make_context(cfg, self.store, self.model, device=self.device, data=data, probe=self.probe,
                                 method=self.method, optimizer=self.optimizer, train_images=self.train_images,
+                                train_labels=data.train_y[train_idx],
                                 steps_per_epoch=steps_per_epoch, channels_last=self._channels_last)
         # Evaluation, the hook guard and events: the one home shared with the Monitor and the replay.
         self.observer = Observer(self.run, self.hooks, val=self.val, test=self.test)
