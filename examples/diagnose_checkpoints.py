@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--probe-size", type=int, default=1000)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--name", default="fgsm-own-loop-offline")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
     argv = ["diagnose", "--checkpoints", f"{args.checkpoints}/epoch_*.pt", "--model", f"{HERE / 'fgsm_own_loop.py'}:Net",

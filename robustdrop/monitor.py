@@ -97,14 +97,18 @@ class EpochReport:
         return self.values.get("probe/acc/pgd")
 
     def line(self) -> str:
-        """One line for a log: the probe accuracies, the strength ratio, the detector."""
+        """One line for a log: the probe accuracies, cos(δ_FGSM, δ_PGD), the referee on FGSM δ vs noise,
+        the detector. (Not the FGSM/noise loss ratio: it is ill-conditioned once noise barely moves the loss.)"""
         parts = [f"epoch {self.epoch}"]
         accs = [(k, self.values.get(f"probe/acc/{a}")) for k, a in (("clean", "none"), ("fgsm", "fgsm"), ("pgd", "pgd"))]
         if any(v is not None for _, v in accs):
             parts.append("probe " + " ".join(f"{k} {v:.3f}" for k, v in accs if v is not None))
-        ratio = self.values.get("strength/strength_ratio")
-        if ratio is not None:
-            parts.append(f"strength ratio {ratio:.2f}")
+        cos = self.values.get("strength/cos_fgsm_pgd")
+        if cos is not None:
+            parts.append(f"cos(δ_FGSM, δ_PGD) {cos:.2f}")
+        ref_fgsm, ref_noise = self.values.get("strength-ref/ref_acc_fgsm"), self.values.get("strength-ref/ref_acc_noise")
+        if ref_fgsm is not None and ref_noise is not None:
+            parts.append(f"referee on FGSM δ {ref_fgsm:.3f} vs noise {ref_noise:.3f}")
         if self.collapse:
             parts.append(f"COLLAPSE (onset epoch {self.onset_epoch})")
         elif self.warning:
