@@ -32,15 +32,14 @@ from robustdrop.engine import Observer, TrackConfig, make_context, resolve_devic
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, load_checkpoint_file
+from robustdrop.store import RunStore, epoch_files, load_checkpoint_file
 
 MEASURED_EVENT = "reference_measured"
 
 
 def weights_files(path: Path) -> dict[int, Path]:
     """``{epoch: checkpoints/weights_epoch_XXXX.pt}`` of a run."""
-    folder = path / "checkpoints"
-    return {int(p.stem[len(WEIGHTS_PREFIX):]): p for p in sorted(folder.glob(f"{WEIGHTS_PREFIX}*.pt"))}
+    return epoch_files(path, weights_only=True)
 
 
 def is_measured(path: Path) -> bool:

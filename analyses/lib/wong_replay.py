@@ -29,14 +29,14 @@ from robustdrop.engine import Observer, TrackConfig, make_context, resolve_devic
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, atomic_write_text, load_checkpoint_file
+from robustdrop.store import RunStore, atomic_write_text, epoch_files, load_checkpoint_file
 
 KEY_COLUMNS = ("run", "run_key")
 
 
 def epoch_checkpoints(path: Path) -> dict[int, Path]:
     """``{epoch: checkpoints/epoch_XXXX.pt}`` of a run."""
-    return {int(p.stem.split("_")[1]): p for p in sorted((path / "checkpoints").glob("epoch_*.pt"))}
+    return epoch_files(path)
 
 
 def run_key(path: Path) -> str:

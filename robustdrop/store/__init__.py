@@ -8,6 +8,7 @@ from robustdrop.store.checkpoints import (
     RESULT,
     CheckpointSaver,
     epoch_checkpoint_name,
+    epoch_files,
     parse_epoch,
     result_checkpoint,
     weights_checkpoint_name,
@@ -18,6 +19,6 @@ from robustdrop.store.sweep_record import SWEEP_FILE, SweepRecord, is_sweep_dir
 
 __all__ = [
     "BEST", "KEEP_ROLLING", "LAST", "LOCK_NAME", "METRIC_COLUMNS", "RESULT", "CheckpointSaver", "RunLock", "RunStore", "atomic_write_bytes",
-    "atomic_write_text", "epoch_checkpoint_name", "load_checkpoint_file", "metric_row", "parse_epoch",
+    "atomic_write_text", "epoch_checkpoint_name", "epoch_files", "load_checkpoint_file", "metric_row", "parse_epoch",
     "result_checkpoint", "weights_checkpoint_name", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
 ]

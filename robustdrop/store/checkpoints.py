@@ -39,7 +39,7 @@ from robustdrop._files import atomic_write
 from robustdrop.store.run_store import RunStore
 
 __all__ = [
-    "BEST", "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "lower_is_better",
+    "BEST", "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "epoch_files", "lower_is_better",
     "parse_epoch", "result_checkpoint", "weights_checkpoint_name",
 ]
 
@@ -73,6 +73,15 @@ def parse_epoch(name: str | os.PathLike) -> int | None:
     stem = Path(name).name.removesuffix(".pt")
     match = _EPOCH_NAME.fullmatch(stem)
     return int(match.group(1)) if match else None
+
+
+def epoch_files(run_dir: str | os.PathLike, *, weights_only: bool = False) -> dict[int, Path]:
+    """``{epoch: path}`` of a run's per-epoch checkpoints on disk, ascending: ``epoch_XXXX.pt``
+    (``--checkpoint-every``), or with ``weights_only`` ``weights_epoch_XXXX.pt`` (``--save-weights-every``)."""
+    folder = Path(run_dir) / "checkpoints"
+    prefix = WEIGHTS_PREFIX.removesuffix("epoch_") if weights_only else ""  # "weights_" before "epoch_XXXX"
+    found = {parse_epoch(p.stem[len(prefix):]): p for p in folder.glob(f"{prefix}epoch_*.pt")} if folder.is_dir() else {}
+    return {e: found[e] for e in sorted(e for e in found if e is not None)}
 
 
 def result_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -164,9 +173,7 @@ class CheckpointSaver:
 
     def epochs(self) -> list[int]:
         """Epochs that have an ``epoch_XXXX.pt`` on disk, ascending."""
-        folder = self.store.checkpoint_path(LAST).parent
-        found = (parse_epoch(p) for p in folder.glob("epoch_*.pt")) if folder.is_dir() else ()
-        return sorted(e for e in found if e is not None)
+        return list(epoch_files(self.store.path))
 
     def rollback_source(self, to_epoch: int, *, last_epoch: int | None) -> Path | None:
         """The checkpoint to keep as the result when rolling back to ``to_epoch``: the newest
