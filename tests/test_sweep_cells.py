@@ -116,6 +116,50 @@ def test_local_cells_share_the_gpus_they_see(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["OMP_NUM_THREADS"] == "2"
 
 
+def test_gpu_fractions_reach_each_ray_task(tiny_env, tmp_path, monkeypatch, capsys):
+    """--gpus-per-cell 0.25 (four cells on one GPU) and --cpus-per-cell become each Ray task's
+    resource request, with the deadline; a stand-in for Ray records them (no GPU, no cluster)."""
+    from robustdrop.sweeps import ray_backend
+
+    asked, submitted = [], []
+
+    class Task:
+        def options(self, **request):
+            asked.append(request)
+            return self
+
+        def remote(self, *args):
+            submitted.append(args)
+            return args
+
+    class StandInRay:
+        def init(self, **kwargs):
+            pass
+
+        def remote(self, fn):
+            assert fn is ray_backend.run_cell_blocking
+            return Task()
+
+        def wait(self, refs, num_returns):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            return {"ok": False, "not_started": True, "wall_s": 0.0}  # as a task after the deadline
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray_backend, "_import_ray", StandInRay)
+    monkeypatch.setattr(ray_backend, "check_shared_filesystem", lambda ray, path: None)
+    code = main(["sweep", "--grid", "seed=0:2", "--name", "g", "--runs-dir", str(tmp_path), "--backend", "ray",
+                 "--gpus-per-cell", "0.25", "--cpus-per-cell", "2", "--max-minutes", "30", "--no-progress",
+                 *test_sweep._flags(tiny_fixed(tiny_env["dataset"]))])
+    assert code == 0 and "2 not started" in capsys.readouterr().out
+    assert asked == [{"num_cpus": 2.0, "num_gpus": 0.25, "max_retries": 0}]
+    assert [a[1] for a in submitted] == ["seed=0", "seed=1"]
+    assert all(time.time() < a[3] <= time.time() + 1800 for a in submitted)  # the deadline travels with each task
+
+
 def test_a_past_deadline_starts_nothing(tmp_path, capsys):
     code = main(["sweep", "--preset", "quick", "--grid", "seed=0:2", "--name", "late", "--runs-dir", str(tmp_path),
                  "--max-minutes", "0.000001", "--no-progress"])
