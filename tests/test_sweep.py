@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -506,6 +507,7 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)  # the nodes' session folders and logs
 
 
 # The Ray study's dependent cell: long enough to be running 8 s after its driver could start cells
