@@ -123,16 +123,37 @@ def test_outcomes_leads_hits_and_false_alarms(study, sweep):
     assert strength.loc[(EPS, "FGSM α=2.6/255"), "delta_over_eps"] == pytest.approx(0.9 * 2.6 / 10)
 
 
-def test_matched_values_and_commands(study, sweep, capsys):
+def test_matched_values_and_stage_2s_sweep_file(study, sweep, tmp_path, capsys):
+    """--matched-from computes stage 2 from the APART runs and writes it as a sweep file: FGSM at
+    APART's mean final α and mean |δ| on stage 1's seeds, the study's fixed values."""
+    from robustdrop.sweeps import read_toml
+
     script, lib = study
     runs = [lib.summarize(d) for d in lib.find_run_dirs([sweep])]
     values = lib.matched_values(runs).iloc[0]
     assert values["runs"] == 2 and values["alpha_mean"] * 255 == pytest.approx(2.3)
     assert values["delta_mean"] * 255 == pytest.approx(2.7)
-    assert script.main(["--matched-from", str(sweep / "cp-main")]) == 0
+    argv = ["--matched-from", str(sweep / "cp-main"), "--runs-dir", str(tmp_path)]
+    assert script.main(argv) == 0
     out = capsys.readouterr().out
     assert "final α = 2.3/255" in out and "mean |δ| = 2.7/255" in out
-    assert "--grid seed=0:5 epsilon=10/255 method=fgsm alpha=2.3/255,2.7/255" in out
+    path = tmp_path / "collapse-prediction" / "cp-matched.toml"
+    assert f"robustdrop sweep --file {path} --runs-dir {path.parent} --jobs 2" in out
+    plan = script.study_plan(path)
+    assert plan.name == "cp-matched" and len(plan.cells) == 2 * len(script.SEEDS)
+    got = {(c.config.method, round(c.config.alpha * 255, 3), c.config.epsilon, c.config.seed, c.config.threads,
+            c.config.eval_batch_size) for c in plan.cells}
+    assert got == {("fgsm", a, EPS, s, 1, 128) for a in (2.3, 2.7) for s in script.SEEDS}
+    assert read_toml(path)["preset"] == "quick"
+    assert script.main(argv) == 0  # the same runs: the same file
+    write_run(sweep / "cp-main", "apart-s2", method="apart", seed=2, apart=(3.0 / 255, 3.0 / 255), **FLAT)
+    try:  # other APART runs: the written file (whose sweep may have run) is not replaced
+        assert script.main(argv) == 2
+        assert "exists with other cells" in capsys.readouterr().err
+    finally:
+        import shutil
+
+        shutil.rmtree(sweep / "cp-main" / "apart-s2")
 
 
 def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_path, capsys):
@@ -153,28 +174,48 @@ def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_pat
     assert "early: hit 4/4, median lead 2.0 epochs, false alarms 1/4" in capsys.readouterr().out
 
 
-def test_plan_lists_every_cell(study, capsys):
+def test_plan_prints_a_sweep_file_per_part(study, capsys):
+    """--plan: every part of the study is a `robustdrop sweep --file` command (stage 2's file is
+    written by --matched-from), and every collapse_prediction*.toml under studies/ is one of them."""
     script, _ = study
     assert script.main(["--plan"]) == 0
     out = capsys.readouterr().out
     assert "stage 1 75" in out and "stage 2 30" in out and "optional calibration 45" in out
-    assert "robustdrop sweep --file analyses/studies/collapse_prediction.toml --runs-dir" in out
-    assert "--grid seed=100:103 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+" in out
-    assert out.count("method=pgd pgd_steps=3") == 6  # one sweep per ε (the step follows ε), evaluation + calibration
-    assert "alpha=8.333/255" in out  # PGD-3's step at ε = 10/255: 2.5ε/3
+    files = sorted((ANALYSES / "studies").glob("collapse_prediction*.toml"))
+    assert len(files) == 4
+    for f in files:
+        assert f"robustdrop sweep --file analyses/studies/{f.name} --runs-dir" in out
+    assert "--grid" not in out and "--backend ray" in out
+    assert "collapse_prediction.py --matched-from runs/analyses/quick/collapse-prediction/cp-main" in out
+    assert "robustdrop sweep --file runs/analyses/quick/collapse-prediction/cp-matched.toml" in out
 
 
-def test_the_study_file_makes_the_committed_sweep(study):
-    """analyses/studies/collapse_prediction.toml plans exactly the cells (names, configs, grid) of
-    the sweep made by the grid command it replaced, so that sweep is continued, not refused."""
-    from robustdrop.sweeps import parse_grid, plan_sweep, read_toml
+def test_the_study_files_make_the_studys_cells(study):
+    """The PGD-3 controls step 2.5ε/3 at each (ε, seed) of the grid beside them; the calibration
+    files are stage 1's on seeds 100..102; the main file plans exactly the cells (names, configs,
+    grid) of the sweep made by the grid command it replaced, so that sweep is continued, not refused."""
+    from robustdrop.sweeps import parse_grid, plan_sweep
 
-    spec = read_toml(study[0].STUDY)
-    from_file = plan_sweep(spec["grid"], preset=spec["preset"], fixed=spec["fixed"], name=spec["name"])
+    script = study[0]
+    main, pgd = (script.study_plan(f) for f in script.PARTS["stage 1"])
     words = "seed=0:5 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+ threads=1 eval_batch_size=128"
     committed = plan_sweep(parse_grid(words.split()), preset="quick", name="cp-main")
-    assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in committed.cells]
-    assert (from_file.name, from_file.grid, from_file.fixed) == (committed.name, committed.grid, committed.fixed)
+    assert [(c.name, c.config) for c in main.cells] == [(c.name, c.config) for c in committed.cells]
+    assert (main.name, main.grid, main.fixed) == (committed.name, committed.grid, committed.fixed)
+
+    def pgd_cells(plan):
+        return {(c.config.epsilon, c.config.seed) for c in plan.cells if c.config.method == "pgd"
+                and c.config.pgd_steps == 3 and c.config.alpha == pytest.approx(2.5 * c.config.epsilon / 3, rel=1e-3)
+                and (c.config.threads, c.config.eval_batch_size) == (1, 128)}
+
+    assert len(pgd.cells) == 15 and pgd_cells(pgd) == {(c.config.epsilon, c.config.seed) for c in main.cells}
+    cal, cal_pgd = (script.study_plan(f) for f in script.PARTS["calibration"])
+    assert script.CALIBRATION_SEEDS == (100, 103) and {c.config.seed for c in cal.cells} == {100, 101, 102}
+    assert [c.config.method for c in cal.cells] == [c.config.method for c in main.cells if c.config.seed < 3]
+    assert len(cal_pgd.cells) == 9 and pgd_cells(cal_pgd) == {(c.config.epsilon, c.config.seed) for c in cal.cells}
+    few = script.study_plan(script.PARTS["stage 1"][1], only={"seed": [0], "epsilon": [10 / 255]},
+                            fixed={"epochs": 2})
+    assert [(c.name, c.config.epochs) for c in few.cells] == [("eps10-s0", 2)]
 
 
 def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
