@@ -156,13 +156,17 @@ def plan_text(setting: Setting) -> str:
     return "\n".join(lines) + "\n"
 
 
-def matched_study(runs: Sequence[RunSummary], seeds: Sequence[int] = SEEDS) -> dict[str, Any]:
+MATCHED_STEPS = ("alpha_mean", "delta_mean")  # FGSM at APART's final α and at its mean |δ|
+
+
+def matched_study(runs: Sequence[RunSummary], seeds: Sequence[int] = SEEDS,
+                  steps: Sequence[str] = MATCHED_STEPS) -> dict[str, Any]:
     """Stage 2 as a sweep (``read_toml``'s fields), computed from stage 1's APART runs
     (:func:`lib.prediction.matched_values`): per ε, FGSM at APART's final α and at its mean |δ|
     (means over its seeds, 3 significant digits; at most ε, FGSM's largest step) on ``seeds``."""
     cells: dict[str, dict[str, Any]] = {}
     for _, r in matched_values(runs).iterrows():
-        for value in (r["alpha_mean"], r["delta_mean"]):
+        for value in (r[step] for step in steps):
             alpha = f"{min(max(value, 1e-4), r['epsilon']) * 255:.3g}/255"
             for seed in seeds:
                 values = {"alpha": alpha, "epsilon": f"{eps_in_255ths(r['epsilon'])}/255", "seed": int(seed)}
@@ -187,9 +191,10 @@ def write_study(study: dict[str, Any], path: Path, comment: str) -> Path:
     return path
 
 
-def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int] = SEEDS) -> Path | None:
+def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int] = SEEDS,
+                  steps: Sequence[str] = MATCHED_STEPS) -> Path | None:
     """Stage 2's sweep file ``<folder>/cp-matched.toml`` from ``runs`` (None: no APART run there)."""
-    study = matched_study(runs, seeds)
+    study = matched_study(runs, seeds, steps)
     if not study["cells"]:
         return None
     return write_study(study, folder / f"{MATCHED}.toml", "Stage 2 of the collapse-prediction study, computed "
@@ -214,7 +219,8 @@ def matched_text(runs: Sequence[RunSummary], folder: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# --smoke: the study's files on a few tiny cells through the same sweeps (two stages, a calibration seed)
+# --smoke: the study's files on a few tiny cells through the same sweeps (two stages, a calibration
+# seed; stage 2 at APART's mean |δ| only)
 # ---------------------------------------------------------------------------------------------
 SMOKE_EPOCHS = 3  # the trend signals' running maxima start at epoch 2
 # (file, the cells kept): seed 0 and calibration seed 100 at the study's first ε
@@ -229,7 +235,8 @@ def smoke_runs(setting: Setting) -> Path:
     subset = {"seed": [SEEDS[0], CALIBRATION_SEEDS[0]], "epsilon": [EPSILONS[0]]}
     for path, only in SMOKE_CELLS:
         _run(study_plan(path, fixed=fixed, only={**subset, **only}), root, setting)
-    matched = write_matched([summarize(p) for p in find_run_dirs([root / "cp-main"])], root, seeds=SEEDS[:1])
+    stage1 = [summarize(p) for p in find_run_dirs([root / "cp-main"])]
+    matched = write_matched(stage1, root, seeds=SEEDS[:1], steps=("delta_mean",))
     _run(study_plan(matched, fixed=fixed), root, setting)
     return root
 

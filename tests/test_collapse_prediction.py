@@ -224,17 +224,23 @@ def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smoke_trains_both_stages_and_reuses_them(study, tmp_path, capsys):
+def test_smoke_runs_the_study_files_as_sweeps_and_reuses_them(study, tmp_path, capsys):
+    """--smoke: a few tiny cells of each study file (seed 0 and calibration seed 100 at one ε),
+    stage 2's file computed from the APART run, all run by sweeps; a rerun trains nothing."""
     script, _ = study
-    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--jobs", "2"]
     assert script.main(argv) == 0
     root = tmp_path / "runs" / "collapse-prediction"
-    assert sorted(p.name for p in (root / "stage1").iterdir()) == ["apart-s0", "fgsm-s0", "fgsm-s100", "pgd-s0"]
-    assert (root / "stage2" / "fgsm-matched-s0" / "config.json").is_file()
-    assert (tmp_path / "out" / "collapse_prediction.png").is_file()
+    cells = {p.parent.name: sorted(c.name for c in p.parent.iterdir() if (c / "config.json").is_file())
+             for p in root.glob("*/sweep.json")}
+    assert cells.keys() == {"cp-main", "cp-pgd3", "cp-cal-main", "cp-matched"}
+    assert len(cells["cp-main"]) == 2 and cells["cp-pgd3"] == ["eps8-s0"] and len(cells["cp-cal-main"]) == 1
+    assert len(cells["cp-matched"]) == 1 and cells["cp-matched"][0].endswith("-seed=0")  # at APART's mean |δ|
+    assert (root / "cp-matched.toml").is_file() and (tmp_path / "out" / "collapse_prediction.png").is_file()
     capsys.readouterr()
     assert script.main(argv) == 0
-    assert capsys.readouterr().out.count("reusing finished run") == 5
+    out = capsys.readouterr().out
+    assert out.count(" finished, 0 to resume, 0 to start)") == 4, out
 
 
 def test_early_rule_chosen_on_calibration_seeds_and_evaluated_on_the_others(study, sweep):
