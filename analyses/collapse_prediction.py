@@ -4,20 +4,22 @@ the strength signals and the detector's early rule announce the robustness drop,
 
 Reads run directories (sweep directories, or runs; every run's ``config.json`` says its method,
 ε, step and seed): FGSM runs over seeds × ε (most collapse) and the controls (PGD-3, RS-FGSM,
-APART, FGSM+, FGSM with APART's step). The study that makes them is sweep files
-(``analyses/studies/collapse_prediction*.toml``, run by ``robustdrop sweep --file``, locally or on
-Ray) and, for stage 2, one file computed from stage 1's APART runs (``--matched-from``). Runs are classified by their outcome, not their method. The
-detector is replayed offline on each run's metrics (``robustdrop.diagnostics.detect_collapse``);
-nothing is trained. Definitions: ``lib/prediction.py`` and docs/collapse-prediction.md.
+APART, FGSM+, FGSM with APART's step). Runs are classified by their outcome, not their method.
+The detector is replayed offline on each run's metrics (``robustdrop.diagnostics.detect_collapse``);
+the analysis trains nothing. Definitions: ``lib/prediction.py`` and docs/collapse-prediction.md.
+
+The study that makes the runs is data: sweep files (``analyses/studies/collapse_prediction*.toml``,
+each run by ``robustdrop sweep --file``, locally or ``--backend ray``) and stage 2's file, computed
+from stage 1's APART runs (``--matched-from`` writes it). ``--plan`` prints the commands.
 
 Writes ``<out>/collapse_prediction.{png,pdf,md}`` (the figure; the numbers, definitions, commands
 and wall time), ``table_collapse_prediction.{md,csv,tex}`` (per signal: hits, lead, false alarms)
 and ``table_matched_strength.{md,csv,tex}``.
 
     python analyses/collapse_prediction.py --plan                        # the study: sweep commands, cells, CPU time
-    python analyses/collapse_prediction.py --matched-from DIR [DIR ...]  # stage 2: FGSM steps from the APART runs
+    python analyses/collapse_prediction.py --matched-from DIR [DIR ...]  # stage 2's sweep file from the APART runs
     python analyses/collapse_prediction.py [--runs DIR ...] [--out DIR]  # the analysis (default runs: see --runs)
-    python analyses/collapse_prediction.py --smoke                       # seconds: tiny runs, the same code path
+    python analyses/collapse_prediction.py --smoke                       # a minute: tiny cells of every file, as sweeps
 """
 
 from __future__ import annotations

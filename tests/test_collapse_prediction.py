@@ -29,9 +29,10 @@ def study():
 
 
 def write_run(root: Path, name: str, *, method="fgsm", seed=0, epsilon=EPS, alpha=None, pgd=None, fgsm=None,
-              align=None, cos=None, apart=None) -> Path:
-    """A run directory with probe accuracies, the strength rows, a final test evaluation and (for
-    ``apart``: (α, mean |δ|) at the last epoch) APART's own rows."""
+              align=None, cos=None, apart=None, wong=None, seconds=None) -> Path:
+    """A run directory with probe accuracies, the strength rows, a final test evaluation, (for
+    ``apart``: (α, mean |δ|) at the last epoch) APART's own rows, (``wong``) the wong check's
+    accuracies, and (``seconds``: {(source, split): s}) each diagnostic's ``time_s`` per epoch."""
     store = RunStore.create(root, name)
     store.write_json(RunStore.CONFIG, {"method": method, "seed": seed, "epsilon": epsilon, "alpha": alpha,
                                        "pgd_steps": 3})
@@ -46,6 +47,9 @@ def write_run(root: Path, name: str, *, method="fgsm", seed=0, epsilon=EPS, alph
                 rows.append(metric_row(e, e, "probe", metric, series[e - 1], attack="x", source="strength"))
         rows.append(metric_row(e, e, "train", "delta_abs_mean", 0.9 * (alpha or epsilon), attack="train-perturbation",
                                source="strength"))
+        if wong is not None:
+            rows.append(metric_row(e, e, "train", "acc", wong[e - 1], attack="pgd", source="wong", n=128))
+        rows += [metric_row(e, e, split, "time_s", t, source=source) for (source, split), t in (seconds or {}).items()]
         if apart is not None:
             rows += [metric_row(e, e, "train", "alpha", apart[0] * e / len(pgd), source=method),
                      metric_row(e, e, "train", "delta_abs_mean", apart[1] * e / len(pgd), source=method)]
@@ -216,6 +220,38 @@ def test_the_study_files_make_the_studys_cells(study):
     few = script.study_plan(script.PARTS["stage 1"][1], only={"seed": [0], "epsilon": [10 / 255]},
                             fixed={"epochs": 2})
     assert [(c.name, c.config.epochs) for c in few.cells] == [("eps10-s0", 2)]
+
+
+WONG_FALLS = [.10, .20, .30, .35, .40, .40, .42, .15, .05, .02, .01, .0]  # −0.27 at epoch 8, the drop at 9
+WONG_STEADY = [.10, .20, .30, .35, .40, .40, .42, .41, .43, .42, .44, .43]
+COSTS = {("strength", "probe"): 2.0, ("wong", "train"): 0.5}
+
+
+def test_wong_fall_beside_the_strength_signals(study, tmp_path):
+    """Issue 21: Wong et al.'s early stop (``wong_fall``) in the table on the same runs as
+    ``cos_fall`` and ``align_fall`` — hits, lead, false alarms and the seconds per epoch of its
+    diagnostic beside the strength diagnostic's — from rows the runs logged or from rows measured
+    afterwards and passed in (``--wong TABLE``); runs without them do not count for it."""
+    script, lib = study
+    runs = [write_run(tmp_path, "fgsm-s0", wong=WONG_FALLS, seconds=COSTS, **LEADING),
+            write_run(tmp_path, "pgd-s0", method="pgd", wong=WONG_STEADY, seconds=COSTS, **FLAT),
+            write_run(tmp_path, "apart-s0", method="apart", wong=[*WONG_STEADY[:5], .1, *WONG_STEADY[6:]],
+                      seconds=COSTS, **FLAT),
+            write_run(tmp_path, "fgsm-s1", seed=1, seconds={("strength", "probe"): 2.0}, **LEADING)]
+    table = lib.signal_table([lib.summarize(r) for r in runs]).set_index("signal")
+    wong = table.loc["wong_fall"]
+    assert (wong["collapsing_runs"], wong["hits"], wong["lead_median"]) == (1, 1, 1)
+    assert (wong["control_runs"], wong["false_alarms"], wong["false_alarm_methods"]) == (2, 1, "APART")
+    assert table.loc["cos_fall", "collapsing_runs"] == 2 and table.loc["cos_fall", "lead_median"] == 2
+    assert (wong["cost_s_per_epoch"], table.loc["cos_fall", "cost_s_per_epoch"]) == (0.5, 2.0)
+    assert table.loc["early", "cost_s_per_epoch"] == 2.5  # the median run: both diagnostics
+    # the same rows measured after training (lib.wong_replay's table) and passed in
+    bare = write_run(tmp_path / "bare", "fgsm-s0", seconds=COSTS, **LEADING)
+    extra = RunStore.open(runs[0]).metrics().query("source == 'wong'")
+    assert lib.summarize(bare).first["wong_fall"] is None
+    assert lib.summarize(bare, extra=extra).first["wong_fall"] == 8
+    shown = script.display_signals(table.reset_index()).set_index("signal")
+    assert shown.loc[f"`wong_fall`: {lib.ROW_TEXT['wong_fall']}", "s/epoch of its diagnostic"] == "0.5"
 
 
 def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
