@@ -176,32 +176,24 @@ def matched_study(runs: Sequence[RunSummary], seeds: Sequence[int] = SEEDS,
     return {"name": MATCHED, "preset": _SPEC["preset"], "fixed": {"method": "fgsm", **FIXED}, "cells": cells}
 
 
-def write_study(study: dict[str, Any], path: Path, comment: str) -> Path:
-    """``study`` (``read_toml``'s fields) as a sweep file for `robustdrop sweep --file`."""
+def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int] = SEEDS,
+                  steps: Sequence[str] = MATCHED_STEPS) -> Path:
+    """Stage 2's sweep file, ``<folder>/cp-matched.toml`` (:func:`matched_study`; stage 1 has an
+    APART run). One already there with other cells is refused, not replaced: its sweep may have run."""
+    study = matched_study(runs, seeds, steps)
+
     def table(values: dict[str, Any]) -> list[str]:
         return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
 
-    lines = [f"# {line}" for line in comment.splitlines()]
-    lines += ["[sweep]", *table({"name": study["name"], "preset": study["preset"]}), "[sweep.fixed]",
-              *table(study["fixed"]), "[sweep.cells]"]
-    lines += [f"{json.dumps(n)} = {{{', '.join(table(v))}}}" for n, v in study["cells"].items()]
-    text = "\n".join(lines) + "\n"
-    if path.is_file() and path.read_text() != text:  # its sweep may have run: never replaced silently
+    text = "\n".join(["# Stage 2 of the collapse-prediction study, computed from stage 1's APART runs by",
+                      "# python analyses/collapse_prediction.py --matched-from ...", "[sweep]",
+                      *table({k: study[k] for k in ("name", "preset")}), "[sweep.fixed]", *table(study["fixed"]),
+                      "[sweep.cells]", *(f"{json.dumps(n)} = {{{', '.join(table(v))}}}"
+                                         for n, v in study["cells"].items())]) + "\n"
+    path = folder / f"{MATCHED}.toml"
+    if path.is_file() and path.read_text() != text:
         raise RobustdropError(f"{path} exists with other cells (were runs added?); move it away to write it anew")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, text)
-    return path
-
-
-def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int] = SEEDS,
-                  steps: Sequence[str] = MATCHED_STEPS) -> Path | None:
-    """Stage 2's sweep file ``<folder>/cp-matched.toml`` from ``runs`` (None: no APART run there)."""
-    study = matched_study(runs, seeds, steps)
-    if not study["cells"]:
-        return None
-    return write_study(study, folder / f"{MATCHED}.toml", "Stage 2 of the collapse-prediction study, computed "
-                       "from stage 1's APART runs by\n`python analyses/collapse_prediction.py --matched-from "
-                       "...`: FGSM at APART's final α and mean |δ|.")
+    return write_text(path, text)
 
 
 def matched_text(runs: Sequence[RunSummary], folder: Path) -> str:
