@@ -144,7 +144,7 @@ def plan_text(setting: Setting) -> str:
              f"{_minutes(parts['stage 1']) / 2 / 60:.1f} h, stage 2 {matched * CELL_MINUTES['fgsm'] / 2 / 60:.1f} h, "
              f"calibration {_minutes(parts['calibration']) / 2 / 60:.1f} h (CPU: twice that in core-hours).",
              "Each command is one sweep: rerun it to continue (finished cells are reused, stopped ones resumed); "
-             "`--max-minutes M` stops it in time; on a Ray cluster add `--backend ray --address HOST:PORT` (the "
+             "`--max-minutes M` stops it in time; `--dry-run` lists its cells with the engine's cost estimate; on a Ray cluster add `--backend ray --address HOST:PORT` (the "
              "runs folder on a shared filesystem; `--gpus-per-cell 0.25`: four cells share a GPU).", "",
              "## Stage 1: FGSM and the controls", "", *(sweep_command(f, runs_dir) for f in PARTS["stage 1"]), "",
              "## Stage 2: the matched-strength FGSM controls (after stage 1's APART runs finished)", "",
