@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -227,11 +228,13 @@ def smoke_runs(setting: Setting) -> Path:
     root = default_runs(setting)
     fixed = smoke_fixed(setting)
     subset = {"seed": [SEEDS[0], CALIBRATION_SEEDS[0]], "epsilon": [EPSILONS[0]]}
-    for path, only in SMOKE_CELLS:
-        _run(study_plan(path, fixed=fixed, only={**subset, **only}), root, setting)
-    stage1 = [summarize(p) for p in find_run_dirs([root / "cp-main"])]
-    matched = write_matched(stage1, root, seeds=SEEDS[:1], steps=("delta_mean",))
-    _run(study_plan(matched, fixed=fixed), root, setting)
+    cache = os.environ.get("ROBUSTDROP_CACHE", str(setting.runs_dir / "cache"))
+    with patch.dict(os.environ, {"ROBUSTDROP_CACHE": cache}):  # the cells' dataset cache: not the user's
+        for path, only in SMOKE_CELLS:
+            _run(study_plan(path, fixed=fixed, only={**subset, **only}), root, setting)
+        stage1 = [summarize(p) for p in find_run_dirs([root / "cp-main"])]
+        matched = write_matched(stage1, root, seeds=SEEDS[:1], steps=("delta_mean",))
+        _run(study_plan(matched, fixed=fixed), root, setting)
     return root
 
 
@@ -240,7 +243,6 @@ def smoke_fixed(setting: Setting) -> dict[str, Any]:
     folder = setting.runs_dir / "smoke-data"
     if not (folder / "test").is_dir():
         write_image_folder(make_synthetic(**SMOKE_DATA), folder)
-    os.environ.setdefault("ROBUSTDROP_CACHE", str(setting.runs_dir / "cache"))  # the cells inherit it
     return {**SMOKE_CONFIG[setting.scale], "dataset": f"folder:{folder}", "epochs": SMOKE_EPOCHS,
             "device": setting.device}
 

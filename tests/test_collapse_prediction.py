@@ -6,6 +6,7 @@ study definition (--plan) and the --smoke path."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def test_smoke_runs_the_study_files_as_sweeps_and_reuses_them(study, tmp_path, c
     stage 2's file computed from the APART run, all run by sweeps; a rerun trains nothing."""
     script, _ = study
     argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--jobs", "2"]
+    cache = os.environ.get("ROBUSTDROP_CACHE")
     assert script.main(argv) == 0
     root = tmp_path / "runs" / "collapse-prediction"
     cells = {p.parent.name: sorted(c.name for c in p.parent.iterdir() if (c / "config.json").is_file())
@@ -273,6 +275,8 @@ def test_smoke_runs_the_study_files_as_sweeps_and_reuses_them(study, tmp_path, c
     assert len(cells["cp-main"]) == 2 and cells["cp-pgd3"] == ["eps8-s0"] and len(cells["cp-cal-main"]) == 1
     assert len(cells["cp-matched"]) == 1 and cells["cp-matched"][0].endswith("-seed=0")  # at APART's mean |δ|
     assert (root / "cp-matched.toml").is_file() and (tmp_path / "out" / "collapse_prediction.png").is_file()
+    assert os.environ.get("ROBUSTDROP_CACHE") == cache  # the cells' cache was set for them only
+    assert cache is not None or any((tmp_path / "runs" / "cache").iterdir())
     capsys.readouterr()
     assert script.main(argv) == 0
     out = capsys.readouterr().out
