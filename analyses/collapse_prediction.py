@@ -186,8 +186,9 @@ def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int]
     def table(values: dict[str, Any]) -> list[str]:
         return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
 
-    text = "\n".join(["# Stage 2 of the collapse-prediction study, computed from stage 1's APART runs by",
-                      "# python analyses/collapse_prediction.py --matched-from ...", "[sweep]",
+    apart = sorted({str(r.path) for r in runs if r.method == "apart"})
+    text = "\n".join(["# Stage 2 of the collapse-prediction study, computed by analyses/collapse_prediction.py",
+                      f"# --matched-from from the APART runs {', '.join(apart)}", "[sweep]",
                       *table({k: study[k] for k in ("name", "preset")}), "[sweep.fixed]", *table(study["fixed"]),
                       "[sweep.cells]", *(f"{json.dumps(n)} = {{{', '.join(table(v))}}}"
                                          for n, v in study["cells"].items())]) + "\n"
