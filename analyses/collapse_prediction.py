@@ -4,29 +4,35 @@ the strength signals and the detector's early rule announce the robustness drop,
 
 Reads run directories (sweep directories, or runs; every run's ``config.json`` says its method,
 ε, step and seed): FGSM runs over seeds × ε (most collapse) and the controls (PGD-3, RS-FGSM,
-APART, FGSM+, FGSM with APART's step). Runs are classified by their outcome, not their method. The
-detector is replayed offline on each run's metrics (``robustdrop.diagnostics.detect_collapse``);
-nothing is trained. Definitions: ``lib/prediction.py`` and docs/collapse-prediction.md.
+APART, FGSM+, FGSM with APART's step). Runs are classified by their outcome, not their method.
+The detector is replayed offline on each run's metrics (``robustdrop.diagnostics.detect_collapse``);
+the analysis trains nothing. Definitions: ``lib/prediction.py`` and docs/collapse-prediction.md.
+
+The study that makes the runs is data: sweep files (``analyses/studies/collapse_prediction*.toml``,
+each run by ``robustdrop sweep --file``, locally or ``--backend ray``) and stage 2's file, computed
+from stage 1's APART runs (``--matched-from`` writes it). ``--plan`` prints the commands.
 
 Writes ``<out>/collapse_prediction.{png,pdf,md}`` (the figure; the numbers, definitions, commands
 and wall time), ``table_collapse_prediction.{md,csv,tex}`` (per signal: hits, lead, false alarms)
 and ``table_matched_strength.{md,csv,tex}``.
 
     python analyses/collapse_prediction.py --plan                        # the study: sweep commands, cells, CPU time
-    python analyses/collapse_prediction.py --matched-from DIR [DIR ...]  # stage 2: FGSM steps from the APART runs
+    python analyses/collapse_prediction.py --matched-from DIR [DIR ...]  # stage 2's sweep file from the APART runs
     python analyses/collapse_prediction.py [--runs DIR ...] [--out DIR]  # the analysis (default runs: see --runs)
-    python analyses/collapse_prediction.py --smoke                       # seconds: tiny runs, the same code path
+    python analyses/collapse_prediction.py --smoke                       # a minute: tiny cells of every file, as sweeps
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -51,67 +57,64 @@ from lib.prediction import (
     summarize,
     tradeoff,
 )
-from lib.setting import REPO, Setting, build_parser, setting_from_args
+from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, build_parser, setting_from_args
 from lib.wong_replay import epoch_checkpoints, wong_table
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from robustdrop.api import ensure
+from robustdrop.data import make_synthetic, write_image_folder
 from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
-from robustdrop.formatting import fixed, format_eps, format_pct
+from robustdrop.errors import RobustdropError
+from robustdrop.formatting import eps_in_255ths, fixed, format_eps, format_pct
 from robustdrop.plots._common import new_figure
 from robustdrop.store import RunStore
-from robustdrop.sweeps import read_toml
+from robustdrop.sweeps import SweepPlan, cell_name, plan_sweep, read_toml, run_sweep
+from robustdrop.sweeps.grid import parse_value
 
 # ---------------------------------------------------------------------------------------------
-# The study definition: one list of cells, printed as sweep commands (--plan), trained in --smoke
+# The study: sweep files under analyses/studies/ (`robustdrop sweep --file`, local or Ray); stage
+# 2's file is computed from stage 1's APART runs (matched_study). --plan prints the commands.
 # ---------------------------------------------------------------------------------------------
-STUDY = Path(__file__).resolve().parent / "studies" / "collapse_prediction.toml"  # stage 1's main sweep, as data
-_STAGE1 = read_toml(STUDY)
-EPSILONS = tuple(round(e * 255) for e in _STAGE1["grid"]["epsilon"])  # ε in /255
-SEEDS = (min(_STAGE1["grid"]["seed"]), max(_STAGE1["grid"]["seed"]) + 1)  # a range a:b, b excluded, as seed=0:5
-CALIBRATION_SEEDS = (100, 103)   # optional: seeds 100..102 to calibrate the thresholds on
-PGD_STEPS = 3                    # the PGD control: PGD-3, step 2.5ε/3 (the analyses' PGD row and referee recipe)
-MAIN_METHODS = tuple(_STAGE1["grid"]["method"])
-FIXED = {k: v[0] for k, v in _STAGE1["grid"].items() if len(v) == 1}  # threads, eval_batch_size
+STUDIES = Path(__file__).resolve().parent / "studies"
+STUDY = STUDIES / "collapse_prediction.toml"  # stage 1's grid: FGSM and the controls over seeds × ε
+PARTS = {"stage 1": (STUDY, STUDIES / "collapse_prediction_pgd3.toml"),
+         "calibration": (STUDIES / "collapse_prediction_calibration.toml",
+                         STUDIES / "collapse_prediction_calibration_pgd3.toml")}
+MATCHED = "cp-matched"  # stage 2's sweep, and its file <runs>/cp-matched.toml
+_SPEC = read_toml(STUDY)
+_STAGE1, _CALIBRATION = _SPEC["grid"], read_toml(PARTS["calibration"][0])["grid"]
+EPSILONS = tuple(_STAGE1["epsilon"])
+SEEDS = tuple(_STAGE1["seed"])  # stage 1's seeds, also stage 2's
+CALIBRATION_SEEDS = (min(_CALIBRATION["seed"]), max(_CALIBRATION["seed"]) + 1)  # a range a:b, b excluded
+FIXED = {k: v[0] for k, v in _STAGE1.items() if len(v) == 1}  # threads, eval_batch_size
 # Minutes per quick cell, two cells at once with one thread each on the 2-core machine: FGSM as
 # measured for the sweep (about 4 minutes); the others add 30 × their extra training seconds per
 # epoch over FGSM (figures/table_cost.md; evaluation and diagnostics cost the same for every
-# method). docs/collapse-prediction.md, "Cost".
-CELL_MINUTES = {"fgsm": 4.0, "rs-fgsm": 4.1, "pgd3": 6.5, "apart": 5.7, "fgsm+": 5.5}
+# method; pgd: PGD-3). docs/collapse-prediction.md, "Cost".
+CELL_MINUTES = {"fgsm": 4.0, "rs-fgsm": 4.1, "pgd": 6.5, "apart": 5.7, "fgsm+": 5.5}
 
 
-def _eps(k: int) -> str:
-    return f"{k}/255"
+def study_plan(path: Path, *, fixed: dict[str, Any] | None = None,
+               only: dict[str, Sequence[Any]] | None = None) -> SweepPlan:
+    """The sweep of a study file (:func:`robustdrop.sweeps.plan_sweep`, as `robustdrop sweep
+    --file` plans it), with ``fixed`` values added to every cell (not over the grid's keys) and,
+    with ``only`` ({key: values}), only the cells with those values (the smoke test's subset)."""
+    spec = read_toml(path)
+    only = only or {}
+
+    def keep(key: str, value: Any) -> bool:
+        return key not in only or parse_value(key, value) in only[key]
+
+    grid = {k: [v for v in vs if keep(k, v)] for k, vs in spec["grid"].items()}
+    cells = {n: c for n, c in spec["cells"].items() if all(keep(k, v) for k, v in c.items() if k in only)}
+    extra = {k: v for k, v in (fixed or {}).items() if k not in grid}
+    return plan_sweep(grid if all(grid.values()) else {}, preset=spec["preset"],
+                      fixed={**spec["fixed"], **extra}, name=spec["name"], cells=cells)
 
 
-def _grid(**values: Any) -> str:
-    parts = []
-    for key, v in values.items():
-        parts.append(f"{key}={v[0]}:{v[1]}" if key == "seed" else f"{key}={','.join(map(str, v))}"
-                     if isinstance(v, (list, tuple)) else f"{key}={v}")
-    return " ".join(parts)
-
-
-def stage1(runs_dir: str, seeds: tuple[int, int] = SEEDS, tag: str = "") -> list[tuple[str, str, int, str]]:
-    """(sweep name, grid, cells, cost key) of stage 1: FGSM and the controls over seeds × ε."""
-    n_seeds = seeds[1] - seeds[0]
-    eps = [_eps(k) for k in EPSILONS]
-    out = [(f"cp{tag}-main", _grid(seed=seeds, epsilon=eps, method=list(MAIN_METHODS), **FIXED),
-            n_seeds * len(eps) * len(MAIN_METHODS), "main")]
-    for k in EPSILONS:  # PGD's step follows ε: one sweep per ε
-        alpha = f"{2.5 * k / PGD_STEPS:.4g}/255"
-        out.append((f"cp{tag}-pgd{PGD_STEPS}-eps{k}", _grid(seed=seeds, epsilon=_eps(k), method="pgd",
-                                                           pgd_steps=PGD_STEPS, alpha=alpha, **FIXED),
-                    n_seeds, "pgd3"))
-    return out
-
-
-def sweep_command(runs_dir: str, name: str, grid: str) -> str:
-    if name == _STAGE1["name"]:  # the study's file says the same grid
-        return f"robustdrop sweep --file {shown(STUDY)} --runs-dir {runs_dir} --jobs 2"
-    return f"robustdrop sweep --preset quick --runs-dir {runs_dir} --name {name} --jobs 2 --grid {grid}"
+def sweep_command(path: Path, runs_dir: str) -> str:
+    return f"robustdrop sweep --file {shown(path)} --runs-dir {runs_dir} --jobs 2"
 
 
 def shown(path: Path) -> str:
@@ -122,84 +125,134 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def _minutes(plans: Sequence[SweepPlan]) -> float:
+    return sum(CELL_MINUTES[c.config.method] for p in plans for c in p.cells)
+
+
 def plan_text(setting: Setting) -> str:
-    runs_dir = shown(default_runs(setting))
-    main = stage1(runs_dir)
-    calib = stage1(runs_dir, CALIBRATION_SEEDS, tag="-cal")
-    n_seeds = SEEDS[1] - SEEDS[0]
-    per_main = sum(CELL_MINUTES[m] for m in MAIN_METHODS) / len(MAIN_METHODS)
-
-    def minutes(cells: list[tuple[str, str, int, str]]) -> float:
-        return sum(n * (per_main if key == "main" else CELL_MINUTES[key]) for _, _, n, key in cells)
-
-    matched = 2 * n_seeds * len(EPSILONS)
+    runs = default_runs(setting)
+    runs_dir = shown(runs)
+    parts = {part: [study_plan(f) for f in files] for part, files in PARTS.items()}
+    count = {part: sum(len(p.cells) for p in plans) for part, plans in parts.items()}
+    matched = 2 * len(SEEDS) * len(EPSILONS)
+    eps = ", ".join(format_eps(e) for e in EPSILONS)
     lines = ["# The collapse-prediction study on the quick preset", "",
-             f"Cells: stage 1 {sum(c[2] for c in main)} (FGSM and controls: {n_seeds} seeds × ε "
-             f"{', '.join(_eps(k) for k in EPSILONS)} × {', '.join(MAIN_METHODS)}, PGD-{PGD_STEPS}); stage 2 {matched} "
-             "(FGSM with APART's final α and with its mean |δ|, same seeds and ε); optional calibration "
-             f"{sum(c[2] for c in calib)} (seeds {CALIBRATION_SEEDS[0]}..{CALIBRATION_SEEDS[1] - 1}).",
+             f"Cells: stage 1 {count['stage 1']} (FGSM and controls: {len(SEEDS)} seeds × ε {eps} × "
+             f"{', '.join(_STAGE1['method'])}, PGD-3); stage 2 {matched} (FGSM with APART's final α and with its "
+             f"mean |δ|, same seeds and ε); optional calibration {count['calibration']} (seeds "
+             f"{CALIBRATION_SEEDS[0]}..{CALIBRATION_SEEDS[1] - 1}).",
              f"Estimated wall time with 2 cells at once (minutes per cell {CELL_MINUTES}): stage 1 "
-             f"{minutes(main) / 2 / 60:.1f} h, stage 2 {matched * CELL_MINUTES['fgsm'] / 2 / 60:.1f} h, calibration "
-             f"{minutes(calib) / 2 / 60:.1f} h (CPU: twice that in core-hours).", "",
-             "## Stage 1: FGSM and the controls", ""]
-    lines += [sweep_command(runs_dir, name, grid) for name, grid, _, _ in main]
-    lines += ["", "## Stage 2: the matched-strength FGSM controls (after stage 1's APART runs finished)", "",
-              f"python analyses/collapse_prediction.py --matched-from {runs_dir}/cp-main",
-              "# prints, per ε, APART's final α and mean |δ| over its seeds and the two sweep commands, e.g.",
-              sweep_command(runs_dir, "cp-matched-eps10", _grid(seed=SEEDS, epsilon="10/255", method="fgsm",
-                                                                alpha=["A_FINAL", "A_DELTA"], **FIXED)),
-              "", "## Optional: calibration seeds (thresholds chosen there, evaluated on seeds 0..4)", ""]
-    lines += [sweep_command(runs_dir, name, grid) for name, grid, _, _ in calib]
-    lines += ["", "## The analysis (reads every run below the folder; nothing is trained)", "",
-              f"python analyses/collapse_prediction.py --runs {runs_dir}", "",
-              "Without the sweep command, each cell is one `robustdrop track --preset quick ...` with the same "
-              "values (e.g. `--seed 3 --epsilon 12/255 --method apart --threads 1 --eval-batch-size 128 --runs-dir "
-              f"{runs_dir}/cp-main --name apart-eps12-s3`); the analysis reads any layout."]
+             f"{_minutes(parts['stage 1']) / 2 / 60:.1f} h, stage 2 {matched * CELL_MINUTES['fgsm'] / 2 / 60:.1f} h, "
+             f"calibration {_minutes(parts['calibration']) / 2 / 60:.1f} h (CPU: twice that in core-hours).",
+             "Each command is one sweep: rerun it to continue (finished cells are reused, stopped ones resumed); "
+             "`--max-minutes M` stops it in time; `--dry-run` lists its cells with the engine's cost estimate; on a Ray cluster add `--backend ray --address HOST:PORT` (the "
+             "runs folder on a shared filesystem; `--gpus-per-cell 0.25`: four cells share a GPU).", "",
+             "## Stage 1: FGSM and the controls", "", *(sweep_command(f, runs_dir) for f in PARTS["stage 1"]), "",
+             "## Stage 2: the matched-strength FGSM controls (after stage 1's APART runs finished)", "",
+             "# computed from them: prints, per ε, APART's final α and mean |δ| over its seeds; writes the sweep file",
+             f"python analyses/collapse_prediction.py --matched-from {runs_dir}/cp-main",
+             sweep_command(runs / f"{MATCHED}.toml", runs_dir), "",
+             "## Optional: calibration seeds (thresholds chosen there, evaluated on the others)", "",
+             *(sweep_command(f, runs_dir) for f in PARTS["calibration"]), "",
+             "## The analysis (reads every run below the folder; nothing is trained)", "",
+             f"python analyses/collapse_prediction.py --runs {runs_dir}"]
     return "\n".join(lines) + "\n"
 
 
-def matched_text(runs: Sequence[RunSummary], runs_dir: str) -> str:
+MATCHED_STEPS = ("alpha_mean", "delta_mean")  # FGSM at APART's final α and at its mean |δ|
+
+
+def matched_study(runs: Sequence[RunSummary], seeds: Sequence[int] = SEEDS,
+                  steps: Sequence[str] = MATCHED_STEPS) -> dict[str, Any]:
+    """Stage 2 as a sweep (``read_toml``'s fields), computed from stage 1's APART runs
+    (:func:`lib.prediction.matched_values`): per ε, FGSM at APART's final α and at its mean |δ|
+    (means over its seeds, 3 significant digits; at most ε, FGSM's largest step) on ``seeds``."""
+    cells: dict[str, dict[str, Any]] = {}
+    for _, r in matched_values(runs).iterrows():
+        for value in (r[step] for step in steps):
+            alpha = f"{min(max(value, 1e-4), r['epsilon']) * 255:.3g}/255"
+            for seed in seeds:
+                values = {"alpha": alpha, "epsilon": f"{eps_in_255ths(r['epsilon'])}/255", "seed": int(seed)}
+                cells[cell_name({k: parse_value(k, v) for k, v in values.items()})] = values
+    return {"name": MATCHED, "preset": _SPEC["preset"], "fixed": {"method": "fgsm", **FIXED}, "cells": cells}
+
+
+def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int] = SEEDS,
+                  steps: Sequence[str] = MATCHED_STEPS) -> Path:
+    """Stage 2's sweep file, ``<folder>/cp-matched.toml`` (:func:`matched_study`; stage 1 has an
+    APART run). One already there with other cells is refused, not replaced: its sweep may have run."""
+    study = matched_study(runs, seeds, steps)
+
+    def table(values: dict[str, Any]) -> list[str]:
+        return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+
+    apart = sorted({str(r.path) for r in runs if r.method == "apart"})
+    text = "\n".join(["# Stage 2 of the collapse-prediction study, computed by analyses/collapse_prediction.py",
+                      f"# --matched-from from the APART runs {', '.join(apart)}", "[sweep]",
+                      *table({k: study[k] for k in ("name", "preset")}), "[sweep.fixed]", *table(study["fixed"]),
+                      "[sweep.cells]", *(f"{json.dumps(n)} = {{{', '.join(table(v))}}}"
+                                         for n, v in study["cells"].items())]) + "\n"
+    path = folder / f"{MATCHED}.toml"
+    if path.is_file() and path.read_text() != text:
+        raise RobustdropError(f"{path} exists with other cells (were runs added?); move it away to write it anew")
+    return write_text(path, text)
+
+
+def matched_text(runs: Sequence[RunSummary], folder: Path) -> str:
     table = matched_values(runs)
     if table.empty:
         return "no APART runs found: run stage 1 first (see --plan)\n"
     lines = ["APART's learned perturbation size at its last epoch (mean over seeds [range]):", ""]
     for _, r in table.iterrows():
-        k = round(r["epsilon"] * 255)
-        a, d = r["alpha_mean"] * 255, r["delta_mean"] * 255
-        lines.append(f"ε = {format_eps(r['epsilon'])} ({int(r['runs'])} runs, seeds {r['seeds']}): final α = {a:.3g}/255 "
-                     f"[{r['alpha_min'] * 255:.3g}, {r['alpha_max'] * 255:.3g}], mean |δ| = {d:.3g}/255 "
-                     f"[{r['delta_min'] * 255:.3g}, {r['delta_max'] * 255:.3g}] = {r['delta_mean'] / r['epsilon']:.2f}ε")
-        lines.append("  " + sweep_command(runs_dir, f"cp-matched-eps{k}", _grid(
-            seed=SEEDS, epsilon=f"{k}/255", method="fgsm", alpha=[f"{a:.3g}/255", f"{d:.3g}/255"], **FIXED)))
+        lines.append(f"ε = {format_eps(r['epsilon'])} ({int(r['runs'])} runs, seeds {r['seeds']}): final α = "
+                     f"{r['alpha_mean'] * 255:.3g}/255 [{r['alpha_min'] * 255:.3g}, {r['alpha_max'] * 255:.3g}], "
+                     f"mean |δ| = {r['delta_mean'] * 255:.3g}/255 [{r['delta_min'] * 255:.3g}, "
+                     f"{r['delta_max'] * 255:.3g}] = {r['delta_mean'] / r['epsilon']:.2f}ε")
+    path = write_matched(runs, folder)
+    lines += ["", f"Stage 2 (FGSM at these steps, seeds {_seeds(list(SEEDS))}): wrote {path}; run it with", "",
+              "    " + sweep_command(path, shown(folder))]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# --smoke: a handful of tiny runs through the same path (two stages, a calibration seed)
+# --smoke: the study's files on a few tiny cells through the same sweeps (two stages, a calibration
+# seed; stage 2 at APART's mean |δ| only)
 # ---------------------------------------------------------------------------------------------
 SMOKE_EPOCHS = 3  # the trend signals' running maxima start at epoch 2
+# (file, the cells kept): seed 0 and calibration seed 100 at the study's first ε
+SMOKE_CELLS = ((STUDY, {"method": ["fgsm", "apart"]}), (PARTS["stage 1"][1], {}),
+               (PARTS["calibration"][0], {"method": ["fgsm"]}))
 
 
 def smoke_runs(setting: Setting) -> Path:
-    """Train (or reuse) the smoke study's runs; stage 2's FGSM step comes from the APART run."""
+    """Run (or reuse) the smoke study's sweeps; stage 2's FGSM step comes from the APART run."""
     root = default_runs(setting)
-    eps = make_run_config(setting).epsilon
-    cells = [("fgsm", 0, {}), ("fgsm", CALIBRATION_SEEDS[0], {}), ("pgd", 0, {"pgd_steps": 2, "alpha": 2.5 * eps / 2}),
-             ("apart", 0, {})]
-    for method, seed, extra in cells:
-        _train(setting, root / "stage1", f"{method}-s{seed}", method=method, seed=seed, **extra)
-    stage1_runs = [summarize(p) for p in find_run_dirs([root / "stage1"])]
-    alpha = float(matched_values(stage1_runs)["delta_mean"].iloc[0])
-    _train(setting, root / "stage2", "fgsm-matched-s0", method="fgsm", seed=0, alpha=min(max(alpha, 1e-4), eps))
+    fixed = smoke_fixed(setting)
+    subset = {"seed": [SEEDS[0], CALIBRATION_SEEDS[0]], "epsilon": [EPSILONS[0]]}
+    cache = os.environ.get("ROBUSTDROP_CACHE", str(setting.runs_dir / "cache"))
+    with patch.dict(os.environ, {"ROBUSTDROP_CACHE": cache}):  # the cells' dataset cache: not the user's
+        for path, only in SMOKE_CELLS:
+            _run(study_plan(path, fixed=fixed, only={**subset, **only}), root, setting)
+        stage1 = [summarize(p) for p in find_run_dirs([root / "cp-main"])]
+        matched = write_matched(stage1, root, seeds=SEEDS[:1], steps=("delta_mean",))
+        _run(study_plan(matched, fixed=fixed), root, setting)
     return root
 
 
-def _train(setting: Setting, runs_dir: Path, name: str, **overrides: Any) -> None:
-    """Reuse, resume or train the run (the package's one rule, :func:`robustdrop.api.ensure`)."""
-    cfg = make_run_config(setting, epochs=SMOKE_EPOCHS, **overrides)
-    _, decision = ensure(cfg, runs_dir=runs_dir, name=name, progress=False, data=data_for(setting))
-    if decision.action == "reuse":
-        print(f"reusing finished run {runs_dir / name}", flush=True)
+def smoke_fixed(setting: Setting) -> dict[str, Any]:
+    """The smoke sizes, epochs and tiny synthetic data (an image folder: cells run in their own processes)."""
+    folder = setting.runs_dir / "smoke-data"
+    if not (folder / "test").is_dir():
+        write_image_folder(make_synthetic(**SMOKE_DATA), folder)
+    return {**SMOKE_CONFIG[setting.scale], "dataset": f"folder:{folder}", "epochs": SMOKE_EPOCHS,
+            "device": setting.device}
+
+
+def _run(plan: SweepPlan, root: Path, setting: Setting) -> None:
+    result = run_sweep(plan, runs_dir=root, jobs=setting.jobs, progress=False)
+    if result.failed:
+        raise RobustdropError(f"smoke sweep {plan.name}: cells failed: {', '.join(result.failed)} "
+                              f"(logs in {result.path / 'logs'})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run or sweep directories to read (default: <runs-dir>/collapse-prediction)")
     parser.add_argument("--plan", action="store_true", help="print the study's sweep commands, cells and CPU time")
     parser.add_argument("--matched-from", type=Path, nargs="+", default=None, metavar="DIR",
-                        help="print the matched-strength FGSM steps (and sweep commands) from the APART runs there")
+                        help="stage 2: print the matched-strength FGSM steps from the APART runs there and write "
+                             "their sweep file, <runs-dir>/collapse-prediction/cp-matched.toml")
     parser.add_argument("--wong", type=Path, default=None, metavar="TABLE",
                         help="a table of the wong check's rows (lib/wong_replay.py; e.g. figures/frontier_wong.csv): "
                              "runs that kept every epoch's checkpoint and are not in it are measured first (the run "
@@ -492,15 +546,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = setting_from_args(args)
     if args.plan:
         if setting.scale != "quick":
-            print("# the study is defined on the quick preset (CPU); at the paper's scale replace --preset quick by "
-                  "--preset paper and the minutes by GPU measurements\n")
+            print("# the study is defined on the quick preset (CPU); at the paper's scale add --preset paper to each "
+                  "sweep command and replace the minutes by GPU measurements (`robustdrop sweep --dry-run`)\n")
         print(plan_text(setting), end="")
         return 0
-    if args.matched_from:
-        runs = [summarize(p) for p in find_run_dirs(args.matched_from)]
-        print(matched_text(runs, shown(default_runs(setting))), end="")
-        return 0
-    paths = args.runs or [smoke_runs(setting) if setting.smoke else default_runs(setting)]
+    try:
+        if args.matched_from:
+            runs = [summarize(p) for p in find_run_dirs(args.matched_from)]
+            print(matched_text(runs, default_runs(setting)), end="")
+            return 0
+        paths = args.runs or [smoke_runs(setting) if setting.smoke else default_runs(setting)]
+    except RobustdropError as exc:
+        print(f"collapse_prediction: {exc}", file=sys.stderr)
+        return 2
     return analyse(setting, paths, args.wong)
 
 

@@ -6,6 +6,7 @@ study definition (--plan) and the --smoke path."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,10 @@ def study():
 
 
 def write_run(root: Path, name: str, *, method="fgsm", seed=0, epsilon=EPS, alpha=None, pgd=None, fgsm=None,
-              align=None, cos=None, apart=None) -> Path:
-    """A run directory with probe accuracies, the strength rows, a final test evaluation and (for
-    ``apart``: (α, mean |δ|) at the last epoch) APART's own rows."""
+              align=None, cos=None, apart=None, wong=None, seconds=None) -> Path:
+    """A run directory with probe accuracies, the strength rows, a final test evaluation, (for
+    ``apart``: (α, mean |δ|) at the last epoch) APART's own rows, (``wong``) the wong check's
+    accuracies, and (``seconds``: {(source, split): s}) each diagnostic's ``time_s`` per epoch."""
     store = RunStore.create(root, name)
     store.write_json(RunStore.CONFIG, {"method": method, "seed": seed, "epsilon": epsilon, "alpha": alpha,
                                        "pgd_steps": 3})
@@ -46,6 +48,9 @@ def write_run(root: Path, name: str, *, method="fgsm", seed=0, epsilon=EPS, alph
                 rows.append(metric_row(e, e, "probe", metric, series[e - 1], attack="x", source="strength"))
         rows.append(metric_row(e, e, "train", "delta_abs_mean", 0.9 * (alpha or epsilon), attack="train-perturbation",
                                source="strength"))
+        if wong is not None:
+            rows.append(metric_row(e, e, "train", "acc", wong[e - 1], attack="pgd", source="wong", n=128))
+        rows += [metric_row(e, e, split, "time_s", t, source=source) for (source, split), t in (seconds or {}).items()]
         if apart is not None:
             rows += [metric_row(e, e, "train", "alpha", apart[0] * e / len(pgd), source=method),
                      metric_row(e, e, "train", "delta_abs_mean", apart[1] * e / len(pgd), source=method)]
@@ -123,16 +128,37 @@ def test_outcomes_leads_hits_and_false_alarms(study, sweep):
     assert strength.loc[(EPS, "FGSM α=2.6/255"), "delta_over_eps"] == pytest.approx(0.9 * 2.6 / 10)
 
 
-def test_matched_values_and_commands(study, sweep, capsys):
+def test_matched_values_and_stage_2s_sweep_file(study, sweep, tmp_path, capsys):
+    """--matched-from computes stage 2 from the APART runs and writes it as a sweep file: FGSM at
+    APART's mean final α and mean |δ| on stage 1's seeds, the study's fixed values."""
+    from robustdrop.sweeps import read_toml
+
     script, lib = study
     runs = [lib.summarize(d) for d in lib.find_run_dirs([sweep])]
     values = lib.matched_values(runs).iloc[0]
     assert values["runs"] == 2 and values["alpha_mean"] * 255 == pytest.approx(2.3)
     assert values["delta_mean"] * 255 == pytest.approx(2.7)
-    assert script.main(["--matched-from", str(sweep / "cp-main")]) == 0
+    argv = ["--matched-from", str(sweep / "cp-main"), "--runs-dir", str(tmp_path)]
+    assert script.main(argv) == 0
     out = capsys.readouterr().out
     assert "final α = 2.3/255" in out and "mean |δ| = 2.7/255" in out
-    assert "--grid seed=0:5 epsilon=10/255 method=fgsm alpha=2.3/255,2.7/255" in out
+    path = tmp_path / "collapse-prediction" / "cp-matched.toml"
+    assert f"robustdrop sweep --file {path} --runs-dir {path.parent} --jobs 2" in out
+    plan = script.study_plan(path)
+    assert plan.name == "cp-matched" and len(plan.cells) == 2 * len(script.SEEDS)
+    got = {(c.config.method, round(c.config.alpha * 255, 3), c.config.epsilon, c.config.seed, c.config.threads,
+            c.config.eval_batch_size) for c in plan.cells}
+    assert got == {("fgsm", a, EPS, s, 1, 128) for a in (2.3, 2.7) for s in script.SEEDS}
+    assert read_toml(path)["preset"] == "quick"
+    assert script.main(argv) == 0  # the same runs: the same file
+    write_run(sweep / "cp-main", "apart-s2", method="apart", seed=2, apart=(3.0 / 255, 3.0 / 255), **FLAT)
+    try:  # other APART runs: the written file (whose sweep may have run) is not replaced
+        assert script.main(argv) == 2
+        assert "exists with other cells" in capsys.readouterr().err
+    finally:
+        import shutil
+
+        shutil.rmtree(sweep / "cp-main" / "apart-s2")
 
 
 def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_path, capsys):
@@ -153,28 +179,80 @@ def test_the_analysis_writes_its_figure_tables_and_numbers(study, sweep, tmp_pat
     assert "early: hit 4/4, median lead 2.0 epochs, false alarms 1/4" in capsys.readouterr().out
 
 
-def test_plan_lists_every_cell(study, capsys):
+def test_plan_prints_a_sweep_file_per_part(study, capsys):
+    """--plan: every part of the study is a `robustdrop sweep --file` command (stage 2's file is
+    written by --matched-from), and every collapse_prediction*.toml under studies/ is one of them."""
     script, _ = study
     assert script.main(["--plan"]) == 0
     out = capsys.readouterr().out
     assert "stage 1 75" in out and "stage 2 30" in out and "optional calibration 45" in out
-    assert "robustdrop sweep --file analyses/studies/collapse_prediction.toml --runs-dir" in out
-    assert "--grid seed=100:103 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+" in out
-    assert out.count("method=pgd pgd_steps=3") == 6  # one sweep per ε (the step follows ε), evaluation + calibration
-    assert "alpha=8.333/255" in out  # PGD-3's step at ε = 10/255: 2.5ε/3
+    files = sorted((ANALYSES / "studies").glob("collapse_prediction*.toml"))
+    assert len(files) == 4
+    for f in files:
+        assert f"robustdrop sweep --file analyses/studies/{f.name} --runs-dir" in out
+    assert "--grid" not in out and "--backend ray" in out
+    assert "collapse_prediction.py --matched-from runs/analyses/quick/collapse-prediction/cp-main" in out
+    assert "robustdrop sweep --file runs/analyses/quick/collapse-prediction/cp-matched.toml" in out
 
 
-def test_the_study_file_makes_the_committed_sweep(study):
-    """analyses/studies/collapse_prediction.toml plans exactly the cells (names, configs, grid) of
-    the sweep made by the grid command it replaced, so that sweep is continued, not refused."""
-    from robustdrop.sweeps import parse_grid, plan_sweep, read_toml
+def test_the_study_files_make_the_studys_cells(study):
+    """The PGD-3 controls step 2.5ε/3 at each (ε, seed) of the grid beside them; the calibration
+    files are stage 1's on seeds 100..102; the main file plans exactly the cells (names, configs,
+    grid) of the sweep made by the grid command it replaced, so that sweep is continued, not refused."""
+    from robustdrop.sweeps import parse_grid, plan_sweep
 
-    spec = read_toml(study[0].STUDY)
-    from_file = plan_sweep(spec["grid"], preset=spec["preset"], fixed=spec["fixed"], name=spec["name"])
+    script = study[0]
+    main, pgd = (script.study_plan(f) for f in script.PARTS["stage 1"])
     words = "seed=0:5 epsilon=8/255,10/255,12/255 method=fgsm,rs-fgsm,apart,fgsm+ threads=1 eval_batch_size=128"
     committed = plan_sweep(parse_grid(words.split()), preset="quick", name="cp-main")
-    assert [(c.name, c.config) for c in from_file.cells] == [(c.name, c.config) for c in committed.cells]
-    assert (from_file.name, from_file.grid, from_file.fixed) == (committed.name, committed.grid, committed.fixed)
+    assert [(c.name, c.config) for c in main.cells] == [(c.name, c.config) for c in committed.cells]
+    assert (main.name, main.grid, main.fixed) == (committed.name, committed.grid, committed.fixed)
+
+    def pgd_cells(plan):
+        return {(c.config.epsilon, c.config.seed) for c in plan.cells if c.config.method == "pgd"
+                and c.config.pgd_steps == 3 and c.config.alpha == pytest.approx(2.5 * c.config.epsilon / 3, rel=1e-3)
+                and (c.config.threads, c.config.eval_batch_size) == (1, 128)}
+
+    assert len(pgd.cells) == 15 and pgd_cells(pgd) == {(c.config.epsilon, c.config.seed) for c in main.cells}
+    cal, cal_pgd = (script.study_plan(f) for f in script.PARTS["calibration"])
+    assert script.CALIBRATION_SEEDS == (100, 103) and {c.config.seed for c in cal.cells} == {100, 101, 102}
+    assert [c.config.method for c in cal.cells] == [c.config.method for c in main.cells if c.config.seed < 3]
+    assert len(cal_pgd.cells) == 9 and pgd_cells(cal_pgd) == {(c.config.epsilon, c.config.seed) for c in cal.cells}
+    few = script.study_plan(script.PARTS["stage 1"][1], only={"seed": [0], "epsilon": [10 / 255]},
+                            fixed={"epochs": 2})
+    assert [(c.name, c.config.epochs) for c in few.cells] == [("eps10-s0", 2)]
+
+
+WONG_FALLS = [.10, .20, .30, .35, .40, .40, .42, .15, .05, .02, .01, .0]  # −0.27 at epoch 8, the drop at 9
+WONG_STEADY = [.10, .20, .30, .35, .40, .40, .42, .41, .43, .42, .44, .43]
+COSTS = {("strength", "probe"): 2.0, ("wong", "train"): 0.5}
+
+
+def test_wong_fall_beside_the_strength_signals(study, tmp_path):
+    """Issue 21: Wong et al.'s early stop (``wong_fall``) in the table on the same runs as
+    ``cos_fall`` and ``align_fall`` — hits, lead, false alarms and the seconds per epoch of its
+    diagnostic beside the strength diagnostic's — from rows the runs logged or from rows measured
+    afterwards and passed in (``--wong TABLE``); runs without them do not count for it."""
+    script, lib = study
+    runs = [write_run(tmp_path, "fgsm-s0", wong=WONG_FALLS, seconds=COSTS, **LEADING),
+            write_run(tmp_path, "pgd-s0", method="pgd", wong=WONG_STEADY, seconds=COSTS, **FLAT),
+            write_run(tmp_path, "apart-s0", method="apart", wong=[*WONG_STEADY[:5], .1, *WONG_STEADY[6:]],
+                      seconds=COSTS, **FLAT),
+            write_run(tmp_path, "fgsm-s1", seed=1, seconds={("strength", "probe"): 2.0}, **LEADING)]
+    table = lib.signal_table([lib.summarize(r) for r in runs]).set_index("signal")
+    wong = table.loc["wong_fall"]
+    assert (wong["collapsing_runs"], wong["hits"], wong["lead_median"]) == (1, 1, 1)
+    assert (wong["control_runs"], wong["false_alarms"], wong["false_alarm_methods"]) == (2, 1, "APART")
+    assert table.loc["cos_fall", "collapsing_runs"] == 2 and table.loc["cos_fall", "lead_median"] == 2
+    assert (wong["cost_s_per_epoch"], table.loc["cos_fall", "cost_s_per_epoch"]) == (0.5, 2.0)
+    assert table.loc["early", "cost_s_per_epoch"] == 2.5  # the median run: both diagnostics
+    # the same rows measured after training (lib.wong_replay's table) and passed in
+    bare = write_run(tmp_path / "bare", "fgsm-s0", seconds=COSTS, **LEADING)
+    extra = RunStore.open(runs[0]).metrics().query("source == 'wong'")
+    assert lib.summarize(bare).first["wong_fall"] is None
+    assert lib.summarize(bare, extra=extra).first["wong_fall"] == 8
+    shown = script.display_signals(table.reset_index()).set_index("signal")
+    assert shown.loc[f"`wong_fall`: {lib.ROW_TEXT['wong_fall']}", "s/epoch of its diagnostic"] == "0.5"
 
 
 def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
@@ -183,17 +261,26 @@ def test_missing_runs_is_a_clear_error(study, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smoke_trains_both_stages_and_reuses_them(study, tmp_path, capsys):
+def test_smoke_runs_the_study_files_as_sweeps_and_reuses_them(study, tmp_path, capsys):
+    """--smoke: a few tiny cells of each study file (seed 0 and calibration seed 100 at one ε),
+    stage 2's file computed from the APART run, all run by sweeps; a rerun trains nothing."""
     script, _ = study
-    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--jobs", "2"]
+    cache = os.environ.get("ROBUSTDROP_CACHE")
     assert script.main(argv) == 0
     root = tmp_path / "runs" / "collapse-prediction"
-    assert sorted(p.name for p in (root / "stage1").iterdir()) == ["apart-s0", "fgsm-s0", "fgsm-s100", "pgd-s0"]
-    assert (root / "stage2" / "fgsm-matched-s0" / "config.json").is_file()
-    assert (tmp_path / "out" / "collapse_prediction.png").is_file()
+    cells = {p.parent.name: sorted(c.name for c in p.parent.iterdir() if (c / "config.json").is_file())
+             for p in root.glob("*/sweep.json")}
+    assert cells.keys() == {"cp-main", "cp-pgd3", "cp-cal-main", "cp-matched"}
+    assert len(cells["cp-main"]) == 2 and cells["cp-pgd3"] == ["eps8-s0"] and len(cells["cp-cal-main"]) == 1
+    assert len(cells["cp-matched"]) == 1 and cells["cp-matched"][0].endswith("-seed=0")  # at APART's mean |δ|
+    assert (root / "cp-matched.toml").is_file() and (tmp_path / "out" / "collapse_prediction.png").is_file()
+    assert os.environ.get("ROBUSTDROP_CACHE") == cache  # the cells' cache was set for them only
+    assert cache is not None or any((tmp_path / "runs" / "cache").iterdir())
     capsys.readouterr()
     assert script.main(argv) == 0
-    assert capsys.readouterr().out.count("reusing finished run") == 5
+    out = capsys.readouterr().out
+    assert out.count(" finished, 0 to resume, 0 to start)") == 4, out
 
 
 def test_early_rule_chosen_on_calibration_seeds_and_evaluated_on_the_others(study, sweep):
