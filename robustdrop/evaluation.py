@@ -40,9 +40,10 @@ from robustdrop.data import ImageData, load_dataset, probe_indices
 from robustdrop.diagnostics.reference import ReferenceSource, build_reference, find_reference
 from robustdrop.engine.attack_eval import AttackResult, evaluate_attacks, format_results, subset
 from robustdrop.engine.evaluate import autocast_for, evaluate
+from robustdrop.engine.observer import check_logits
 from robustdrop.engine.trainer import resolve_device
 from robustdrop.errors import RobustdropError
-from robustdrop.models.user import build_user_model, checkpoint_epoch, load_user_weights
+from robustdrop.models.user import Normalized, build_user_model, checkpoint_epoch, load_user_weights, normalization
 from robustdrop.store import METRIC_COLUMNS, RunStore, atomic_write_bytes, atomic_write_text, result_checkpoint
 
 SOURCE = "evaluate"
@@ -189,16 +190,15 @@ def _evaluate_user(path: str | os.PathLike, spec: str, normalize: tuple | None, 
     dev = resolve_device(device)
     if data is None:
         data = load_dataset(dataset or USER_DEFAULTS["dataset"], data_dir=data_dir)
-    from robustdrop.monitor import Normalized, _check_output, _normalization  # one home of the pixel-space view
 
-    pair = _normalization(normalize, data.image_shape[0], dev)
+    pair = normalization(normalize, data.image_shape[0], dev)
     net = build_user_model(spec, num_classes=data.num_classes)
     state = load_user_weights(net, path, spec)
     net.to(dev)
     if pair is not None:
         net = Normalized(net, *pair)
     net.eval()
-    _check_output(net, data.test_x, data.test_y, dev)  # (N, classes) logits with a class for every label
+    check_logits(net, data.test_x, data.test_y, dev)  # (N, classes) logits with a class for every label
     try:
         epoch = checkpoint_epoch(path, state)
     except RobustdropError:  # a single file need not be numbered

@@ -40,11 +40,12 @@ from robustdrop.attacks import AttackSpec
 from robustdrop.data import Batch, ImageData, probe_from
 from robustdrop.diagnostics import AUTO, CollapseDiagnostic, build_hooks
 from robustdrop.diagnostics.replay import Weights, replay
-from robustdrop.engine import Observer, TrackConfig, guarded, make_context
+from robustdrop.engine import Observer, TrackConfig, check_logits, make_context
 from robustdrop.environment import device_name, versions
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import eps_in_255ths
 from robustdrop.methods import StepOutput, TrainingMethod, available_methods, create_method
+from robustdrop.models.user import Normalized, normalization
 from robustdrop.store import RunLock, RunStore, metric_row
 
 STATE_FORMAT = "robustdrop-monitor-1"
@@ -117,49 +118,6 @@ class EpochReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pixel space for models that take normalized inputs
-# ----------------------------------------------------------------------------------------------
-class Normalized(nn.Module):
-    """``model((x - mean) / std)``: a [0, 1]-pixel view of a model that takes normalized inputs.
-    Holds the user's model as a submodule; changes nothing in it. ``mean``, ``std``: per channel."""
-
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
-
-
-def _normalization(normalize: Any, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean, std)`` as float32 ``(C,)`` tensors on ``device``; one value is repeated for every channel."""
-    if normalize is None:
-        return None
-    try:
-        mean, std = normalize
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-    except (TypeError, ValueError):
-        raise RobustdropError("normalize must be (mean, std), each one number or one per channel, e.g. "
-                              "((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))") from None
-    out = []
-    for name, t in (("mean", mean), ("std", std)):
-        if t.numel() == 1:
-            t = t.repeat(channels)
-        if t.numel() != channels:
-            raise RobustdropError(f"normalize: {name} has {t.numel()} values, the probe images have {channels} "
-                                  "channels; give one value per channel")
-        if not torch.isfinite(t).all():
-            raise RobustdropError(f"normalize: {name} {t.tolist()} is not finite")
-        out.append(t.to(device))
-    if (out[1] <= 0).any():
-        raise RobustdropError(f"normalize: std {out[1].tolist()} must be positive")
-    return out[0], out[1]
-
-
-# ----------------------------------------------------------------------------------------------
 # The training method, as far as the monitor knows it
 # ----------------------------------------------------------------------------------------------
 class ObservedTraining(TrainingMethod):
@@ -217,7 +175,7 @@ class Monitor:
             unknown referee or diagnostic.
     """
 
-    def __init__(self, model: nn.Module, *, epsilon: float, probe: Any, normalize: Any = None,
+    def __init__(self, model: nn.Module, /, *, epsilon: float, probe: Any, normalize: Any = None,
                  reference: str | None = None, runs_dir: str | Path = "runs", name: str | None = None,
                  steps_per_epoch: int | None = None, callback: Callable[[EpochReport], Any] | None = None,
                  overwrite: bool = False, progress: bool = True, classes: Sequence[str] | None = None, **config: Any):
@@ -232,9 +190,9 @@ class Monitor:
         self.config.device, self.config.probe_size = str(self.device), len(labels)
         if "dataset" not in config:
             self.config.dataset = dataset
-        self.normalization = _normalization(normalize, images.shape[1], self.device)
+        self.normalization = normalization(normalize, images.shape[1], self.device)
         self.view = model if self.normalization is None else Normalized(model, *self.normalization)
-        num_classes = _check_output(self.view, images, labels, self.device)
+        num_classes = check_logits(self.view, images, labels, self.device)
         if names and len(names) != num_classes:
             raise RobustdropError(f"the model has {num_classes} outputs but the probe names {len(names)} classes; "
                                   "give classes= with one name per output")
@@ -541,27 +499,6 @@ def _device_of(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _check_output(view: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> int:
-    """The number of classes the model outputs; a one-line error unless its output is ``(N, classes)``
-    logits with a class for every probe label. Runs the model on two probe images, guarded."""
-    x = images[:2].to(device, torch.float32) / 255
-    with guarded(view), torch.no_grad():
-        try:
-            out = view(x)
-        except Exception as exc:  # the user's model may raise anything on a wrong input shape
-            line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise RobustdropError(f"the model fails on probe images of shape {tuple(x.shape)} ({line}); give a probe "
-                                  "of the images the model is trained on") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RobustdropError(f"the model's output must be logits of shape (N, classes), got {got} for N={len(x)}; "
-                              "wrap the model so that it returns the logits tensor")
-    classes = int(out.shape[1])
-    if int(labels.max()) >= classes:
-        raise RobustdropError(f"the probe has label {int(labels.max())} but the model outputs {classes} classes")
-    return classes
 
 
 def _default_name(model: nn.Module, config: TrackConfig) -> str:

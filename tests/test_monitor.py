@@ -172,6 +172,15 @@ def test_the_run_directory_is_ordinary_and_the_commands_read_it(synthetic_data, 
 # ----------------------------------------------------------------------------------------------
 # Resume through the user's own checkpoint
 # ----------------------------------------------------------------------------------------------
+def test_model_names_the_architecture_in_the_config(synthetic_data, tmp_path):
+    # the model is positional-only, so model= is the label config.json keeps (default: the class name)
+    model, _ = fresh()
+    monitor = robustdrop.Monitor(model, epsilon=EPS, probe=(synthetic_data.test_x, synthetic_data.test_y),
+                                 runs_dir=tmp_path, name="m", probe_size=40, progress=False, model="preact-resnet18-mine")
+    assert monitor.config.model == "preact-resnet18-mine" and monitor.model is model
+    assert not (tmp_path / "m").exists()  # nothing written before the first epoch
+
+
 def test_a_resumed_monitor_appends_without_duplicated_or_missing_epochs(synthetic_data, tmp_path, one_thread):
     model, opt = fresh()
     monitor = make_monitor(model, synthetic_data, tmp_path, name="straight", epochs=3)

@@ -30,6 +30,7 @@ from torch import nn
 from robustdrop.attacks import FGSM, PGD, Attack
 from robustdrop.engine.evaluate import EvalResult, autocast_for, evaluate, spec_of
 from robustdrop.engine.hooks import Hook, RunContext
+from robustdrop.errors import RobustdropError
 from robustdrop.store import metric_row
 
 if TYPE_CHECKING:
@@ -246,3 +247,24 @@ class Observer:
                 hook.on_epoch_end(run, epoch)
             out.diag_s = time.perf_counter() - start
         return out
+
+
+def check_logits(view: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> int:
+    """The number of classes the model outputs; a one-line error unless its output is ``(N, classes)``
+    logits with a class for every probe label. Runs the model on two probe images, guarded."""
+    x = images[:2].to(device, torch.float32) / 255
+    with guarded(view), torch.no_grad():
+        try:
+            out = view(x)
+        except Exception as exc:  # the user's model may raise anything on a wrong input shape
+            line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise RobustdropError(f"the model fails on probe images of shape {tuple(x.shape)} ({line}); give a probe "
+                                  "of the images the model is trained on") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RobustdropError(f"the model's output must be logits of shape (N, classes), got {got} for N={len(x)}; "
+                              "wrap the model so that it returns the logits tensor")
+    classes = int(out.shape[1])
+    if int(labels.max()) >= classes:
+        raise RobustdropError(f"the probe has label {int(labels.max())} but the model outputs {classes} classes")
+    return classes

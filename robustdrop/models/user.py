@@ -16,7 +16,7 @@ robustdrop diagnoses models it did not train (``robustdrop diagnose``, ``robustd
   is a one-line error naming a missing or unexpected key or the two shapes;
 * numbers checkpoint files by epoch (:func:`checkpoint_epoch`, :func:`find_checkpoints`);
 * reads ``--normalize`` (:func:`parse_normalize`); the model that takes normalized inputs is seen
-  from [0, 1] pixel space through :class:`robustdrop.monitor.Normalized`.
+  from [0, 1] pixel space through :class:`Normalized`.
 
 Epoch rule (robustdrop's epochs count from 1: epoch ``e`` is the model after ``e`` training epochs):
 a Lightning checkpoint (it records ``pytorch-lightning_version``) is epoch ``checkpoint["epoch"] + 1``
@@ -325,3 +325,46 @@ def find_checkpoints(pattern: str) -> list[tuple[int, Path, int]]:
                                   "--checkpoints to one file per epoch (e.g. leave out last.ckpt)")
         by_epoch[epoch] = (path, checkpoint_step(state))
     return [(epoch, path, step) for epoch, (path, step) in sorted(by_epoch.items())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel space for models that take normalized inputs (the Monitor, evaluate --normalize, diagnose)
+# ----------------------------------------------------------------------------------------------
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: a [0, 1]-pixel view of a model that takes normalized inputs.
+    Holds the user's model as a submodule; changes nothing in it. ``mean``, ``std``: per channel."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def normalization(normalize: Any, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean, std)`` as float32 ``(C,)`` tensors on ``device``; one value is repeated for every channel."""
+    if normalize is None:
+        return None
+    try:
+        mean, std = normalize
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+    except (TypeError, ValueError):
+        raise RobustdropError("normalize must be (mean, std), each one number or one per channel, e.g. "
+                              "((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))") from None
+    out = []
+    for name, t in (("mean", mean), ("std", std)):
+        if t.numel() == 1:
+            t = t.repeat(channels)
+        if t.numel() != channels:
+            raise RobustdropError(f"normalize: {name} has {t.numel()} values, the probe images have {channels} "
+                                  "channels; give one value per channel")
+        if not torch.isfinite(t).all():
+            raise RobustdropError(f"normalize: {name} {t.tolist()} is not finite")
+        out.append(t.to(device))
+    if (out[1] <= 0).any():
+        raise RobustdropError(f"normalize: std {out[1].tolist()} must be positive")
+    return out[0], out[1]
