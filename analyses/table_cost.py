@@ -14,15 +14,15 @@ Writes ``<out>/table_cost.{md,csv,tex}``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
 
 import pandas as pd
-from lib.catalog import cost_run_names, ref_name, run_dir
+from lib.catalog import cost_run_names, ensure_cells, ref_name, run_dir
 from lib.outputs import frame_markdown, setting_caption, write_table
 from lib.setting import Setting, parse_setting
-from lib.tasks import ensure_runs
 
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_ratio
@@ -40,7 +40,8 @@ def needed(setting: Setting) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     setting = parse_setting(__doc__, argv)
     names = needed(setting)
-    ensure_runs(setting, names, jobs=1)  # timings: one run at a time
+    # timings: one run at a time, on this machine (a Ray cluster would run them side by side)
+    ensure_cells(dataclasses.replace(setting, backend="local"), names, jobs=1)
     full_runs = {**FULL_RUN, "cost-pgd10": ref_name(setting) if setting.knobs["ref_steps"] == 10 else ""}
     raw = []
     for name in names:
