@@ -270,21 +270,29 @@ def _with_dependencies(table: dict[str, dict[str, Any]], names: Sequence[str]) -
 
 
 def run_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = None) -> SweepResult:
-    """Run (or reuse) the catalog cells ``names`` and the cells they need, in that order, as one
-    sweep over the runs dir (:func:`robustdrop.sweeps.run_sweep`; ``--jobs`` local processes or
-    ``--backend ray``, ``--max-minutes``). Cells the runs dir's sweep already records are planned
-    too (a sweep only grows); those not finished run as well."""
-    table = cells(setting)
-    path = setting.runs_dir.resolve()
-    recorded = SweepRecord.open(path).cells if is_sweep_dir(path) else {}
-    order = _with_dependencies(table, [*names, *(n for n in table if n in recorded)])
+    """Run (or reuse) the catalog cells ``names`` and the cells they need as one sweep over the
+    runs dir (:func:`sweep_cells`; ``--jobs`` local processes or ``--backend ray``, ``--max-minutes``)."""
     if setting.smoke:
         _write_smoke_data(setting)
-    plan = plan_sweep({}, preset=setting.scale, fixed=sweep_fixed(setting), name=path.name,
-                      cells={n: table[n] for n in order})
-    return run_sweep(plan, runs_dir=path.parent, backend=setting.backend, jobs=jobs or setting.jobs,
-                     cpus_per_cell=setting.threads or None, extend=True, progress=False,
-                     command=[sys.executable, *sys.argv], max_minutes=setting.max_minutes, adopt=True)
+    return sweep_cells(setting.runs_dir, cells(setting), names, preset=setting.scale, fixed=sweep_fixed(setting),
+                       jobs=jobs or setting.jobs, threads=setting.threads, backend=setting.backend,
+                       max_minutes=setting.max_minutes)
+
+
+def sweep_cells(runs_dir: Path, table: dict[str, dict[str, Any]], names: Sequence[str], *, preset: str | None,
+                fixed: dict[str, Any], jobs: int = 1, threads: int = 0, backend: str = "local",
+                max_minutes: float | None = None) -> SweepResult:
+    """Cells ``names`` of ``table`` and the cells they need, in that order, as one sweep whose
+    directory is ``runs_dir`` (:func:`robustdrop.sweeps.run_sweep`: an existing folder of runs is
+    adopted, its runs reused by the one rule). Cells the sweep already records are planned too (a
+    sweep only grows); those not finished run as well. ``threads``: each cell's (0: the default)."""
+    path = Path(runs_dir).resolve()
+    recorded = SweepRecord.open(path).cells if is_sweep_dir(path) else {}
+    order = _with_dependencies(table, [*names, *(n for n in table if n in recorded)])
+    plan = plan_sweep({}, preset=preset, fixed=fixed, name=path.name, cells={n: table[n] for n in order})
+    return run_sweep(plan, runs_dir=path.parent, backend=backend, jobs=jobs, cpus_per_cell=threads or None,
+                     extend=True, progress=False, command=[sys.executable, *sys.argv], max_minutes=max_minutes,
+                     adopt=True)
 
 
 def ensure_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = None) -> None:
