@@ -85,7 +85,7 @@ def reference_deferred(setting: Setting) -> bool:
     """The one referee rule of Figure 2's runs. A shipped referee (quick scale: ``builtin:quick``)
     is attached during training. A referee that is a catalog run (paper scale: PGD-10; --smoke) is
     not waited for: Figure 2's runs train without it, keep every epoch's weights, and are measured
-    on it once both are finished (:mod:`lib.deferred`; the rows an attached referee logs).
+    on it once both are finished (a ``kind="replay"`` cell each, :func:`cells`; the rows an attached referee logs).
     ``Setting.deferred_reference`` True/False forces one way (tests that compare the two)."""
     shipped = reference_for(setting).startswith("builtin:")
     if setting.deferred_reference is None:
@@ -273,7 +273,7 @@ def run_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = None
     """Run (or reuse) the catalog cells ``names`` and the cells they need as one sweep over the
     runs dir (:func:`sweep_cells`; ``--jobs`` local processes or ``--backend ray``, ``--max-minutes``)."""
     if setting.smoke:
-        _write_smoke_data(setting)
+        write_smoke_data(setting)
     return sweep_cells(setting.runs_dir, cells(setting), names, preset=setting.scale, fixed=sweep_fixed(setting),
                        jobs=jobs or setting.jobs, threads=setting.threads, backend=setting.backend,
                        max_minutes=setting.max_minutes)
@@ -304,10 +304,10 @@ def ensure_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = N
                               "rerun the same command to continue them")
 
 
-def _write_smoke_data(setting: Setting) -> Path:
+def write_smoke_data(setting: Setting) -> Path:
     """--smoke: the synthetic data as an image folder (cells run in their own processes and load
     data by name) and a private dataset cache (the cells inherit it)."""
-    folder = setting.runs_dir / SMOKE_FOLDER
+    folder = setting.runs_dir.resolve() / SMOKE_FOLDER
     if not (folder / "test").is_dir():
         write_image_folder(make_synthetic(**SMOKE_DATA), folder)
     os.environ.setdefault("ROBUSTDROP_CACHE", str(setting.runs_dir.resolve() / "cache"))

@@ -24,6 +24,7 @@ import torch
 
 from lib.catalog import load_data, ref_name, run_dir
 from lib.setting import Setting
+from lib.training import WEIGHTS_PREFIX
 from robustdrop.data import probe_indices
 from robustdrop.diagnostics import DIAGNOSTICS, create_diagnostic, select
 from robustdrop.diagnostics.replay import replay_hooks
@@ -32,7 +33,6 @@ from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
 from robustdrop.store import RunStore, epoch_files, load_checkpoint_file
-from robustdrop.store.checkpoints import WEIGHTS_PREFIX
 
 MEASURED_EVENT = "reference_measured"
 

@@ -69,7 +69,7 @@ class Setting:
     data_dir: str | None = None
     dataset: str | None = None  # None: the scale's (quick: the preset's; paper: cifar10)
     # None: the rule of lib.catalog.reference_deferred (a referee that is a catalog run is measured
-    # after training from per-epoch weights, lib.deferred; a shipped one is attached); True/False
+    # after training from per-epoch weights, a replay cell each; a shipped one is attached); True/False
     # forces it (tests that compare the two ways; the same numbers).
     deferred_reference: bool | None = None
     ref_epochs: int = 0  # epochs of the reference run (0: the preset's); the GPU plan shortens it to fit
