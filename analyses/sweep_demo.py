@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from lib.catalog import write_smoke_data
+from lib.catalog import cell_environment, write_smoke_data
 from lib.outputs import add_caption, setting_caption, write_figure, write_table
 from lib.setting import REPO, SMOKE_CONFIG, Setting, parse_setting
 
@@ -85,8 +85,9 @@ def sweep_name(setting: Setting) -> str:
 def run(setting: Setting) -> SweepResult:
     grid = parse_grid(sweep_words(setting)) if setting.smoke else study()["grid"]
     plan = plan_sweep(grid, preset=setting.scale, fixed=fixed_values(setting), name=sweep_name(setting))
-    return run_sweep(plan, runs_dir=setting.runs_dir, backend=setting.backend, jobs=setting.jobs, progress=False,
-                     command=command(setting), max_minutes=setting.max_minutes)
+    with cell_environment(setting):
+        return run_sweep(plan, runs_dir=setting.runs_dir, backend=setting.backend, jobs=setting.jobs,
+                         progress=False, command=command(setting), max_minutes=setting.max_minutes)
 
 
 def cell_times(record: SweepRecord) -> pd.DataFrame:

@@ -12,9 +12,10 @@ is reused, resumed or retrained by the package's one rule (:mod:`robustdrop.reus
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,11 +273,10 @@ def _with_dependencies(table: dict[str, dict[str, Any]], names: Sequence[str]) -
 def run_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = None) -> SweepResult:
     """Run (or reuse) the catalog cells ``names`` and the cells they need as one sweep over the
     runs dir (:func:`sweep_cells`; ``--jobs`` local processes or ``--backend ray``, ``--max-minutes``)."""
-    if setting.smoke:
-        write_smoke_data(setting)
-    return sweep_cells(setting.runs_dir, cells(setting), names, preset=setting.scale, fixed=sweep_fixed(setting),
-                       jobs=jobs or setting.jobs, threads=setting.threads, backend=setting.backend,
-                       max_minutes=setting.max_minutes)
+    with cell_environment(setting):
+        return sweep_cells(setting.runs_dir, cells(setting), names, preset=setting.scale,
+                           fixed=sweep_fixed(setting), jobs=jobs or setting.jobs, threads=setting.threads,
+                           backend=setting.backend, max_minutes=setting.max_minutes)
 
 
 def sweep_cells(runs_dir: Path, table: dict[str, dict[str, Any]], names: Sequence[str], *, preset: str | None,
@@ -305,13 +305,38 @@ def ensure_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = N
 
 
 def write_smoke_data(setting: Setting) -> Path:
-    """--smoke: the synthetic data as an image folder (cells run in their own processes and load
-    data by name) and a private dataset cache (the cells inherit it)."""
+    """--smoke: the synthetic data as an image folder, which the cells (own processes) load by name."""
     folder = setting.runs_dir.resolve() / SMOKE_FOLDER
     if not (folder / "test").is_dir():
         write_image_folder(make_synthetic(**SMOKE_DATA), folder)
-    os.environ.setdefault("ROBUSTDROP_CACHE", str(setting.runs_dir.resolve() / "cache"))
     return folder
+
+
+@contextlib.contextmanager
+def cell_environment(setting: Setting) -> Iterator[None]:
+    """Within the block, --smoke's cells (processes that inherit this one's environment) read the
+    smoke data's cache in the runs dir; the environment is restored after."""
+    old = os.environ.get("ROBUSTDROP_CACHE")
+    if setting.smoke:
+        write_smoke_data(setting)
+        os.environ["ROBUSTDROP_CACHE"] = str(smoke_cache(setting))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ROBUSTDROP_CACHE", None)
+        else:
+            os.environ["ROBUSTDROP_CACHE"] = old
+
+
+def smoke_cache(setting: Setting) -> Path:
+    """--smoke: the dataset cache of its image folder, in the runs dir (never the user's)."""
+    return setting.runs_dir.resolve() / "cache"
+
+
+def smoke_data(setting: Setting) -> ImageData:
+    """--smoke: the data every run of the setting trains on, loaded as the cells load it."""
+    return load_dataset(f"folder:{write_smoke_data(setting)}", cache_dir=str(smoke_cache(setting)))
 
 
 def run_dir(setting: Setting, name: str) -> Path:
@@ -320,8 +345,8 @@ def run_dir(setting: Setting, name: str) -> Path:
 
 def data_for(setting: Setting) -> ImageData | None:
     """The in-memory data of --smoke (``None``: the run loads its config's dataset)."""
-    return make_synthetic(**SMOKE_DATA) if setting.smoke else None
+    return smoke_data(setting) if setting.smoke else None
 
 
 def load_data(setting: Setting, cfg: dict[str, Any]) -> ImageData:
-    return make_synthetic(**SMOKE_DATA) if setting.smoke else load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"))
+    return smoke_data(setting) if setting.smoke else load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"))
