@@ -46,7 +46,7 @@ def pick_epochs(run: Run) -> tuple[list[int], int | None, int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, sweep=True)
     parser.add_argument("--from-run", type=Path, default=None, metavar="RUN_DIR",
                         help="draw from this finished run (with snapshots) instead of the catalog's FGSM run")
     args = parser.parse_args(argv)

@@ -93,7 +93,7 @@ def summarize(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, sweep=True)
     parser.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                         help="draw from these finished runs measured on the setting's referee (the first gets the "
                              "single-run figure) instead of the catalog's fgsm, fgsm+ and apart")

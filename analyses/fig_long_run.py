@@ -34,7 +34,7 @@ def needed(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
     ensure_cells(setting, names)
     paths = {n: run_dir(setting, n) for n in names}

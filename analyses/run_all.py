@@ -40,11 +40,11 @@ SCRIPTS = [fig2_strength, fig1_perturbations, fig_long_run, table_methods, table
 
 
 def forwarded(args, setting: Setting) -> list[str]:
-    """The scripts' arguments: the same, with the (possibly temporary) folders made explicit."""
+    """The scripts' arguments: the same, with the (possibly temporary) folders made explicit (not the
+    backend: phase 1 finished their cells, and the timing runs are always local)."""
     argv = ["--scale", setting.scale, "--runs-dir", str(setting.runs_dir), "--out", str(setting.out),
             "--threads", str(setting.threads), "--jobs", str(setting.jobs), "--device", setting.device,
-            "--seed", str(setting.seed), "--eval-n", str(setting.eval_n), "--aa-n", str(setting.aa_n),
-            "--backend", setting.backend]
+            "--seed", str(setting.seed), "--eval-n", str(setting.eval_n), "--aa-n", str(setting.aa_n)]
     if setting.smoke:
         argv.append("--smoke")
     if not setting.autoattack:
@@ -72,7 +72,7 @@ def training_order(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser(__doc__, jobs=2).parse_args(argv)
+    args = build_parser(__doc__, jobs=2, sweep=True).parse_args(argv)
     setting = setting_from_args(args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()

@@ -117,7 +117,7 @@ def _range(values: list[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv, jobs=2)
+    setting = parse_setting(__doc__, argv, jobs=2, sweep=True)
     result = run(setting)
     record = result.record
     cmd = " ".join(command(setting))

@@ -38,7 +38,7 @@ def needed(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
     # timings: one run at a time, on this machine (a Ray cluster would run them side by side)
     ensure_cells(dataclasses.replace(setting, backend="local"), names, jobs=1)

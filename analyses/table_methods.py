@@ -143,7 +143,7 @@ def write(setting: Setting, names: Sequence[str], stem: str, title: str) -> pd.D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
     ensure_cells(setting, names)
     write(setting, names, "table_methods",
