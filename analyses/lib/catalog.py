@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,8 +309,14 @@ def ensure_cells(setting: Setting, names: Sequence[str], *, jobs: int | None = N
 def write_smoke_data(setting: Setting) -> Path:
     """--smoke: the synthetic data as an image folder, which the cells (own processes) load by name."""
     folder = setting.runs_dir.resolve() / SMOKE_FOLDER
-    if not (folder / "test").is_dir():
-        write_image_folder(make_synthetic(**SMOKE_DATA), folder)
+    if not folder.is_dir():  # written whole, then renamed: processes that start together never read half
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{SMOKE_FOLDER}-", dir=folder.parent))
+        write_image_folder(make_synthetic(**SMOKE_DATA), partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process was first: the same data
+            shutil.rmtree(partial)
     return folder
 
 
