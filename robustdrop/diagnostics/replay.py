@@ -187,7 +187,12 @@ def replay_diagnostics(config: TrackConfig, diagnostics: str | Sequence[str] | N
         words = config.diagnostics if "none" not in config.diagnostics else ["default"]
         chosen = {n: o for n, o in select(words, reference=reference).items() if DIAGNOSTICS[n].needs_reference}
     else:
-        chosen = select([diagnostics] if isinstance(diagnostics, str) else list(diagnostics), reference=reference)
+        chosen = select(_words(diagnostics), reference=reference)
+    _check_chosen(chosen)
+    return config, [create_diagnostic(name, config, **options) for name, options in chosen.items()]
+
+
+def _check_chosen(chosen: Mapping[str, Any]) -> None:
     if not chosen:
         raise RobustdropError("nothing to replay: give reference= (the referee the run's strength-ref diagnostic "
                               "measures against) or diagnostics= (e.g. ['wong'])")
@@ -195,7 +200,17 @@ def replay_diagnostics(config: TrackConfig, diagnostics: str | Sequence[str] | N
         if not DIAGNOSTICS[name].replayable:
             raise RobustdropError(f"the {name} diagnostic cannot be replayed over saved weights (it reads the epoch's "
                                   f"evaluation and the other diagnostics); leave it out of diagnostics")
-    return config, [create_diagnostic(name, config, **options) for name, options in chosen.items()]
+
+
+def check_replay_words(diagnostics: str | Sequence[str] | None, reference: str | None) -> None:
+    """What can be checked of a replay before the run exists (a sweep's replay cell): the
+    diagnostics' names and options, that each can be replayed, and that there is something to
+    replay (``diagnostics=None`` needs a ``reference``). One-line :class:`RobustdropError`."""
+    if diagnostics is None:
+        if not reference:
+            _check_chosen({})
+        return
+    _check_chosen(select(_words(diagnostics), reference=reference))
 
 
 def _referee_identity(hooks: Sequence[Hook]) -> tuple[str | None, str | None]:
@@ -290,7 +305,8 @@ def replay_run(run_dir: str | os.PathLike, *, reference: str | os.PathLike | Non
     Idempotent: a finished replay with the same diagnostics, options and referee (its SHA-256)
     is reused; an interrupted one starts over. Every check (finished run, every epoch's weights,
     diagnostics, referee, not measured during training already) is made before anything is
-    written; while writing the run's :class:`~robustdrop.store.RunLock` is held.
+    written; while writing the run's :class:`~robustdrop.store.RunLock` is held (a second replay
+    of the run waits for it).
     """
     path = RunStore.check_run_dir(run_dir)
     config = TrackConfig.from_dict(RunStore.open(path).read_json(RunStore.CONFIG))
@@ -302,8 +318,12 @@ def replay_run(run_dir: str | os.PathLike, *, reference: str | os.PathLike | Non
                                                _reference_value(reference, config, data, progress))
     key = _replay_key(hooks)
     sources = {h.name for h in hooks}
-    with RunLock(path):
-        store = RunStore.open(path)  # read again under the lock
+    # Two replays of one run (two sweep cells) take turns; a run that changed while this one
+    # waited (trained again) is checked again.
+    with RunLock(path, wait=f"{path}: waiting to replay until its other writer ends"):
+        epochs, rows0, events0 = finished_training(path)
+        files = epoch_weights_files(path, epochs)
+        store = RunStore.open(path)
         during = sorted(sources & set(store.metrics()["source"].iloc[:rows0]))
         if during:
             raise RobustdropError(f"{path} measured {', '.join(during)} during training already; a replay would add "
