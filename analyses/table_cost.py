@@ -3,8 +3,8 @@ seconds per epoch, cost relative to PGD-10, and the APART / PGD-10 ratio (the pa
 
 The times come from dedicated timing runs (``cost-*`` in ``lib.catalog``): every method on the
 same seeded train subset, same batch size and threads, no diagnostics, trained ONE AFTER ANOTHER
-(never in parallel, whatever ``--jobs`` says), the first epoch left out as warm-up; the per-epoch
-median of ``time_train_s`` is used. Where the method table's full runs exist in the runs dir, their
+on this machine (never in parallel, whatever ``--jobs`` and ``--backend`` say), the first epoch
+left out as warm-up; the per-epoch median of ``time_train_s`` is used. Where the method table's full runs exist in the runs dir, their
 median train seconds per epoch are listed too (they are not trained here).
 
 Writes ``<out>/table_cost.{md,csv,tex}``.
