@@ -62,7 +62,11 @@ def test_replayed_rows_are_the_attached_ones_and_a_second_call_reuses_them(runs,
     ref = dict(reference=runs / "referee", diagnostics=["strength-ref:n=32"])
     assert not is_replayed(later, **ref)
     training = RunStore.open(later).metrics()
+    torch.manual_seed(123)
     assert replay_run(later, **ref, data=data) == later  # the deferred referee measurement
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))  # the caller's random state is as it was
     replay_run(later, diagnostics=["wong:n=32"], data=data)
     for source in ("strength-ref", "wong"):
         live = rows(runs / "live", source)

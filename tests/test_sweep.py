@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -439,8 +440,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
-    """A study (a referee, a run that needs it, a grid) on a real Ray head and worker (loopback):
-    a passed deadline starts nothing; then every cell runs, the dependent one after its referee."""
+    """A study (a referee, a longer run that needs it, a grid) on a real Ray head and worker
+    (loopback): a passed deadline starts nothing; a deadline that falls while cells run stops them
+    (SIGTERM: recorded as stopped, exit 143, the cells not yet started stay pending); the same
+    command continues them to the end, the dependent cell after its referee."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'robustdrop[cluster]')")
     assert ray
     port = _free_port()
@@ -455,9 +458,10 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
              "--temp-dir", str(temp), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         started.append(subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", *common],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        study = tmp_path / "study.toml"  # a referee, a run that needs it, and a grid
+        study = tmp_path / "study.toml"  # a referee, a run that needs it (long enough to be stopped), a grid
         study.write_text('[sweep]\n[sweep.grid]\nseed = "0:2"\n[sweep.cells.referee]\nmethod = "pgd"\n'
-                         '[sweep.cells.fgsm-ref]\nreference = "@referee"\ndiagnostics = "strength-ref:n=32"\n')
+                         '[sweep.cells.fgsm-ref]\nreference = "@referee"\ndiagnostics = "strength-ref:n=32"\n'
+                         f'epochs = {LONG_EPOCHS}\n')
         cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--file", str(study), "--name", "r",
                "--runs-dir", str(tmp_path), "--backend", "ray", "--address", f"127.0.0.1:{port}",
                "--cpus-per-cell", "1", "--no-progress", *_flags(tiny_fixed(tiny_env["dataset"]))]
@@ -467,18 +471,37 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
             if probe.stdout.count("node_") >= 2:
                 break
             time.sleep(1)
+        begin = time.perf_counter()
         late = subprocess.run([*cmd, "--max-minutes", "0.000001"], env=env, capture_output=True, text=True,
                               timeout=400)  # the deadline has passed when the tasks run: none starts
+        overhead = time.perf_counter() - begin  # the driver's own start (Python, Ray, the shared-folder check)
         assert late.returncode == 0 and "4 not started" in late.stdout, late.stdout + late.stderr
         assert all(SweepRecord.open(tmp_path / "r").status(c) == "pending" for c in ("referee", "seed=0"))
-        done = subprocess.run([*cmd, "--max-minutes", "30"], env=env, capture_output=True, text=True, timeout=400)
+
+        # A deadline 8 s after the cells can start: on two slots the referee and the grid cells take
+        # a few seconds each and fgsm-ref (LONG_EPOCHS) longer, so cells are running (or starting:
+        # stopped before training, also recorded as stopped, and started again by the next call).
+        minutes = (overhead + 8) / 60
+        stopped = subprocess.run([*cmd, "--max-minutes", f"{minutes:.4f}"], env=env, capture_output=True, text=True,
+                                 timeout=400)
+        assert stopped.returncode == 143, stopped.stdout + stopped.stderr
+        record = SweepRecord.open(tmp_path / "r")
+        halted = [c for c in record.cells if record.status(c) == "stopped"]
+        assert halted and not [c for c in record.cells if record.status(c) in ("failed", "running")], record.cells
+        assert "STOPPED" in stopped.stdout and "rerun the same command to continue" in stopped.stdout
+        checkpointed = [c for c in halted if (tmp_path / "r" / c / "checkpoints" / "last.pt").is_file()]
+
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)  # the same command
         assert done.returncode == 0, done.stdout + done.stderr
         record = SweepRecord.open(tmp_path / "r")
         assert list(record.cells) == ["referee", "fgsm-ref", "seed=0", "seed=1"]
         assert all(record.status(c) == "finished" for c in record.cells)
         for cell in record.cells:
             metrics = RunStore.open(tmp_path / "r" / cell).metrics()
-            assert metrics.epoch.max() == 2 and (metrics.metric == "acc").any()
+            assert metrics.epoch.max() == (LONG_EPOCHS if cell == "fgsm-ref" else 2) and (metrics.metric == "acc").any()
+            assert metrics.groupby(["epoch", "split", "metric", "attack", "source"]).size().max() == 1  # no epoch twice
+        for cell in checkpointed:  # stopped mid-run: continued from its checkpoint
+            assert "resume" in (tmp_path / "r" / "logs" / f"{cell}.log").read_text()
         ended = (tmp_path / "r" / "logs" / "referee.result.json").stat().st_mtime_ns  # after its referee ended:
         assert (tmp_path / "r" / "fgsm-ref" / "config.json").stat().st_mtime_ns >= ended
         assert (RunStore.open(tmp_path / "r" / "fgsm-ref").metrics().source == "strength-ref").any()
@@ -490,6 +513,12 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)  # the nodes' session folders and logs
+
+
+# The Ray study's dependent cell: long enough to be running 8 s after its driver could start cells
+# (a cell's process alone takes 2 s or more to start; 60 tiny epochs another 6 s or more).
+LONG_EPOCHS = 60
 
 
 def test_a_sweep_dir_that_a_ray_node_cannot_see_is_a_one_line_error(tmp_path):

@@ -15,9 +15,7 @@ import test_sweep
 from test_sweep import comparable, tiny_fixed
 
 import robustdrop
-from robustdrop.api import track
 from robustdrop.cli import main
-from robustdrop.engine import make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore, SweepRecord
 from robustdrop.sweeps import plan_sweep, read_toml, runner
@@ -116,6 +114,50 @@ def test_local_cells_share_the_gpus_they_see(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["OMP_NUM_THREADS"] == "2"
 
 
+def test_gpu_fractions_reach_each_ray_task(tiny_env, tmp_path, monkeypatch, capsys):
+    """--gpus-per-cell 0.25 (four cells on one GPU) and --cpus-per-cell become each Ray task's
+    resource request, with the deadline; a stand-in for Ray records them (no GPU, no cluster)."""
+    from robustdrop.sweeps import ray_backend
+
+    asked, submitted = [], []
+
+    class Task:
+        def options(self, **request):
+            asked.append(request)
+            return self
+
+        def remote(self, *args):
+            submitted.append(args)
+            return args
+
+    class StandInRay:
+        def init(self, **kwargs):
+            pass
+
+        def remote(self, fn):
+            assert fn is ray_backend.run_cell_blocking
+            return Task()
+
+        def wait(self, refs, num_returns):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            return {"ok": False, "not_started": True, "wall_s": 0.0}  # as a task after the deadline
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray_backend, "_import_ray", StandInRay)
+    monkeypatch.setattr(ray_backend, "check_shared_filesystem", lambda ray, path: None)
+    code = main(["sweep", "--grid", "seed=0:2", "--name", "g", "--runs-dir", str(tmp_path), "--backend", "ray",
+                 "--gpus-per-cell", "0.25", "--cpus-per-cell", "2", "--max-minutes", "30", "--no-progress",
+                 *test_sweep._flags(tiny_fixed(tiny_env["dataset"]))])
+    assert code == 0 and "2 not started" in capsys.readouterr().out
+    assert asked == [{"num_cpus": 2.0, "num_gpus": 0.25, "max_retries": 0}]
+    assert [a[1] for a in submitted] == ["seed=0", "seed=1"]
+    assert all(time.time() < a[3] <= time.time() + 1800 for a in submitted)  # the deadline travels with each task
+
+
 def test_a_past_deadline_starts_nothing(tmp_path, capsys):
     code = main(["sweep", "--preset", "quick", "--grid", "seed=0:2", "--name", "late", "--runs-dir", str(tmp_path),
                  "--max-minutes", "0.000001", "--no-progress"])
@@ -131,17 +173,27 @@ def test_a_past_deadline_starts_nothing(tmp_path, capsys):
 # Real cells
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_study_with_a_referee_a_dependent_run_and_an_evaluation(tiny_env, tmp_path, capsys):
+def test_a_study_with_a_referee_a_dependent_run_an_evaluation_and_a_replay(tiny_env, tmp_path, capsys):
+    """A referee; a run measured against it during training, and its evaluation; a run trained
+    beside the referee keeping every epoch's weights, measured against it afterwards by a replay
+    cell: the replayed rows land in that run's metrics and equal the attached measurement's."""
     fixed = tiny_fixed(tiny_env["dataset"], epochs=2)
     cells = {
         "referee": {"method": "pgd", "pgd_steps": 2},
         "fgsm-ref": {"reference": "@referee", "diagnostics": ["strength-ref:n=32"], "keep_best": "val/acc/pgd"},
         "fgsm-ref-eval": {"kind": "evaluate", "run": "@fgsm-ref", "checkpoint": "best_model", "attacks": ["pgd"],
                           "n": 32},
+        "fgsm": {"save_weights_every": 1},
+        "fgsm-referee": {"kind": "replay", "run": "@fgsm", "reference": "@referee", "diagnostics": ["strength-ref:n=32"]},
     }
+
+    def ref_rows(cell: str) -> pd.DataFrame:
+        m = comparable(tmp_path / "s" / cell)
+        return m[m.source == "strength-ref"].sort_values(["epoch", "metric", "attack"]).reset_index(drop=True)
+
     robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=3, progress=False, **fixed)
     record = SweepRecord.open(tmp_path / "s")
-    assert [record.status(c) for c in cells] == ["finished"] * 3
+    assert [record.status(c) for c in cells] == ["finished"] * 5
     # The dependent run started after its referee finished, and measured against it.
     ended = (tmp_path / "s" / "logs" / "referee.result.json").stat().st_mtime_ns  # after its referee ended:
     assert (tmp_path / "s" / "fgsm-ref" / "config.json").stat().st_mtime_ns >= ended
@@ -152,21 +204,29 @@ def test_a_study_with_a_referee_a_dependent_run_and_an_evaluation(tiny_env, tmp_
     rows = pd.read_csv(tmp_path / "s" / "fgsm-ref-eval" / "evaluation.csv")
     best = json.loads(json.dumps(run.load_checkpoint("best_model")["epoch"]))
     assert set(rows.attack) == {"none", "pgd"} and set(rows.n) == {32} and set(rows.epoch) == {best}
+    # The replay's rows are fgsm's (the cell has no folder), the ones the attached referee logged.
+    assert not (tmp_path / "s" / "fgsm-referee").exists()
+    pd.testing.assert_frame_equal(ref_rows("fgsm"), ref_rows("fgsm-ref"))
+    assert "done   fgsm-referee (replay" in capsys.readouterr().out
     # The same command again: everything reused (the one rule), nothing rerun.
-    before = (tmp_path / "s" / "fgsm-ref" / "metrics.csv").stat().st_mtime_ns
-    capsys.readouterr()
+    before = {c: (tmp_path / "s" / c / "metrics.csv").stat().st_mtime_ns for c in ("fgsm-ref", "fgsm")}
     robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=3, progress=False, **fixed)
-    assert "3 finished, 0 to resume, 0 to start" in capsys.readouterr().out
-    assert (tmp_path / "s" / "fgsm-ref" / "metrics.csv").stat().st_mtime_ns == before
-    # The referee is lost: it trains again, and so do the run measured against it and its evaluation.
+    assert "5 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+    assert {c: (tmp_path / "s" / c / "metrics.csv").stat().st_mtime_ns for c in before} == before
+    # The referee is lost: it trains again, and so do the run measured against it, its evaluation
+    # and the replay (which replaces its rows); fgsm itself is kept.
     (tmp_path / "s" / "referee" / "checkpoints" / "last.pt").unlink()
     robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=3, progress=False, **fixed)
     out = capsys.readouterr().out
-    assert "0 finished, 0 to resume, 3 to start" in out and "fgsm-ref: again, after cell referee" in out
+    assert "1 finished, 0 to resume, 4 to start" in out and "fgsm-ref: again, after cell referee" in out
     assert "fgsm-ref: retrain (cell referee, which it needs, runs again)" in (
         tmp_path / "s" / "logs" / "fgsm-ref.log").read_text()
+    assert "replacing the earlier replay of strength-ref[n=32]" in (
+        tmp_path / "s" / "logs" / "fgsm-referee.log").read_text()
     record = SweepRecord.open(tmp_path / "s")
     assert all(record.status(c) == "finished" and "rerun" not in record.cells[c] for c in cells)
+    assert len(RunStore.open(tmp_path / "s" / "fgsm").events("replayed")) == 1
+    pd.testing.assert_frame_equal(ref_rows("fgsm"), ref_rows("fgsm-ref"))
 
 
 def test_a_replay_cell_waits_for_its_run_and_referee_and_the_dry_run_lists_it(tiny_env, tmp_path, capsys):
@@ -180,39 +240,6 @@ def test_a_replay_cell_waits_for_its_run_and_referee_and_the_dry_run_lists_it(ti
     runner.dry_run_sweep(plan, runs_dir=tmp_path)
     assert "fgsm-referee (replay after fgsm, referee) start\n" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.slow
-def test_a_replay_cell_puts_the_attached_diagnostics_rows_into_the_training_cells_metrics(tiny_env, tmp_path, capsys):
-    """A referee, a run that trained beside it keeping every epoch's weights, and the referee
-    measurement replayed over them afterwards: the run's metrics get the rows a run with the
-    referee attached logs; the same sweep again reuses everything."""
-    fixed = tiny_fixed(tiny_env["dataset"], epochs=2)
-    ref_diag = ["strength-ref:n=32"]
-    cells = {
-        "referee": {"method": "pgd", "pgd_steps": 2},
-        "fgsm": {"save_weights_every": 1},
-        "fgsm-referee": {"kind": "replay", "run": "@fgsm", "reference": "@referee", "diagnostics": ref_diag},
-    }
-    robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=2, progress=False, **fixed)
-    record = SweepRecord.open(tmp_path / "s")
-    assert [record.status(c) for c in cells] == ["finished"] * 3
-    assert not (tmp_path / "s" / "fgsm-referee").exists()  # its rows are the run's
-    assert "done   fgsm-referee (replay" in capsys.readouterr().out
-    # The yardstick: the same training with the referee attached.
-    track(make_config(**{**fixed, "reference": str(tmp_path / "s" / "referee"), "diagnostics": ref_diag}),
-          runs_dir=tmp_path, name="attached", progress=False)
-
-    def ref_rows(path: Path) -> pd.DataFrame:
-        m = comparable(path)
-        return m[m.source == "strength-ref"].sort_values(["epoch", "metric", "attack"]).reset_index(drop=True)
-
-    assert len(ref_rows(tmp_path / "attached")) > 0
-    pd.testing.assert_frame_equal(ref_rows(tmp_path / "s" / "fgsm"), ref_rows(tmp_path / "attached"))
-    before = (tmp_path / "s" / "fgsm" / "metrics.parquet").stat().st_mtime_ns
-    robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=2, progress=False, **fixed)
-    assert "3 finished, 0 to resume, 0 to start" in capsys.readouterr().out
-    assert (tmp_path / "s" / "fgsm" / "metrics.parquet").stat().st_mtime_ns == before
 
 
 @pytest.mark.slow

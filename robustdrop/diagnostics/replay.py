@@ -51,6 +51,7 @@ from robustdrop.diagnostics.referees import AUTO, BUILTIN_PREFIX, auto_referee
 from robustdrop.diagnostics.registry import DIAGNOSTICS, create_diagnostic
 from robustdrop.diagnostics.selection import select
 from robustdrop.engine import EpochEnd, Hook, Observer, TrackConfig, Trainer
+from robustdrop.engine.observer import rng_state, set_rng_state
 from robustdrop.errors import RobustdropError
 from robustdrop.store import RunLock, RunStore, epoch_files, load_checkpoint_file
 
@@ -333,12 +334,16 @@ def replay_run(run_dir: str | os.PathLike, *, reference: str | os.PathLike | Non
             store.flush()
             print(f"{path}: reusing the replay of {', '.join(key['diagnostics'])}", flush=True)
             return path
-        trainer = Trainer(context_config, store, hooks, progress=False, data=data).prepare()
-        dropped = _settle_log(store, rows0, events0, sources)
-        if dropped:
-            print(f"{path}: replacing the earlier replay of {', '.join(dropped)}", flush=True)
-        start_rows, start_events = store.num_metric_rows, store.num_events
-        _replay_epochs(trainer.observer, files, path, progress)
+        caller_rng = rng_state()  # the trainer's set-up seeds the global generators: the caller's come back
+        try:
+            trainer = Trainer(context_config, store, hooks, progress=False, data=data).prepare()
+            dropped = _settle_log(store, rows0, events0, sources)
+            if dropped:
+                print(f"{path}: replacing the earlier replay of {', '.join(dropped)}", flush=True)
+            start_rows, start_events = store.num_metric_rows, store.num_events
+            _replay_epochs(trainer.observer, files, path, progress)
+        finally:
+            set_rng_state(caller_rng)
         run = trainer.run
         store.log_event(REPLAYED_EVENT, epoch=run.epoch, step=run.step, **key, sources=sorted(sources),
                         request={"reference": None if reference is None else str(reference),
