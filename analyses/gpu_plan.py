@@ -49,6 +49,7 @@ from lib.catalog import catalog, config_for, ref_name
 from lib.setting import REPO, SMOKE_DATA, Setting, build_parser, setting_from_args
 
 from robustdrop.environment import environment
+from robustdrop.errors import RobustdropError
 from robustdrop.evaluation import EVAL_CACHE, CachedEvaluation, evaluate_run_cached
 from robustdrop.store import BEST, SweepRecord, atomic_write_bytes, atomic_write_text, is_sweep_dir
 from robustdrop.sweeps import plan_sweep, run_sweep
@@ -96,7 +97,8 @@ def parser() -> Any:
     p.add_argument("--only", nargs="+", default=[], choices=list(PARTS), metavar="PART",
                    help=f"only these parts (and the parts they read): {', '.join(PARTS)}")
     p.add_argument("--skip", nargs="+", default=[], choices=list(PARTS), metavar="PART", help="leave these parts out")
-    p.add_argument("--ref-epochs", type=int, default=None, help="epochs of the PGD-10 referee (default: the preset's 30)")
+    p.add_argument("--ref-epochs", type=int, default=None,
+                   help="epochs of the PGD-10 referee (default: what the plan's sweep recorded, else the preset's 30)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="where the cells run (default local)")
     p.add_argument("--address", default=None, help="--backend ray: the cluster's address")
     p.add_argument("--gpus-per-cell", type=float, default=0.0, help="--backend ray: GPUs per cell (0.25: four share one)")
@@ -166,10 +168,18 @@ def sweep_cells(setting: Setting, parts: Sequence[str], dataset: str | None, rec
     """The cells of ``parts`` whose inputs are in the plan, plus those an earlier command recorded
     (a sweep's record only grows), in the order of value."""
     cells = all_cells(setting, dataset)
-    keep = {c for c, (part, _) in cells.items() if part in parts} | set(recorded)
+    keep = {c for c, (part, _) in cells.items() if part in parts} | (set(recorded) & set(cells))
     keep = {c for c in keep if cells[c][1].get("kind") != "replay"
             or {cells[c][1]["run"][1:], ref_name(setting)} <= keep}
     return {c: spec for c, (_, spec) in cells.items() if c in keep}
+
+
+def recorded_ref_epochs(setting: Setting) -> int:
+    """The referee's epochs in the plan's sweep record (0: none recorded, the preset's), so a later
+    command without ``--ref-epochs`` continues the referee the first one started."""
+    sweep_dir = setting.runs_dir / SWEEP
+    entry = SweepRecord.open(sweep_dir).cells.get(ref_name(setting)) or {} if is_sweep_dir(sweep_dir) else {}
+    return int((entry.get("config") or {}).get("epochs", 0))
 
 
 def make_plan(setting: Setting, parts: Sequence[str], dataset: str | None) -> Any:
@@ -430,9 +440,21 @@ def command_minutes(args: Any, state: dict[str, Any]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return plan_main(argv)
+    except RobustdropError as exc:  # bad input or a changed plan: one line, nothing lost
+        print(f"gpu_plan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def plan_main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
     setting = plan_setting(args)
     parts = chosen_parts(args)
+    state_file = setting.runs_dir / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"invocations": []}
+    if args.ref_epochs is None:
+        setting.ref_epochs = recorded_ref_epochs(setting)
     if args.dry_run:  # creates nothing: --smoke's data folder is a temporary one
         from robustdrop.sweeps.runner import dry_run_sweep
 
@@ -448,8 +470,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     started, started_utc = time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    state_file = setting.runs_dir / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"invocations": []}
     minutes = command_minutes(args, state)
     end = started + minutes * 60
     live = dataclasses.replace(setting, runs_dir=setting.runs_dir / SWEEP)
@@ -461,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed: list[str] = []
         if sweep_min > 0:
             result = run_sweep(plan, runs_dir=setting.runs_dir, backend=args.backend, jobs=setting.jobs,
-                               address=args.address, gpus_per_cell=args.gpus_per_cell, progress=False,
+                               address=args.address, gpus_per_cell=args.gpus_per_cell, progress=False, extend=True,
                                max_minutes=None if math.isinf(sweep_min) else sweep_min)
             failed += result.failed
         else:

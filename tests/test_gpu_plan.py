@@ -73,6 +73,21 @@ def test_a_command_gets_its_minutes_within_what_is_left_of_the_budget(gpu_plan):
     assert gpu_plan.command_minutes(args, {"invocations": [{"wall_s": 5400}]}) == float("inf")
 
 
+def test_the_referee_keeps_its_recorded_length_and_a_changed_one_is_refused_in_one_line(gpu_plan, tmp_path, capsys):
+    from robustdrop.sweeps.runner import open_sweep
+
+    argv = ["--smoke", "--device", "cpu", "--only", "referee", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "p")]
+    setting, parts = plan_setting(gpu_plan, tmp_path, *argv, "--ref-epochs", "4")
+    dataset = gpu_plan.smoke_dataset(setting, setting.runs_dir / "data")
+    open_sweep(gpu_plan.make_plan(setting, parts, dataset), setting.runs_dir)  # as a first command leaves it
+    assert gpu_plan.main([*argv, "--ref-epochs", "5", "--max-minutes", "0.05"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pgd2's config differs" in err and "epochs" in err, err
+    assert not (tmp_path / "p").exists()  # refused before anything was written
+    assert gpu_plan.recorded_ref_epochs(setting) == 4  # what a command without --ref-epochs continues
+
+
 def test_dry_run_prints_the_cells_and_the_engines_estimate_and_creates_nothing(tmp_path):
     out = plan(tmp_path, "--dry-run", "--only", "fgsm", "figure2")
     assert out.returncode == 0, out.stdout + out.stderr
