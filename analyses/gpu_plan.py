@@ -439,6 +439,12 @@ def command_minutes(args: Any, state: dict[str, Any]) -> float:
     return max(min(limits), 0.0)
 
 
+def save_invocation(path: Path, state: dict[str, Any], invocation: dict[str, Any], started: float) -> None:
+    """This command's wall time so far into the plan's state (what ``--budget-minutes`` counts)."""
+    invocation["wall_s"] = round(time.monotonic() - started, 1)
+    atomic_write_text(path, json.dumps(state, indent=2) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return plan_main(argv)
@@ -473,7 +479,10 @@ def plan_main(argv: Sequence[str] | None) -> int:
     minutes = command_minutes(args, state)
     end = started + minutes * 60
     live = dataclasses.replace(setting, runs_dir=setting.runs_dir / SWEEP)
+    invocation = {"started_utc": started_utc, "minutes": round(minutes, 2), "wall_s": 0.0, "failed": []}
+    state["invocations"].append(invocation)
     with logged(setting.runs_dir / LOG_FILE):
+        save_invocation(state_file, state, invocation, started)  # a command killed on the way still counts
         dataset = smoke_dataset(setting, setting.runs_dir / "data") if setting.smoke else None
         plan = make_plan(setting, parts, dataset)
         print(f"GPU plan: parts {', '.join(parts)}; {len(plan.cells)} cells; this command {minutes:.1f} min", flush=True)
@@ -491,10 +500,10 @@ def plan_main(argv: Sequence[str] | None) -> int:
         statuses = {c: record.status(c) if record else "pending" for c in cells}
         steps: dict[str, str] = {}
         failed += run_steps(setting, live, parts, {c for c, s in statuses.items() if s == "finished"}, end, steps)
-        state["invocations"].append({"started_utc": started_utc, "minutes": round(minutes, 2),
-                                     "wall_s": round(time.monotonic() - started, 1), "failed": failed})
-        atomic_write_text(state_file, json.dumps(state, indent=2) + "\n")
+        invocation["failed"] = failed
+        save_invocation(state_file, state, invocation, started)
         failed += finish(setting, args, state, parts, cells, statuses, steps)
+        save_invocation(state_file, state, invocation, started)  # the results' writing counts too
         left = [c for c, s in statuses.items() if s != "finished"] + [s for s, v in steps.items() if v != "done"]
         print("plan: " + ("all chosen parts done" if not left else f"to do: {', '.join(left)}; run the same command "
                           "again") + f" ({time.monotonic() - started:.0f} s)" + (f"; FAILED: {', '.join(failed)}"
