@@ -160,6 +160,10 @@ values: epsilon=8_255-seed=0. Config flags below are fixed for every cell.
   kind = "evaluate"
   run = "@fgsm-ref"
   attacks = ["pgd"]
+  [sweep.cells.fgsm-wong]    # kind = "replay": diagnostics over a finished run's per-epoch weights
+  kind = "replay"            # (trained with save_weights_every = 1), rows into its metrics
+  run = "@fgsm"
+  diagnostics = ["wong"]     # and/or reference = "@referee" (strength-ref)
 
 Rerun the same command to continue: finished cells are skipped (the run reuse rule), stopped and
 killed ones resume from their checkpoints. Read the results with `robustdrop compare SWEEP_DIR` and `robustdrop plot onset SWEEP_DIR`.

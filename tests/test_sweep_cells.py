@@ -1,5 +1,5 @@
-"""Sweeps as studies: named cells, dependencies ("@cell", after), evaluate cells, the schedule, the
-deadline (--max-minutes: stopped cells, the same command continues them) and GPU sharing.
+"""Sweeps as studies: named cells, dependencies ("@cell", after), evaluate and replay cells, the
+schedule, the deadline (--max-minutes: stopped cells, the same command continues them) and GPU sharing.
 
 Real cells use test_sweep's tiny image-folder dataset (cnn1, one thread: seconds per cell)."""
 
@@ -15,7 +15,9 @@ import test_sweep
 from test_sweep import comparable, tiny_fixed
 
 import robustdrop
+from robustdrop.api import track
 from robustdrop.cli import main
+from robustdrop.engine import make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.store import RunStore, SweepRecord
 from robustdrop.sweeps import plan_sweep, read_toml, runner
@@ -71,7 +73,15 @@ def test_named_cells_come_first_in_file_order_with_their_dependencies(tmp_path):
 @pytest.mark.parametrize(("cells", "message"), [
     ({"a": {"after": ["nosuch"]}}, "needs cell 'nosuch', which the sweep does not have"),
     ({"a": {"reference": "@b", "diagnostics": "strength-ref"}, "b": {"after": ["a"]}}, "cycle: a -> b -> a"),
-    ({"a": {"kind": "replay"}}, "kind 'replay' is not one of train, evaluate"),
+    ({"a": {"kind": "score"}}, "kind 'score' is not one of train, evaluate, replay"),
+    ({"a": {"kind": "replay"}}, "replay cell a: give run = "),
+    ({"a": {"kind": "replay", "run": "x"}}, "cell a: nothing to replay: give reference="),
+    ({"a": {"kind": "replay", "run": "x", "diagnostics": ["collapse"]}}, "collapse diagnostic cannot be replayed"),
+    ({"a": {"kind": "replay", "run": "x", "diagnostics": ["nosuch"]}}, "cell a: unknown diagnostic"),
+    ({"a": {"kind": "replay", "run": "x", "diagnostics": "wong:n=0"}}, "cell a: option wong:n must be at least"),
+    ({"a": {"kind": "replay", "run": "x", "diagnostics": ["strength-ref"]}}, "needs a reference model"),
+    ({"a": {"kind": "replay", "run": "x", "reference": 3}}, "reference must be a string"),
+    ({"a": {"kind": "replay", "run": "x", "reference": "r", "attacks": ["pgd"]}}, "unknown: attacks"),
     ({"a": {"kind": "evaluate"}}, "give run = "),
     ({"a": {"kind": "evaluate", "run": "x", "attacks": ["nosuch"]}}, "cell a: attacks"),
     ({"a": {"kind": "evaluate", "run": "x", "speed": 2}}, "unknown: speed"),
@@ -157,6 +167,52 @@ def test_a_study_with_a_referee_a_dependent_run_and_an_evaluation(tiny_env, tmp_
         tmp_path / "s" / "logs" / "fgsm-ref.log").read_text()
     record = SweepRecord.open(tmp_path / "s")
     assert all(record.status(c) == "finished" and "rerun" not in record.cells[c] for c in cells)
+
+
+def test_a_replay_cell_waits_for_its_run_and_referee_and_the_dry_run_lists_it(tiny_env, tmp_path, capsys):
+    cells = {"referee": {"method": "pgd"}, "fgsm": {"save_weights_every": 1},
+             "fgsm-referee": {"kind": "replay", "run": "@fgsm", "reference": "@referee",
+                              "diagnostics": "strength-ref:n=32"}}
+    plan = plan_sweep({}, fixed=tiny_fixed(tiny_env["dataset"], epochs=1), cells=cells, name="r")
+    replay = plan.cell("fgsm-referee")
+    assert replay.kind == "replay" and replay.config is None and replay.after == ["fgsm", "referee"]
+    assert replay.action == {"run": "@fgsm", "reference": "@referee", "diagnostics": ["strength-ref:n=32"]}
+    runner.dry_run_sweep(plan, runs_dir=tmp_path)
+    assert "fgsm-referee (replay after fgsm, referee) start\n" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_replay_cell_puts_the_attached_diagnostics_rows_into_the_training_cells_metrics(tiny_env, tmp_path, capsys):
+    """A referee, a run that trained beside it keeping every epoch's weights, and the referee
+    measurement replayed over them afterwards: the run's metrics get the rows a run with the
+    referee attached logs; the same sweep again reuses everything."""
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=2)
+    ref_diag = ["strength-ref:n=32"]
+    cells = {
+        "referee": {"method": "pgd", "pgd_steps": 2},
+        "fgsm": {"save_weights_every": 1},
+        "fgsm-referee": {"kind": "replay", "run": "@fgsm", "reference": "@referee", "diagnostics": ref_diag},
+    }
+    robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=2, progress=False, **fixed)
+    record = SweepRecord.open(tmp_path / "s")
+    assert [record.status(c) for c in cells] == ["finished"] * 3
+    assert not (tmp_path / "s" / "fgsm-referee").exists()  # its rows are the run's
+    assert "done   fgsm-referee (replay" in capsys.readouterr().out
+    # The yardstick: the same training with the referee attached.
+    track(make_config(**{**fixed, "reference": str(tmp_path / "s" / "referee"), "diagnostics": ref_diag}),
+          runs_dir=tmp_path, name="attached", progress=False)
+
+    def ref_rows(path: Path) -> pd.DataFrame:
+        m = comparable(path)
+        return m[m.source == "strength-ref"].sort_values(["epoch", "metric", "attack"]).reset_index(drop=True)
+
+    assert len(ref_rows(tmp_path / "attached")) > 0
+    pd.testing.assert_frame_equal(ref_rows(tmp_path / "s" / "fgsm"), ref_rows(tmp_path / "attached"))
+    before = (tmp_path / "s" / "fgsm" / "metrics.parquet").stat().st_mtime_ns
+    robustdrop.sweep({}, cells=cells, name="s", runs_dir=tmp_path, jobs=2, progress=False, **fixed)
+    assert "3 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+    assert (tmp_path / "s" / "fgsm" / "metrics.parquet").stat().st_mtime_ns == before
 
 
 @pytest.mark.slow

@@ -55,6 +55,9 @@ class Diagnostic(Hook):
     in_default: ClassVar[bool] = True
     in_all: ClassVar[bool] = True  # False: only by name (e.g. it needs the training data, which a Monitor lacks)
     needs_reference: ClassVar[bool] = False
+    # Whether its rows can be measured after training from saved weights (diagnostics.replay);
+    # False for one that reads the epoch's evaluation or other diagnostics from the channel.
+    replayable: ClassVar[bool] = True
 
     def __init__(self, options: Options, **cadence: Any):
         super().__init__(**cadence)

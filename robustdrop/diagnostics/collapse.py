@@ -369,6 +369,7 @@ class CollapseDiagnostic(Diagnostic):
 
     name = "collapse"
     Options = CollapseRule
+    replayable = False  # it reads the epoch's evaluation and the strength values from the channel
 
     def __init__(self, **rule: Any):
         super().__init__(CollapseRule(**rule), every_n_epochs=1)

@@ -14,19 +14,48 @@ not given), in increasing epoch order, e.g.::
     replay(weights, model, lambda epoch, step: observer.end_epoch(epoch, step))
 
 Users: ``robustdrop diagnose`` and :meth:`robustdrop.Monitor.replay` (the user's checkpoints),
-and the analyses' deferred referee measurement (:func:`replay_hooks`).
+and :func:`replay_run`.
+
+**A finished run** (:func:`replay_run`): diagnostics it did not measure during training, measured
+afterwards over its per-epoch weights (``checkpoints/weights_epoch_XXXX.pt`` with
+``--save-weights-every 1``, else ``checkpoints/epoch_XXXX.pt`` with ``--checkpoint-every 1``) into
+its own metrics: e.g. the referee of Fig. 2 (``strength-ref``) when the run trained beside its
+referee instead of after it, or Wong et al.'s check (``wong``) on runs that trained without it.
+The context is the trainer's own (:meth:`robustdrop.engine.Trainer.prepare`: data, probe set,
+training images, model, method), so a replayed row is the row the attached diagnostic logs
+(``time_s`` aside). A replay cannot measure the training steps (``strength``'s
+``train-perturbation`` rows) and leaves out diagnostics that read the epoch's evaluation
+(``collapse``: ``Diagnostic.replayable``).
+
+A finished replay is the event ``replayed`` in the run's log (diagnostics, referee and its
+SHA-256, the rows and events it added), and asking for it again reuses it. Anything after the last
+finished replay (an interrupted one) is dropped first, so an interrupted replay starts over; a
+replay of diagnostics an earlier replay measured (e.g. against a retrained referee) replaces that
+replay's rows. Retraining or extending the run drops the replays with the rest of its log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from robustdrop.engine import EpochEnd, Observer
+from robustdrop._files import sha256_file
+from robustdrop._progress import progress_bar
+from robustdrop.diagnostics.referees import AUTO, BUILTIN_PREFIX, auto_referee
+from robustdrop.diagnostics.registry import DIAGNOSTICS, create_diagnostic
+from robustdrop.diagnostics.selection import select
+from robustdrop.engine import EpochEnd, Hook, Observer, TrackConfig, Trainer
 from robustdrop.errors import RobustdropError
+from robustdrop.store import RunLock, RunStore, epoch_files, load_checkpoint_file
+
+if TYPE_CHECKING:
+    from robustdrop.data import ImageData
 
 R = TypeVar("R")
 Weights = Iterable[tuple[int, Mapping[str, torch.Tensor]] | tuple[int, Mapping[str, torch.Tensor], int]]
@@ -97,3 +126,249 @@ def replay_hooks(observer: Observer, weights: Weights, *, evaluate: bool = False
         return result
 
     return replay(weights, observer.run.model, end)
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run's per-epoch weights (module docstring)
+# ----------------------------------------------------------------------------------------------
+REPLAYED_EVENT = "replayed"
+
+
+def finished_training(path: Path) -> tuple[int, int, int]:
+    """``(last epoch, metric rows, events)`` of the finished training of run ``path`` (its
+    ``checkpoints/last.pt``); a one-line :class:`RobustdropError` when it has not finished."""
+    last = path / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise RobustdropError(f"{path} has no checkpoints/last.pt: it has not trained yet; a replay needs a finished run")
+    state = load_checkpoint_file(last, map_location="cpu")
+    if not state.get("finished"):
+        raise RobustdropError(f"{path} has not finished training (stopped after epoch {state.get('epoch')}); a replay "
+                              f"needs every epoch: finish it first (robustdrop track --resume {path})")
+    return int(state["epoch"]), int(state["num_metric_rows"]), int(state["num_events"])
+
+
+def epoch_weights_files(path: Path, epochs: int) -> dict[int, Path]:
+    """``{epoch: file}`` for epochs ``1..epochs`` of run ``path``: ``weights_epoch_XXXX.pt``, else
+    ``epoch_XXXX.pt`` (:func:`robustdrop.store.epoch_files`); a one-line error naming the missing."""
+    weights, full = epoch_files(path, weights_only=True), epoch_files(path)
+    files = {e: weights.get(e) or full.get(e) for e in range(1, epochs + 1)}
+    missing = [e for e, f in files.items() if f is None]
+    if missing:
+        raise RobustdropError(f"{path} lacks the weights of epochs {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                              "(checkpoints/weights_epoch_XXXX.pt or epoch_XXXX.pt); a replay needs every epoch's: "
+                              "train it with --save-weights-every 1 (or --checkpoint-every 1)")
+    return files  # type: ignore[return-value]
+
+
+def _reference_value(reference: str | os.PathLike | None, config: TrackConfig, data: ImageData | None,
+                     progress: bool) -> str | None:
+    """``reference`` as the config keeps it: a run directory or file as an absolute path,
+    ``builtin:NAME`` as it is, ``auto`` resolved to the cached referee (trained first if none)."""
+    if reference is None:
+        return None
+    text = str(reference)
+    if text.startswith(BUILTIN_PREFIX):
+        return text
+    if text == AUTO:
+        return str(auto_referee(config, data, progress=progress))
+    return str(Path(text).expanduser().resolve())
+
+
+def replay_diagnostics(config: TrackConfig, diagnostics: str | Sequence[str] | None,
+                       reference: str | None) -> tuple[TrackConfig, list[Hook]]:
+    """The run's config as the replay's context sees it (with ``reference``) and the diagnostics
+    to replay, built as :func:`robustdrop.diagnostics.build_hooks` builds them (same options):
+    ``diagnostics=None``: those of the run's config (``default`` if it had none) that need the
+    reference; else the words given (``--diagnostics`` syntax, e.g. ``["wong:n=256"]``; a
+    ``reference`` adds ``strength-ref`` as ``--reference`` does). One-line errors when nothing is
+    left or a diagnostic cannot be replayed."""
+    config = dataclasses.replace(config, reference=reference) if reference is not None else config
+    if diagnostics is None:
+        words = config.diagnostics if "none" not in config.diagnostics else ["default"]
+        chosen = {n: o for n, o in select(words, reference=reference).items() if DIAGNOSTICS[n].needs_reference}
+    else:
+        chosen = select(_words(diagnostics), reference=reference)
+    _check_chosen(chosen)
+    return config, [create_diagnostic(name, config, **options) for name, options in chosen.items()]
+
+
+def _check_chosen(chosen: Mapping[str, Any]) -> None:
+    if not chosen:
+        raise RobustdropError("nothing to replay: give reference= (the referee the run's strength-ref diagnostic "
+                              "measures against) or diagnostics= (e.g. ['wong'])")
+    for name in chosen:
+        if not DIAGNOSTICS[name].replayable:
+            raise RobustdropError(f"the {name} diagnostic cannot be replayed over saved weights (it reads the epoch's "
+                                  f"evaluation and the other diagnostics); leave it out of diagnostics")
+
+
+def check_replay_words(diagnostics: str | Sequence[str] | None, reference: str | None) -> None:
+    """What can be checked of a replay before the run exists (a sweep's replay cell): the
+    diagnostics' names and options, that each can be replayed, and that there is something to
+    replay (``diagnostics=None`` needs a ``reference``). One-line :class:`RobustdropError`."""
+    if diagnostics is None:
+        if not reference:
+            _check_chosen({})
+        return
+    _check_chosen(select(_words(diagnostics), reference=reference))
+
+
+def _referee_identity(hooks: Sequence[Hook]) -> tuple[str | None, str | None]:
+    """``(referee path, SHA-256 of its weights file)`` of the hooks that measure against one
+    (a referee trained again at the same path is another referee)."""
+    for hook in hooks:
+        source = getattr(hook, "source", None)
+        if getattr(hook, "needs_reference", False) and source is not None:
+            return str(source.path), source.sha256 or sha256_file(source.checkpoint)
+    return None, None
+
+
+def _replay_key(hooks: Sequence[Hook]) -> dict[str, Any]:
+    reference, sha = _referee_identity(hooks)
+    return {"diagnostics": [h.state_key for h in hooks], "reference": reference, "reference_sha256": sha}
+
+
+def _same_replay(event: Mapping[str, Any], key: Mapping[str, Any]) -> bool:
+    return all(event.get(k) == v for k, v in key.items())
+
+
+def finished_replays(store: RunStore, events_after: int) -> list[dict[str, Any]]:
+    """The ``replayed`` events recorded after the training's first ``events_after`` events."""
+    return [e for e in store.events()[events_after:] if e["kind"] == REPLAYED_EVENT]
+
+
+def _settle_log(store: RunStore, rows0: int, events0: int, sources: set[str]) -> list[str]:
+    """Make the log the training's plus the finished replays that do not measure ``sources``:
+    what an interrupted replay left after the last finished one is dropped, and so are earlier
+    replays of the same diagnostics (the later replays are kept, renumbered). Returns the state
+    keys of the replays dropped."""
+    done = finished_replays(store, events0)
+    end_rows, end_events = (done[-1]["rows"][1], done[-1]["events"][1] + 1) if done else (rows0, events0)
+    if (store.num_metric_rows, store.num_events) != (end_rows, end_events):
+        store.truncate_logs(end_rows, end_events)
+    stale = [e for e in done if sources & set(e["sources"])]
+    if not stale:
+        return []
+    rows, events = store.metrics().to_dict("records"), store.events()
+    store.truncate_logs(rows0, events0)
+    for e in done:  # each replay's block: its rows and events, then its own event
+        if e in stale:
+            continue
+        (r0, r1), (e0, e1) = e["rows"], e["events"]
+        start_rows, start_events = store.num_metric_rows, store.num_events
+        store.log_metrics(rows[r0:r1])
+        for ev in events[e0:e1]:
+            store.log_event(**ev)
+        store.log_event(**{**e, "rows": [start_rows, store.num_metric_rows],
+                           "events": [start_events, store.num_events]})
+    return [k for e in stale for k in e["diagnostics"]]
+
+
+def is_replayed(run_dir: str | os.PathLike, *, reference: str | os.PathLike | None = None,
+                diagnostics: str | Sequence[str] | None = None) -> bool:
+    """Whether :func:`replay_run` with these arguments would reuse a finished replay of the run
+    (``reference="auto"``: one asked for with ``auto``; the cached referee is not looked up)."""
+    path = Path(run_dir)
+    if not (path / RunStore.CONFIG).is_file():
+        return False
+    store = RunStore.open(path)
+    if str(reference) == AUTO:
+        return any(e.get("request") == {"reference": AUTO, "diagnostics": _words(diagnostics)}
+                   for e in finished_replays(store, 0))
+    config = TrackConfig.from_dict(store.read_json(RunStore.CONFIG))
+    _, hooks = replay_diagnostics(config, diagnostics, _reference_value(reference, config, None, False))
+    key = _replay_key(hooks)
+    return any(_same_replay(e, key) for e in finished_replays(store, 0))
+
+
+def _words(diagnostics: str | Sequence[str] | None) -> list[str] | None:
+    return None if diagnostics is None else [diagnostics] if isinstance(diagnostics, str) else list(diagnostics)
+
+
+def replay_run(run_dir: str | os.PathLike, *, reference: str | os.PathLike | None = None,
+               diagnostics: str | Sequence[str] | None = None, device: str = "auto",
+               data_dir: str | None = None, progress: bool = False, data: ImageData | None = None) -> Path:
+    """Measure diagnostics over the per-epoch weights of the FINISHED run ``run_dir`` after the
+    fact and append their rows to its metrics (module docstring); returns the run directory.
+
+    Args:
+        reference: the referee (a run directory, a checkpoint, ``builtin:NAME`` or ``auto``) for
+            the diagnostics that need one (``strength-ref``: the paper's Fig. 2, §3).
+        diagnostics: ``None``: the run's diagnostics that need ``reference`` (a referee
+            measurement deferred until the referee finished); else the diagnostics to replay,
+            ``--diagnostics`` words (e.g. ``["wong"]``).
+        device: where to measure (``auto``, ``cpu``, ``cuda:N``).
+        data_dir: the dataset's folder, when it is elsewhere than the run's config says.
+        progress: a progress bar over the epochs (on a terminal; else a line per epoch).
+        data: the run's data in memory (tests, notebooks), instead of loading its config's dataset.
+
+    Idempotent: a finished replay with the same diagnostics, options and referee (its SHA-256)
+    is reused; an interrupted one starts over. Every check (finished run, every epoch's weights,
+    diagnostics, referee, not measured during training already) is made before anything is
+    written; while writing the run's :class:`~robustdrop.store.RunLock` is held (a second replay
+    of the run waits for it).
+    """
+    path = RunStore.check_run_dir(run_dir)
+    config = TrackConfig.from_dict(RunStore.open(path).read_json(RunStore.CONFIG))
+    epochs, rows0, events0 = finished_training(path)
+    files = epoch_weights_files(path, epochs)
+    config = dataclasses.replace(config, device=device, threads=0,  # the caller's device and threads
+                                 data_dir=config.data_dir if data_dir is None else str(data_dir))
+    context_config, hooks = replay_diagnostics(config, diagnostics,
+                                               _reference_value(reference, config, data, progress))
+    key = _replay_key(hooks)
+    sources = {h.name for h in hooks}
+    # Two replays of one run (two sweep cells) take turns; a run that changed while this one
+    # waited (trained again) is checked again.
+    with RunLock(path, wait=f"{path}: waiting to replay until its other writer ends"):
+        epochs, rows0, events0 = finished_training(path)
+        files = epoch_weights_files(path, epochs)
+        store = RunStore.open(path)
+        during = sorted(sources & set(store.metrics()["source"].iloc[:rows0]))
+        if during:
+            raise RobustdropError(f"{path} measured {', '.join(during)} during training already; a replay would add "
+                                  "its rows twice: leave it out of diagnostics")
+        if any(_same_replay(e, key) for e in finished_replays(store, events0)):
+            _settle_log(store, rows0, events0, set())  # only what an interrupted replay left is dropped
+            store.flush()
+            print(f"{path}: reusing the replay of {', '.join(key['diagnostics'])}", flush=True)
+            return path
+        trainer = Trainer(context_config, store, hooks, progress=False, data=data).prepare()
+        dropped = _settle_log(store, rows0, events0, sources)
+        if dropped:
+            print(f"{path}: replacing the earlier replay of {', '.join(dropped)}", flush=True)
+        start_rows, start_events = store.num_metric_rows, store.num_events
+        _replay_epochs(trainer.observer, files, path, progress)
+        run = trainer.run
+        store.log_event(REPLAYED_EVENT, epoch=run.epoch, step=run.step, **key, sources=sorted(sources),
+                        request={"reference": None if reference is None else str(reference),
+                                 "diagnostics": _words(diagnostics)},
+                        epochs=len(files), rows=[start_rows, store.num_metric_rows],
+                        events=[start_events, store.num_events])
+        store.flush()
+    return path
+
+
+def _replay_epochs(observer: Observer, files: Mapping[int, Path], path: Path, progress: bool) -> None:
+    """The run's events over every epoch's weights, as the trainer emits them: run start, each
+    epoch's end (the due hooks, no evaluation: the training logged it), run end."""
+    device = observer.run.device
+
+    def weights() -> Iterator[tuple[int, Mapping[str, torch.Tensor], int]]:
+        for epoch, file in files.items():
+            state = load_checkpoint_file(file, map_location=device)
+            yield epoch, state["model"], int(state["step"])
+
+    bar = progress_bar(enabled=progress, total=len(files), desc=f"replay {path.name}", unit="epoch")
+
+    def done(epoch: int, _: EpochEnd) -> None:
+        bar.update(1)
+        if bar.disable:
+            print(f"{path.name}: replayed epoch {epoch}/{len(files)}", flush=True)
+
+    try:
+        observer.emit("on_run_start")  # at epoch 0, as in training (strength-ref logs its referee)
+        replay_hooks(observer, weights(), on_epoch=done)
+        observer.emit("on_run_end")
+    finally:
+        bar.close()

@@ -45,9 +45,18 @@ makes ``name`` a dependency), e.g. a referee trained by the sweep itself::
     checkpoint = "best_model"   # checkpoints/<name>.pt (default: the run's result)
     attacks = ["pgd"]
     n = 500
+    [sweep.cells.fgsm-wong]     # not a training: diagnostics replayed over a finished run's weights
+    kind = "replay"
+    run = "@fgsm"               # trained with save_weights_every = 1 (or checkpoint_every = 1)
+    diagnostics = ["wong"]      # optional: --diagnostics words (default: the run's that need a reference)
+    reference = "@referee"      # optional: the referee of strength-ref (a run, builtin:NAME, auto)
 
 Grid cells may refer to named cells too (``reference = "@referee"`` in ``[sweep.fixed]``).
-An evaluate cell writes ``<sweep>/<cell>/evaluation.csv`` (metric rows, ``source=evaluate``).
+An evaluate cell writes ``<sweep>/<cell>/evaluation.csv`` (metric rows, ``source=evaluate``); a
+replay cell appends its rows to the metrics of the run it replays
+(:func:`robustdrop.diagnostics.replay.replay_run`: the rows the attached diagnostics log; reused
+once finished, started over when stopped) and has no folder of its own. Its options:
+:data:`REPLAY_OPTIONS` (``run`` required; ``device``, ``data_dir`` as ``track``'s).
 """
 
 from __future__ import annotations
@@ -71,10 +80,13 @@ _RANGE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-CELL_KINDS = ("train", "evaluate")
+CELL_KINDS = ("train", "evaluate", "replay")
 # An evaluate cell's options (robustdrop.evaluation.evaluate_checkpoint's, plus where the model is).
 EVALUATE_OPTIONS = {"run": str, "checkpoint": str, "attacks": list, "n": int, "epsilon": str, "pgd_steps": int,
                     "pgd_step_size": str, "restarts": int, "batch_size": int, "device": str}
+# A replay cell's options (robustdrop.diagnostics.replay.replay_run's): diagnostics as a list of
+# --diagnostics words or one string; run and reference may be "@cell".
+REPLAY_OPTIONS = {"run": str, "reference": str, "diagnostics": list, "device": str, "data_dir": str}
 
 
 @dataclass
@@ -353,11 +365,39 @@ def _named_cell(cname: str, spec: Mapping[str, Any], preset: str | None, fixed: 
     if kind == "train":
         values = {config_key(k): _fixed_value(k, v) for k, v in spec.items()}
         return _train_cell(cname, values, preset, fixed, after)
-    unknown = sorted(set(spec) - set(EVALUATE_OPTIONS))
+    options = REPLAY_OPTIONS if kind == "replay" else EVALUATE_OPTIONS
+    unknown = sorted(set(spec) - set(options))
     if unknown or "run" not in spec:
         raise RobustdropError(f"{kind} cell {cname}: give run = \"@cell\" (or a run directory) and any of "
-                              f"{', '.join(k for k in EVALUATE_OPTIONS if k != 'run')}"
+                              f"{', '.join(k for k in options if k != 'run')}"
                               + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    action = _replay_action(cname, spec) if kind == "replay" else _evaluate_action(cname, spec)
+    return Cell(cname, {}, None, kind, list(dict.fromkeys([*after, *_refs(action)])), action)
+
+
+def _replay_action(cname: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A replay cell's options, checked: strings where strings go, diagnostics that exist and can
+    be replayed (their options too), and something to replay."""
+    from robustdrop.diagnostics.replay import check_replay_words
+
+    action = dict(spec)
+    for key, value in action.items():
+        if key != "diagnostics" and not isinstance(value, str):
+            raise RobustdropError(f"replay cell {cname}: {key} must be a string, got {value!r}")
+    words = action.get("diagnostics")
+    if isinstance(words, str):
+        words = action["diagnostics"] = [words]
+    if words is not None and not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        raise RobustdropError(f"replay cell {cname}: diagnostics must be a list of names, e.g. [\"wong\"]")
+    try:
+        check_replay_words(words, action.get("reference"))
+    except RobustdropError as exc:
+        raise RobustdropError(f"cell {cname}: {exc}") from None
+    return action
+
+
+def _evaluate_action(cname: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """An evaluate cell's options, read and checked (ε and step sizes as track reads them, attack names)."""
     from robustdrop.engine.attack_eval import check_attack_names
 
     action = dict(spec)
@@ -369,7 +409,7 @@ def _named_cell(cname: str, spec: Mapping[str, Any], preset: str | None, fixed: 
         action["attacks"] = check_attack_names([attacks] if isinstance(attacks, str) else list(attacks), "attacks")
     except RobustdropError as exc:
         raise RobustdropError(f"cell {cname}: {exc}") from None
-    return Cell(cname, {}, None, kind, list(dict.fromkeys([*after, *_refs(action)])), action)
+    return action
 
 
 def _check_dependencies(cells: Sequence[Cell]) -> None:

@@ -33,7 +33,7 @@ from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_di
 from robustdrop.sweeps.grid import Cell, SweepPlan, json_value
 from robustdrop.sweeps.local import cpu_cores, run_local
 from robustdrop.sweeps.schedule import Schedule
-from robustdrop.sweeps.worker import EVALUATION_FILE, cell_config, cell_status
+from robustdrop.sweeps.worker import EVALUATION_FILE, cell_config, cell_status, replay_options
 
 BACKENDS = ("local", "ray")
 
@@ -218,11 +218,24 @@ def cell_state(record: SweepRecord, cell: str) -> str:
     rule (:func:`robustdrop.reuse.decide` on its run directory and resolved config), another kind
     by its recorded status and output."""
     entry = record.cells[cell]
+    if entry.get("kind") == "replay":  # finished and still in the run's log (a retrained run lost it)
+        return "finished" if record.status(cell) == "finished" and _replayed(record, entry) else "start"
     if entry.get("kind", "train") != "train":
         done = record.status(cell) == "finished" and (record.run_dir(cell) / EVALUATION_FILE).is_file()
         return "finished" if done else "start"
     action = decide(record.run_dir(cell), cell_config(record, cell)).action
     return {"reuse": "finished", "resume": "resume"}.get(action, "start")
+
+
+def _replayed(record: SweepRecord, entry: dict[str, Any]) -> bool:
+    """Whether a replay cell's run holds its finished replay (:func:`robustdrop.diagnostics.replay.is_replayed`)."""
+    from robustdrop.diagnostics.replay import is_replayed
+
+    options = replay_options(record, entry["action"])
+    try:
+        return is_replayed(options["run"], reference=options.get("reference"), diagnostics=options.get("diagnostics"))
+    except RobustdropError:  # e.g. its referee is not trained yet
+        return False
 
 
 def _pct(x: float) -> str:
@@ -237,8 +250,12 @@ def cell_line(record: SweepRecord, cell: str, result: dict[str, Any]) -> str:
         return f"STOPPED {cell} after {wall_text} (checkpointed; rerun the sweep to continue it)"
     if not result.get("ok"):
         return f"FAILED {cell} after {wall_text}: {result.get('error')}"
-    if record.cells[cell].get("kind", "train") != "train":
-        return f"done   {cell} ({record.cells[cell].get('kind')}, {wall_text}): {record.run_dir(cell) / EVALUATION_FILE}"
+    kind = record.cells[cell].get("kind", "train")
+    if kind == "replay":
+        target = replay_options(record, record.cells[cell]["action"])["run"]
+        return f"done   {cell} (replay, {wall_text}): rows in {target}/metrics.parquet"
+    if kind != "train":
+        return f"done   {cell} ({kind}, {wall_text}): {record.run_dir(cell) / EVALUATION_FILE}"
     from robustdrop.plots.sweeps import run_summary
 
     try:
@@ -400,5 +417,5 @@ def dry_run_sweep(plan: SweepPlan, *, runs_dir: str | os.PathLike = "runs", jobs
     total = sum(r["estimate_s"] or 0.0 for r in rows)
     print(f"sweep {path}: {len(rows)} cells, {sum(r['state'] != 'finished' for r in rows)} to run; trainings about "
           f"{total / 3600:.2f} h of cell time, about {total / 3600 / max(1, jobs):.2f} h with {jobs} at once "
-          "(dependencies aside; evaluate cells not estimated); dry run: nothing was written", flush=True)
+          "(dependencies aside; evaluate and replay cells not estimated); dry run: nothing was written", flush=True)
     return rows

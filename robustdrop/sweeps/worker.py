@@ -12,6 +12,8 @@ appended to ``logs/<cell>.log``. The process reads the cell's config from ``swee
   ``"@cell"`` values resolved to those cells' run directories;
 * for an ``evaluate`` cell, evaluates the named run's checkpoint
   (:func:`robustdrop.evaluation.evaluate_checkpoint`) into ``<cell>/evaluation.csv``;
+* for a ``replay`` cell, replays diagnostics over the named finished run's per-epoch weights into
+  that run's metrics (:func:`robustdrop.diagnostics.replay.replay_run`: reused once finished);
 
 then writes ``logs/<cell>.result.json`` (``{"ok": true}`` or ``{"ok": false, "error": one line}``).
 A process killed before that leaves no result file; :func:`finish_cell` reports its signal.
@@ -169,6 +171,9 @@ def _run(sweep_dir: Path, cell: str) -> None:
     if entry.get("kind", "train") == "evaluate":
         _evaluate(record, cell, entry["action"])
         return
+    if entry.get("kind") == "replay":
+        _replay(record, entry["action"])
+        return
     config = cell_config(record, cell)
     if entry.get("rerun") and decide(record.run_dir(cell), config).action == "reuse":
         # A cell it needs ran again (sweeps.runner.mark_stale): this finished result is stale. (A
@@ -196,6 +201,23 @@ def _evaluate(record: SweepRecord, cell: str, action: dict[str, Any]) -> None:
     report = evaluate_checkpoint(target, progress=False, **options)
     print(report.table(), flush=True)
     write_report(report, out)
+
+
+def replay_options(record: SweepRecord, action: dict[str, Any]) -> dict[str, Any]:
+    """A replay cell's :func:`~robustdrop.diagnostics.replay.replay_run` arguments, ``"@cell"``
+    values resolved to those cells' run directories (``run`` among them)."""
+    from robustdrop.sweeps.grid import resolve_refs
+
+    return resolve_refs(action, record.path)
+
+
+def _replay(record: SweepRecord, action: dict[str, Any]) -> None:
+    """A ``replay`` cell: the diagnostics over the run's per-epoch weights, into its metrics."""
+    from robustdrop.diagnostics.replay import replay_run
+
+    options = replay_options(record, action)
+    path = replay_run(options.pop("run"), progress=False, **options)
+    print(f"replayed into {path}", flush=True)
 
 
 def _stop_before_training(signum: int, frame: Any) -> None:
