@@ -39,7 +39,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -408,26 +408,20 @@ def finish(setting: Setting, args: Any, state: dict[str, Any], parts: Sequence[s
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def logged(path: Path) -> Iterator[None]:
-    """stdout also into ``path`` (the command's log, packed into the bundle)."""
-    class Tee(io.TextIOBase):
-        def write(self, text: str) -> int:
-            old.write(text)
-            log.write(text)
-            return len(text)
+class Tee(io.TextIOBase):
+    """Text written to every stream of ``streams`` (the terminal and the command's log)."""
 
-        def flush(self) -> None:
-            old.flush()
-            log.flush()
+    def __init__(self, *streams: Any):
+        self.streams = streams
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as log:
-        old, sys.stdout = sys.stdout, Tee()
-        try:
-            yield
-        finally:
-            sys.stdout = old
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
 
 
 def command_minutes(args: Any, state: dict[str, Any]) -> float:
@@ -481,7 +475,8 @@ def plan_main(argv: Sequence[str] | None) -> int:
     live = dataclasses.replace(setting, runs_dir=setting.runs_dir / SWEEP)
     invocation = {"started_utc": started_utc, "minutes": round(minutes, 2), "wall_s": 0.0, "failed": []}
     state["invocations"].append(invocation)
-    with logged(setting.runs_dir / LOG_FILE):
+    setting.runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(setting.runs_dir / LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
         save_invocation(state_file, state, invocation, started)  # a command killed on the way still counts
         dataset = smoke_dataset(setting, setting.runs_dir / "data") if setting.smoke else None
         plan = make_plan(setting, parts, dataset)
