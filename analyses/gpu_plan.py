@@ -449,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def plan_main(argv: Sequence[str] | None) -> int:
     args = parser().parse_args(argv)
+    if args.max_minutes < 0 or args.budget_minutes < 0:
+        raise RobustdropError(f"--max-minutes and --budget-minutes must be >= 0 (0: no limit), got {args.max_minutes:g} "
+                              f"and {args.budget_minutes:g}")
     setting = plan_setting(args)
     parts = chosen_parts(args)
     state_file = setting.runs_dir / STATE_FILE

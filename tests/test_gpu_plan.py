@@ -73,6 +73,13 @@ def test_a_command_gets_its_minutes_within_what_is_left_of_the_budget(gpu_plan):
     assert gpu_plan.command_minutes(args, {"invocations": [{"wall_s": 5400}]}) == float("inf")
 
 
+def test_negative_minutes_are_refused_in_one_line_before_anything_is_written(gpu_plan, tmp_path, capsys):
+    assert gpu_plan.main(["--smoke", "--runs-dir", str(tmp_path / "runs"), "--max-minutes", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-minutes and --budget-minutes must be >= 0" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_the_referee_keeps_its_recorded_length_and_a_changed_one_is_refused_in_one_line(gpu_plan, tmp_path, capsys):
     from robustdrop.sweeps.runner import open_sweep
 
