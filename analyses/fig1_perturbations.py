@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from lib.catalog import run_dir
+from lib.catalog import ensure_cells, run_dir
 from lib.outputs import setting_caption, write_figure, write_text
 from lib.setting import Setting, build_parser, setting_from_args
-from lib.tasks import ensure_runs
 
 from robustdrop.engine import TrackConfig
 from robustdrop.formatting import fixed, format_eps, format_pct
@@ -47,13 +46,13 @@ def pick_epochs(run: Run) -> tuple[list[int], int | None, int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, sweep=True)
     parser.add_argument("--from-run", type=Path, default=None, metavar="RUN_DIR",
                         help="draw from this finished run (with snapshots) instead of the catalog's FGSM run")
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     if args.from_run is None:
-        ensure_runs(setting, needed(setting))
+        ensure_cells(setting, needed(setting))
     write_outputs(setting, args.from_run)
     return 0
 

@@ -4,7 +4,7 @@ The referee (``lib.catalog.reference_for``): at quick scale the one the quick pr
 (``builtin:quick``, docs/referee.md), attached to the FGSM, FGSM+ and APART runs during training;
 at paper scale (and --smoke) a PGD-10 run on the same data, model and ε, trained alongside them:
 they keep every epoch's weights and are measured on it once both are finished
-(``lib.catalog.reference_deferred``, ``lib.deferred``). Either way every epoch gets the referee's
+(``lib.catalog.reference_deferred``: a ``kind="replay"`` sweep cell each, ``robustdrop.diagnostics.replay``). Either way every epoch gets the referee's
 accuracy on the FGSM δ of the current model (the paper's strength measure) and on random-sign /
 uniform noise of the same size.
 
@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from lib.catalog import reference_for, reference_run, run_dir
+from lib.catalog import ensure_cells, measured, reference_for, reference_run, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
 from lib.setting import Setting, build_parser, setting_from_args
-from lib.tasks import ensure_runs
 
 from robustdrop.diagnostics import verify_builtin
 from robustdrop.formatting import fixed, format_pct
@@ -39,8 +38,9 @@ RUNS = ["fgsm", "fgsm+", "apart"]
 
 
 def needed(setting: Setting) -> list[str]:
+    """The runs, measured on the referee (after training: their replay cells, :mod:`lib.catalog`)."""
     ref = reference_run(setting)
-    return [*([ref] if ref else []), *RUNS]
+    return [*([ref] if ref else []), *measured(setting, RUNS)]
 
 
 def referee_text(setting: Setting) -> str:
@@ -93,14 +93,14 @@ def summarize(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, sweep=True)
     parser.add_argument("--from-runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                         help="draw from these finished runs measured on the setting's referee (the first gets the "
                              "single-run figure) instead of the catalog's fgsm, fgsm+ and apart")
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     if args.from_runs is None:
-        ensure_runs(setting, needed(setting))
+        ensure_cells(setting, needed(setting))
     write_outputs(setting, args.from_runs or RUNS)
     return 0
 

@@ -19,10 +19,9 @@ import math
 import sys
 from collections.abc import Sequence
 
-from lib.catalog import long_run_names
+from lib.catalog import ensure_cells, long_run_names, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
 from lib.setting import Setting, parse_setting
-from lib.tasks import ensure_runs
 
 from robustdrop.engine import TrackConfig
 from robustdrop.formatting import format_pct
@@ -35,9 +34,10 @@ def needed(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
-    paths = ensure_runs(setting, needed(setting))
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
+    ensure_cells(setting, names)
+    paths = {n: run_dir(setting, n) for n in names}
     cfg = TrackConfig.from_dict(open_run(paths[names[0]]).config)
     cycles = cfg.epochs / cfg.cycle_epochs
     subset = f"seeded train subset of {cfg.train_subset} examples" if cfg.train_subset else "full training set"

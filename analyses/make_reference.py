@@ -5,8 +5,8 @@ measurement they exist for, ship the clearest.
 
 1. Trains, or reuses from ``--runs-dir``, an FGSM run of the quick preset with a checkpoint every
    epoch (``fgsm-ckpt``) and every candidate in :data:`CANDIDATES` (PGD-3-trained on the quick
-   preset's data, ε, schedule and seed). A run directory is reused when its ``config.json`` is
-   the one wanted (``lib.training.run_state``) and it finished.
+   preset's data, ε, schedule and seed): named cells of one sweep whose directory is ``--runs-dir``
+   (:func:`lib.catalog.sweep_cells`; a finished run is reused by the package's one rule).
 2. For every epoch of the FGSM run, on the preset's probe set (1000 class-balanced test images):
    each candidate's accuracy on the clean images, on the FGSM δ of that epoch's model and on
    random-sign noise of the same ε (one seeded draw per epoch; every candidate sees the same δ and
@@ -37,10 +37,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+from lib.catalog import sweep_cells
 from lib.outputs import write_text
-from lib.training import run_state
 
-from robustdrop.api import resume, track
 from robustdrop.attacks import FGSM, project, sign_noise
 from robustdrop.data import CIFAR10_JPEG_SHA256, iterate_eval, load_dataset, probe_indices
 from robustdrop.diagnostics import ReferenceSource, build_reference, find_reference
@@ -75,29 +74,17 @@ LAST_EPOCHS = 5
 COMMAND = "python analyses/make_reference.py --preset quick"
 
 
-def run_config(name: str, threads: int) -> TrackConfig:
-    """The config of run ``name`` (the FGSM run or a candidate): the preset plus its overrides."""
-    if name == FGSM_RUN[0]:
-        over = dict(FGSM_RUN[1])
-    else:
-        cand = next(c for c in CANDIDATES if c.name == name)
-        over = dict(method="pgd", pgd_steps=3, alpha=PGD3_STEP, eval_every=5, **cand.overrides)
-    return make_config(PRESET, diagnostics=["none"], threads=threads, **over)
+def cells() -> dict[str, dict[str, Any]]:
+    """The sweep cells: the FGSM run and every candidate, as overrides over the preset."""
+    pgd3 = dict(method="pgd", pgd_steps=3, alpha=PGD3_STEP, eval_every=5)
+    return {FGSM_RUN[0]: dict(FGSM_RUN[1]), **{c.name: {**pgd3, **c.overrides} for c in CANDIDATES}}
 
 
-def ensure_run(runs_dir: Path, name: str, threads: int) -> Path:
-    """Reuse, resume or train run ``name`` under ``runs_dir``."""
-    cfg, path = run_config(name, threads), runs_dir / name
-    state, why = run_state(path, cfg)
-    if state == "finished":
-        print(f"reusing {path}", flush=True)
-    elif state == "partial":
-        print(f"resuming {path} ({why})", flush=True)
-        resume(path, progress=False)
-    else:
-        print(f"training {path} ({why})", flush=True)
-        track(cfg, runs_dir=runs_dir, name=name, overwrite=True, progress=False)
-    return path
+def ensure_runs(runs_dir: Path, names: Sequence[str], threads: int) -> None:
+    """Reuse, resume or train the runs ``names`` (cells of one sweep in ``runs_dir``), one at a time."""
+    result = sweep_cells(runs_dir, cells(), names, preset=PRESET, fixed={"diagnostics": ["none"]}, threads=threads)
+    if result.failed or result.stopped:
+        raise SystemExit(f"runs not finished: {', '.join(result.failed + result.stopped)} (logs in {runs_dir}/logs)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     candidates = [c for c in CANDIDATES if args.candidates is None or c.name in args.candidates]
-    for name in [FGSM_RUN[0], *(c.name for c in candidates)]:
-        ensure_run(args.runs_dir, name, args.threads)
+    ensure_runs(args.runs_dir, [FGSM_RUN[0], *(c.name for c in candidates)], args.threads)
     table, info = compare(args.runs_dir, candidates)
     name, why = choose(table)
     print(table_markdown(table))

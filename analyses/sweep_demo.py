@@ -22,16 +22,15 @@ A rerun resumes or reuses the sweep (``runs/analyses/<scale>/sweep-demo-<scale>`
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from lib.catalog import cell_environment, write_smoke_data
 from lib.outputs import add_caption, setting_caption, write_figure, write_table
-from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, parse_setting
+from lib.setting import REPO, SMOKE_CONFIG, Setting, parse_setting
 
-from robustdrop.data import make_synthetic, write_image_folder
 from robustdrop.formatting import eps_in_255ths
 from robustdrop.plots.runs import open_run, run_seconds
 from robustdrop.plots.sweeps import compare_sweep, onset_figure, sweep_table_cells
@@ -59,12 +58,8 @@ def fixed_values(setting: Setting) -> dict:
     if setting.scale == "paper" and not setting.smoke:
         fixed["dataset"] = "cifar10"
     if setting.smoke:
-        folder = setting.runs_dir / "smoke-data"
-        if not (folder / "test").is_dir():
-            write_image_folder(make_synthetic(**SMOKE_DATA), folder)
-        os.environ.setdefault("ROBUSTDROP_CACHE", str(setting.runs_dir / "cache"))  # the cells inherit it
         fixed.update({k: v for k, v in SMOKE_CONFIG[setting.scale].items() if k != "dataset"},
-                     dataset=f"folder:{folder}")
+                     dataset=f"folder:{write_smoke_data(setting)}")
     return fixed
 
 
@@ -76,6 +71,10 @@ def command(setting: Setting) -> list[str]:
         if not setting.smoke and key in study()["fixed"]:
             continue  # in the file
         words += [f"--{key.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    if setting.backend != "local":
+        words += ["--backend", setting.backend]
+    if setting.max_minutes:
+        words += ["--max-minutes", f"{setting.max_minutes:g}"]
     return words + ["--jobs", str(setting.jobs), "--name", sweep_name(setting), "--runs-dir", str(setting.runs_dir)]
 
 
@@ -86,7 +85,9 @@ def sweep_name(setting: Setting) -> str:
 def run(setting: Setting) -> SweepResult:
     grid = parse_grid(sweep_words(setting)) if setting.smoke else study()["grid"]
     plan = plan_sweep(grid, preset=setting.scale, fixed=fixed_values(setting), name=sweep_name(setting))
-    return run_sweep(plan, runs_dir=setting.runs_dir, jobs=setting.jobs, progress=False, command=command(setting))
+    with cell_environment(setting):
+        return run_sweep(plan, runs_dir=setting.runs_dir, backend=setting.backend, jobs=setting.jobs,
+                         progress=False, command=command(setting), max_minutes=setting.max_minutes)
 
 
 def cell_times(record: SweepRecord) -> pd.DataFrame:
@@ -116,7 +117,7 @@ def _range(values: list[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv, jobs=2)
+    setting = parse_setting(__doc__, argv, jobs=2, sweep=True)
     result = run(setting)
     record = result.record
     cmd = " ".join(command(setting))

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 
 import table_methods
+from lib.catalog import ensure_cells
 from lib.setting import Setting, parse_setting
-from lib.tasks import ensure_runs
 
 
 def needed(setting: Setting) -> list[str]:
@@ -26,9 +26,9 @@ def needed(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
-    ensure_runs(setting, names, evaluate_=names)
+    ensure_cells(setting, names)
     table_methods.write(setting, names, "table_ablation",
                         "APART ablations: final and best clean / PGD / CW-loss PGD test accuracy, final AutoAttack")
     return 0

@@ -3,8 +3,8 @@ seconds per epoch, cost relative to PGD-10, and the APART / PGD-10 ratio (the pa
 
 The times come from dedicated timing runs (``cost-*`` in ``lib.catalog``): every method on the
 same seeded train subset, same batch size and threads, no diagnostics, trained ONE AFTER ANOTHER
-(never in parallel, whatever ``--jobs`` says), the first epoch left out as warm-up; the per-epoch
-median of ``time_train_s`` is used. Where the method table's full runs exist in the runs dir, their
+on this machine (never in parallel, whatever ``--jobs`` and ``--backend`` say), the first epoch
+left out as warm-up; the per-epoch median of ``time_train_s`` is used. Where the method table's full runs exist in the runs dir, their
 median train seconds per epoch are listed too (they are not trained here).
 
 Writes ``<out>/table_cost.{md,csv,tex}``.
@@ -14,15 +14,15 @@ Writes ``<out>/table_cost.{md,csv,tex}``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
 
 import pandas as pd
-from lib.catalog import cost_run_names, ref_name, run_dir
+from lib.catalog import cost_run_names, ensure_cells, ref_name, run_dir
 from lib.outputs import frame_markdown, setting_caption, write_table
 from lib.setting import Setting, parse_setting
-from lib.tasks import ensure_runs
 
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_ratio
@@ -38,9 +38,10 @@ def needed(setting: Setting) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
-    ensure_runs(setting, names, jobs=1)  # timings: one run at a time
+    # timings: one run at a time, on this machine (a Ray cluster would run them side by side)
+    ensure_cells(dataclasses.replace(setting, backend="local"), names, jobs=1)
     full_runs = {**FULL_RUN, "cost-pgd10": ref_name(setting) if setting.knobs["ref_steps"] == 10 else ""}
     raw = []
     for name in names:

@@ -26,12 +26,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from lib.catalog import catalog, preset_config, ref_name, run_dir
-from lib.evaluation import evaluate_run
+from lib.catalog import catalog, ensure_cells, preset_config, ref_name, run_dir, table_evaluation
 from lib.outputs import frame_markdown, setting_caption, write_table
 from lib.setting import KNOBS, Setting, parse_setting
-from lib.tasks import ensure_runs
 
+from robustdrop.evaluation import evaluate_run_cached
 from robustdrop.formatting import format_pct
 from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
 
@@ -45,7 +44,7 @@ def table_rows(setting: Setting, names: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         path = run_dir(setting, name)
-        ev = evaluate_run(setting, name)  # cached by the eval task
+        ev = evaluate_run_cached(path, table_evaluation(setting))  # cached in the run directory
         aa = ev.get("autoattack", {})
         run = open_run(path)
         df, cfg = run.metrics, run.config
@@ -144,9 +143,9 @@ def write(setting: Setting, names: Sequence[str], stem: str, title: str) -> pd.D
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setting = parse_setting(__doc__, argv)
+    setting = parse_setting(__doc__, argv, sweep=True)
     names = needed(setting)
-    ensure_runs(setting, names, evaluate_=names)
+    ensure_cells(setting, names)
     write(setting, names, "table_methods",
           "Methods: final and best clean / PGD / CW-loss PGD test accuracy, final AutoAttack")
     return 0

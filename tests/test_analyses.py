@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from robustdrop.attacks import PGD, cw_margin_loss
+from robustdrop.evaluation import EVAL_CACHE
 from robustdrop.plots.runs import eval_curve, open_run
+from robustdrop.store import SweepRecord
 
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
@@ -22,7 +24,7 @@ ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 def scripts():
     sys.path.insert(0, str(ANALYSES))
     try:
-        names = ["lib.setting", "lib.catalog", "lib.training", "lib.evaluation", "fig1_perturbations",
+        names = ["lib.setting", "lib.catalog", "fig1_perturbations",
                  "fig2_strength", "fig_long_run", "table_methods", "table_ablation", "table_cost", "run_all",
                  "make_reference"]
         yield {n: importlib.import_module(n) for n in names}
@@ -75,7 +77,7 @@ def test_cw_pgd_stays_in_the_eps_ball_and_raises_the_margin():
 
 
 # --------------------------------------------------------------------------------------------
-# Smoke runs: run_all once (2 jobs: the parallel path), then every script again on its runs
+# Smoke runs: run_all once (one sweep, 2 jobs: the parallel path), then every script again on its runs
 # --------------------------------------------------------------------------------------------
 STEMS = {
     "fig2_strength": ["fig2_strength.png", "fig2_strength.pdf", "fig2_strength_fgsm.png", "fig2_strength.md"],
@@ -91,8 +93,20 @@ STEMS = {
 def smoke(scripts, tmp_path_factory):
     root = tmp_path_factory.mktemp("analyses")
     runs, out = root / "runs", root / "figures"
-    code = scripts["run_all"].main(["--smoke", "--runs-dir", str(runs), "--out", str(out), "--jobs", "2"])
-    return {"runs": runs, "out": out, "scripts": scripts, "code": code}
+    argv = ["--smoke", "--runs-dir", str(runs), "--out", str(out), "--jobs", "2"]
+    # first with a deadline of 3 s: the first cells are stopped (checkpointed), nothing is drawn
+    first = scripts["run_all"].main([*argv, "--max-minutes", "0.05"])
+    stopped = [c for c, e in SweepRecord.open(runs).cells.items() if e["status"] == "stopped"]
+    drawn = out.exists() and any(out.iterdir())
+    code = scripts["run_all"].main(argv)  # the same command continues them
+    return {"runs": runs, "out": out, "scripts": scripts, "code": code, "deadline": (first, stopped, drawn)}
+
+
+def test_run_all_stops_at_its_deadline_and_the_same_command_continues(smoke):
+    first, stopped, drawn = smoke["deadline"]
+    assert first == 143 and stopped and not drawn
+    record = SweepRecord.open(smoke["runs"])
+    assert all(record.status(c) == "finished" for c in stopped)
 
 
 def test_run_all_smoke_trains_evaluates_and_writes_everything(smoke):
@@ -102,11 +116,18 @@ def test_run_all_smoke_trains_evaluates_and_writes_everything(smoke):
     assert record["failed"] == [] and record["scale"] == "quick smoke" and record["jobs"] == 2
     lib = smoke["scripts"]
     setting = lib["lib.setting"].Setting(smoke=True, runs_dir=smoke["runs"])
-    # every run of the catalog that run_all uses (the GPU plan's own runs are the plan's)
-    for name in lib["run_all"].training_order(setting) + lib["lib.catalog"].cost_run_names():
+    # every run of the catalog that run_all uses (the GPU plan's own runs are the plan's): cells of
+    # the sweep whose directory is the runs dir, each run's output in the sweep's log
+    record = SweepRecord.open(smoke["runs"])
+    order = lib["run_all"].training_order(setting)
+    trainings = [n for n in order + lib["lib.catalog"].cost_run_names() if record.cells[n]["kind"] == "train"]
+    assert all(record.status(n) == "finished" for n in [*order, *trainings])
+    for name in trainings:
         assert (smoke["runs"] / name / "checkpoints" / "best_model.pt").is_file(), name
-        # the worker's output went to the run's log, line by line
         assert (smoke["runs"] / "logs" / f"{name}.log").read_text().count("epoch ") >= 2, name
+    # the referee first; Figure 2's replay cells after their run and the referee
+    assert order[0] == "pgd3" and order.index("fgsm-referee") > order.index("fgsm")
+    assert set(record.cells["fgsm-referee"]["after"]) == {"fgsm", "pgd3"}
     for stems in STEMS.values():
         for stem in stems:
             assert (out / stem).is_file() and (out / stem).stat().st_size > 0, stem
@@ -122,7 +143,7 @@ def test_script_smoke_reuses_the_runs_and_writes_its_outputs(smoke, name, tmp_pa
     argv = ["--smoke", "--runs-dir", str(smoke["runs"]), "--out", str(tmp_path)]
     assert smoke["scripts"][name].main(argv) == 0
     printed = capsys.readouterr().out
-    assert "reusing finished run" in printed and "] training " not in printed
+    assert "0 to resume, 0 to start" in printed and "done " not in printed
     for stem in STEMS[name]:
         path = tmp_path / stem
         assert path.is_file() and path.stat().st_size > 0, stem
@@ -153,7 +174,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(smoke):
     val = eval_curve(open_run(path).metrics, split="val")
     state = torch.load(path / "checkpoints" / "best_model.pt", weights_only=True)
     assert state["epoch"] == int(val.idxmax())
-    cached = json.loads((path / smoke["scripts"]["lib.evaluation"].EVAL_CACHE).read_text())
+    cached = json.loads((path / EVAL_CACHE).read_text())
     assert {k.split("|")[0] for k in cached} == {"final", "best", "autoattack"}
 
 
@@ -169,45 +190,28 @@ def test_cost_table_ratio(smoke):
     assert "APART / PGD-10 measured cost" in (smoke["out"] / "table_cost.md").read_text()
 
 
-def test_reuse_rule(scripts, tmp_path, capsys):
-    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
-    setting = setting_mod.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
-    spec = catalog_mod.catalog(setting)["long-apart"]
-    path = catalog_mod.run_dir(setting, "long-apart")
-    assert training.run_state(path, catalog_mod.config_for(setting, spec))[0] == "missing"
-    training.train_run(setting, "long-apart")
-    assert training.run_state(path, catalog_mod.config_for(setting, spec))[0] == "finished"
-    # threads do not count; any other field does
-    config = catalog_mod.make_run_config
-    assert training.run_state(path, config(setting, **{**spec.overrides, "threads": 2}))[0] == "finished"
-    state, why = training.run_state(path, config(setting, **{**spec.overrides, "lr": 0.001}))
-    assert state == "different" and "lr" in why
-    capsys.readouterr()
-    training.train_run(setting, "long-apart")
-    assert "reusing finished run" in capsys.readouterr().out
+def test_catalog_cells_reuse_runs_by_the_one_rule(scripts, tmp_path, capsys):
+    """A catalog cell is reused when its run is finished with the cell's config (threads do not
+    count), also a run made before the runs dir was a sweep (today's layout: adopted); another
+    config value trains it anew."""
+    setting_mod, catalog_mod = scripts["lib.setting"], scripts["lib.catalog"]
+    from robustdrop.api import track
+    from robustdrop.reuse import decide
 
-
-def test_reuse_rule_run_made_before_a_config_field_existed(scripts, tmp_path):
-    """A newer robustdrop adds config fields; a run made before is still reused where the script
-    wants their defaults, and trained anew where it wants another value."""
-    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
     setting = setting_mod.Setting(smoke=True, runs_dir=tmp_path / "runs", out=tmp_path / "out", eval_n=32)
     spec = catalog_mod.catalog(setting)["cost-fgsm"]
     path = catalog_mod.run_dir(setting, "cost-fgsm")
-    training.train_run(setting, "cost-fgsm")
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    for field in ("depth", "nfgsm_noise", "gradalign_lambda", "final_eval", "tensorboard", "eval_epsilon"):
-        del config[field]  # as if made before these fields existed
-    config_file.write_text(json.dumps(config))
-    wanted = catalog_mod.config_for(setting, spec)
-    assert training.run_state(path, wanted)[0] == "finished"
-    state, why = training.run_state(path, catalog_mod.make_run_config(setting, **{**spec.overrides,
-                                                                                   "gradalign_lambda": 0.5}))
-    assert state == "different" and "gradalign_lambda" in why
-    config_file.write_text(json.dumps({**config, "from_the_future": 1}))
-    state, why = training.run_state(path, wanted)
-    assert state == "different" and "from_the_future" in why
+    (tmp_path / "runs" / "frontier").mkdir(parents=True)  # another study's folder in the runs dir
+    track(catalog_mod.config_for(setting, spec), runs_dir=setting.runs_dir, name="cost-fgsm", progress=False,
+          data=catalog_mod.data_for(setting))  # made before, outside any sweep
+    config = catalog_mod.make_run_config
+    assert decide(path, config(setting, **{**catalog_mod.cell_values(setting, spec), "threads": 2})).action == "reuse"
+    decision = decide(path, config(setting, **{**spec.overrides, "lr": 0.001}))
+    assert decision.action == "retrain" and "lr" in decision.why
+    capsys.readouterr()
+    catalog_mod.ensure_cells(setting, ["cost-fgsm"])
+    assert "1 cells (1 finished, 0 to resume, 0 to start)" in capsys.readouterr().out
+    assert SweepRecord.open(setting.runs_dir).status("cost-fgsm") == "finished"
 
 
 def test_autoattack_column_empty_with_a_note_without_torchattacks(smoke, tmp_path, monkeypatch):
@@ -228,48 +232,29 @@ def test_autoattack_column_empty_with_a_note_without_torchattacks(smoke, tmp_pat
     assert "final AutoAttack: not run (--no-autoattack)" in (tmp_path / "table_methods.md").read_text()
 
 
-def test_reuse_rule_checks_the_shipped_referee_by_its_sha256(scripts, tmp_path):
-    """A Figure 2 run made with another builtin:quick (same config string, other weights) is not reused."""
-    from robustdrop.diagnostics import verify_builtin
-    from robustdrop.store import RunStore
-
-    setting_mod, catalog_mod, training = scripts["lib.setting"], scripts["lib.catalog"], scripts["lib.training"]
-    setting = setting_mod.Setting(runs_dir=tmp_path, out=tmp_path / "out")  # quick scale: builtin:quick
-    cfg = catalog_mod.config_for(setting, catalog_mod.catalog(setting)["fgsm"])
-    assert cfg.reference == "builtin:quick"
-    store = RunStore.create(tmp_path, "fgsm")
-    store.write_json(RunStore.CONFIG, cfg.to_dict())
-    store.log_event("reference", epoch=0, step=0, sha256="0" * 64)
-    store.flush()
-    state, why = training.run_state(store.path, cfg)
-    assert state == "different" and "another builtin:quick" in why
-    store.truncate_logs(0, 0)
-    store.log_event("reference", epoch=0, step=0, sha256=verify_builtin("quick")[1]["sha256"])
-    store.flush()
-    assert training.run_state(store.path, cfg) == ("different", "no readable checkpoints/last.pt")  # the referee matches
-
-
 def test_referee_rule_attaches_a_shipped_referee_and_measures_a_catalog_one_after_training(scripts, tmp_path):
     """The one rule: quick scale attaches builtin:quick during training; paper scale and --smoke
-    train Figure 2's runs without their PGD referee (nothing waits for it) and measure them after."""
+    train Figure 2's runs without their PGD referee (nothing waits for it) and replay the referee
+    over their per-epoch weights in a replay cell after both."""
     setting_mod, catalog_mod = scripts["lib.setting"], scripts["lib.catalog"]
-    from lib.tasks import train_tasks
-
     figure2 = scripts["fig2_strength"].RUNS
     quick = setting_mod.Setting(runs_dir=tmp_path)
     assert not catalog_mod.reference_deferred(quick)
-    assert [t.key for t in train_tasks(quick, figure2)] == [f"train:{n}" for n in figure2]
+    cells = catalog_mod.cells(quick)
+    assert all(cells[n]["reference"] == "builtin:quick" for n in figure2)
+    assert not any(v.get("kind") == "replay" for v in cells.values())
     for scale, smoke, ref in (("paper", False, "pgd10"), ("paper", True, "pgd2"), ("quick", True, "pgd3")):
         setting = setting_mod.Setting(scale=scale, smoke=smoke, runs_dir=tmp_path)
         assert catalog_mod.reference_deferred(setting) and catalog_mod.reference_run(setting) == ref
+        cells = catalog_mod.cells(setting)
+        for n in figure2:
+            assert "reference" not in cells[n] and cells[n]["save_weights_every"] == 1
+            assert cells[f"{n}-referee"] == {"kind": "replay", "run": f"@{n}", "reference": f"@{ref}"}
         assert catalog_mod.config_for(setting, catalog_mod.catalog(setting)["fgsm"]).reference is None
-        tasks = {t.key: t.deps for t in train_tasks(setting, figure2)}
-        assert all(tasks[f"train:{n}"] == () for n in [ref, *figure2])
-        assert all(tasks[f"measure:{n}"] == (f"train:{ref}", f"train:{n}") for n in figure2)
         # forced the other way (the equivalence test of tests/test_gpu_plan.py): attached, waits
         forced = setting_mod.Setting(scale=scale, smoke=smoke, runs_dir=tmp_path, deferred_reference=False)
+        assert catalog_mod.cells(forced)["fgsm"]["reference"] == f"@{ref}"
         assert catalog_mod.config_for(forced, catalog_mod.catalog(forced)["fgsm"]).reference == str(tmp_path / ref)
-        assert {t.key: t.deps for t in train_tasks(forced, figure2)}["train:fgsm"] == (f"train:{ref}",)
 
 
 def test_make_reference_phases_and_choice(scripts):

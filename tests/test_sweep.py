@@ -139,6 +139,12 @@ def test_a_changed_grid_is_refused_unless_extend_which_only_adds(tmp_path):
     with pytest.raises(RobustdropError, match="not a sweep directory"):
         open_sweep(plan_sweep(parse_grid(["seed=0:2"]), name="other"), tmp_path)
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"
+    # adopt: a folder of runs (and other entries) becomes the sweep directory; its files stay
+    adopted = open_sweep(plan_sweep(parse_grid(["seed=0:2"]), name="other"), tmp_path, adopt=True)
+    assert set(adopted.cells) == {"seed=0", "seed=1"} and (tmp_path / "other" / "x.txt").read_text() == "mine"
+    (tmp_path / "third" / "seed=0").mkdir(parents=True)  # named like a cell, but not a run: refused
+    with pytest.raises(RobustdropError, match="not a sweep directory"):
+        open_sweep(plan_sweep(parse_grid(["seed=0:2"]), name="third"), tmp_path, adopt=True)
 
 
 # --------------------------------------------------------------------------------------------

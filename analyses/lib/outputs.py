@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lib.catalog import preset_config
+from lib.catalog import SMOKE_FOLDER, preset_config
 from lib.setting import Setting
 from robustdrop.engine import TrackConfig
 from robustdrop.formatting import format_eps, latex_table, markdown_table
@@ -21,6 +21,8 @@ from robustdrop.store import atomic_write_text
 
 def dataset_text(cfg: TrackConfig | dict[str, Any]) -> str:
     name = cfg["dataset"] if isinstance(cfg, dict) else cfg.dataset
+    if name.startswith("folder:") and name.rstrip("/").endswith(f"/{SMOKE_FOLDER}"):
+        name = "synthetic"  # --smoke's data, written as an image folder for the cells
     return {"cifar10-jpeg": "CIFAR-10 (JPEG copy)", "cifar10": "CIFAR-10", "synthetic": "synthetic (smoke)"}.get(
         name, name)
 

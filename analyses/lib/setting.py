@@ -69,7 +69,7 @@ class Setting:
     data_dir: str | None = None
     dataset: str | None = None  # None: the scale's (quick: the preset's; paper: cifar10)
     # None: the rule of lib.catalog.reference_deferred (a referee that is a catalog run is measured
-    # after training from per-epoch weights, lib.deferred; a shipped one is attached); True/False
+    # after training from per-epoch weights, a replay cell each; a shipped one is attached); True/False
     # forces it (tests that compare the two ways; the same numbers).
     deferred_reference: bool | None = None
     ref_epochs: int = 0  # epochs of the reference run (0: the preset's); the GPU plan shortens it to fit
@@ -80,6 +80,8 @@ class Setting:
     eval_n: int = 2000
     aa_n: int = 500
     autoattack: bool = True
+    backend: str = "local"  # where the cells run: local processes (--jobs) or a Ray cluster
+    max_minutes: float | None = None  # the cells' deadline (stopped ones continue on the next run)
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -95,7 +97,9 @@ class Setting:
         return f"{self.scale}{' smoke' if self.smoke else ''}"
 
 
-def build_parser(description: str, *, jobs: int = 1) -> argparse.ArgumentParser:
+def build_parser(description: str, *, jobs: int = 1, sweep: bool = False) -> argparse.ArgumentParser:
+    """The shared options; ``sweep``: also ``--backend`` and ``--max-minutes`` (scripts that run
+    catalog cells, :func:`lib.catalog.run_cells`)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=SCALES, default="quick",
                    help="quick: the quick preset on the embedded CIFAR-10 (JPEG copy), CPU; paper: the paper's "
@@ -114,6 +118,13 @@ def build_parser(description: str, *, jobs: int = 1) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per training process (default: 1 on quick/smoke, torch's default on paper)")
     p.add_argument("--jobs", type=int, default=jobs, help=f"trainings run in parallel processes (default: {jobs})")
+    if sweep:
+        p.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="where the runs' sweep cells run: local processes (--jobs) or a Ray cluster "
+                            "(RAY_ADDRESS; --runs-dir on a file system every node shares) (default: local)")
+        p.add_argument("--max-minutes", type=float, default=None,
+                       help="deadline for the runs: no run starts after it, running ones checkpoint and stop; the "
+                            "same command continues them (default: none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--eval-n", type=int, default=None,
@@ -151,8 +162,9 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     aa_n = args.aa_n if args.aa_n is not None else (SMOKE_KNOBS["aa_n"] if smoke else KNOBS[scale]["aa_n"])
     return Setting(scale=scale, smoke=smoke, runs_dir=runs_dir, out=out, data_dir=args.data_dir,
                    dataset=args.dataset, threads=threads, jobs=max(1, int(args.jobs)), device=args.device,
-                   seed=args.seed, eval_n=eval_n, aa_n=aa_n, autoattack=bool(args.autoattack))
+                   seed=args.seed, eval_n=eval_n, aa_n=aa_n, autoattack=bool(args.autoattack), backend=getattr(args, "backend", "local"),
+                   max_minutes=getattr(args, "max_minutes", None))
 
 
-def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1) -> Setting:
-    return setting_from_args(build_parser(description, jobs=jobs).parse_args(argv))
+def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1, sweep: bool = False) -> Setting:
+    return setting_from_args(build_parser(description, jobs=jobs, sweep=sweep).parse_args(argv))

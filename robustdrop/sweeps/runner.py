@@ -28,6 +28,7 @@ from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
 from robustdrop.errors import RobustdropError
 from robustdrop.reuse import decide
+from robustdrop.store import RunStore
 from robustdrop.store.lock import RunLock
 from robustdrop.store.sweep_record import SWEEP_FORMAT, SweepRecord, is_sweep_dir, now
 from robustdrop.sweeps.grid import Cell, SweepPlan, json_value
@@ -126,8 +127,11 @@ def check_compatible(record: SweepRecord, plan: SweepPlan, *, extend: bool) -> N
 
 
 def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = False,
-               command: Sequence[str] | None = None, backend: str = "local") -> SweepRecord:
-    """The sweep directory's record for ``plan``: created, or checked and (``extend``) grown."""
+               command: Sequence[str] | None = None, backend: str = "local", adopt: bool = False) -> SweepRecord:
+    """The sweep directory's record for ``plan``: created, or checked and (``extend``) grown.
+    ``adopt``: an existing folder without ``sweep.json`` becomes the sweep directory (its runs
+    named like cells are theirs, by the one rule; other entries are left alone), unless an entry
+    named like a cell is not a run directory."""
     path = Path(runs_dir) / plan.name
     command = list(sys.argv if command is None else command)
     if is_sweep_dir(path):
@@ -136,7 +140,7 @@ def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = F
         if set(record.cells) != {c.name for c in plan.cells}:
             record.data["grid"] = {k: [json_value(v) for v in vs] for k, vs in plan.grid.items()}
         record.data.setdefault("reruns", []).append({"time": now(), "command": command})
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+    elif path.exists() and not (adopt and _adoptable(path, plan)) and (not path.is_dir() or any(path.iterdir())):
         raise RobustdropError(f"{path} exists and is not a sweep directory (no sweep.json); choose another --name "
                               "or --runs-dir")
     else:
@@ -144,6 +148,12 @@ def open_sweep(plan: SweepPlan, runs_dir: str | os.PathLike, *, extend: bool = F
     _add_cells(record, plan)
     record.save()
     return record
+
+
+def _adoptable(path: Path, plan: SweepPlan) -> bool:
+    """Whether every entry of folder ``path`` named like one of ``plan``'s cells is a run directory."""
+    return path.is_dir() and all((path / c.name / RunStore.CONFIG).is_file() for c in plan.cells
+                                 if (path / c.name).exists())
 
 
 def check_not_running(record: SweepRecord) -> None:
@@ -282,6 +292,7 @@ def run_sweep(
     progress: bool = True,
     command: Sequence[str] | None = None,
     max_minutes: float | None = None,
+    adopt: bool = False,
 ) -> SweepResult:
     """Run (or continue) ``plan`` in ``<runs_dir>/<plan.name>/``; see the module docstring.
 
@@ -295,6 +306,7 @@ def run_sweep(
         command: the command line recorded in sweep.json (default ``sys.argv``).
         max_minutes: the deadline, in minutes from now: no cell starts after it, running cells
             are stopped (SIGTERM, their checkpoint) and recorded as ``stopped``.
+        adopt: make an existing folder of runs the sweep directory (see :func:`open_sweep`).
     """
     if backend not in BACKENDS:
         raise RobustdropError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -314,7 +326,7 @@ def run_sweep(
         check_not_running(existing)
         unfinished = [c for c in unfinished if c not in existing.cells or existing.status(c) != "finished"]
     check_cell_data(plan, unfinished)
-    record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend)
+    record = open_sweep(plan, runs_dir, extend=extend, command=command, backend=backend, adopt=adopt)
     states = {c.name: cell_state(record, c.name) for c in plan.cells}
     stale = mark_stale(record, plan, states)
     finished = [c for c, st in states.items() if st == "finished"]
