@@ -45,13 +45,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lib.catalog import catalog, config_for, ref_name
-from lib.setting import REPO, SMOKE_DATA, Setting, build_parser, setting_from_args
+from lib.catalog import (
+    catalog,
+    cell_environment,
+    config_for,
+    load_data,
+    ref_name,
+    replay_name,
+    table_evaluation,
+)
+from lib.setting import REPO, Setting, build_parser, setting_from_args
 
 from robustdrop.environment import environment
 from robustdrop.errors import RobustdropError
-from robustdrop.evaluation import EVAL_CACHE, CachedEvaluation, evaluate_run_cached
-from robustdrop.store import BEST, SweepRecord, atomic_write_bytes, atomic_write_text, is_sweep_dir
+from robustdrop.evaluation import EVAL_CACHE, evaluate_run_cached
+from robustdrop.store import SweepRecord, atomic_write_bytes, atomic_write_text, is_sweep_dir
 from robustdrop.sweeps import plan_sweep, run_sweep
 
 SWEEP = "plan"  # <runs-dir>/plan/: the sweep directory; its cells are named as the catalog's runs
@@ -136,19 +144,11 @@ def chosen_parts(args: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # The sweep's cells
 # ------------------------------------------------------------------------------------------------
-def smoke_dataset(setting: Setting, folder: Path) -> str:
-    """--smoke: the tiny synthetic data as an image folder the cells load by name (``folder:``)."""
-    from robustdrop.data import make_synthetic
-    from robustdrop.data.folder import write_image_folder
-
-    if not (folder / "test").is_dir():
-        write_image_folder(make_synthetic(**SMOKE_DATA), folder)
-    return f"folder:{folder.resolve()}"
-
-
-def all_cells(setting: Setting, dataset: str | None) -> dict[str, tuple[str, dict[str, Any]]]:
+def all_cells(setting: Setting) -> dict[str, tuple[str, dict[str, Any]]]:
     """Every cell of the plan, in the order of value: ``{cell: (part, sweep cell spec)}``. A
-    training cell is the catalog run's config (``lib.catalog.config_for``), under its catalog name."""
+    training cell is the catalog run's resolved config (``lib.catalog.config_for``; --smoke: its
+    image folder, ``write_smoke_data``), under its catalog name; a replay cell is named as the
+    catalog names it (``replay_name``)."""
     cat, ref = catalog(setting), ref_name(setting)
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for part, (cells, _) in PARTS.items():
@@ -156,18 +156,16 @@ def all_cells(setting: Setting, dataset: str | None) -> dict[str, tuple[str, dic
             kind, _, run = cell.rpartition(":")
             run = ref if run == REF else run
             if kind == "replay":
-                out[f"{run}-referee"] = (part, {"kind": "replay", "run": f"@{run}", "reference": f"@{ref}"})
-                continue
-            values = config_for(setting, cat[run]).to_dict()
-            out[run] = (part, {**values, "dataset": dataset} if dataset else values)
+                out[replay_name(run)] = (part, {"kind": "replay", "run": f"@{run}", "reference": f"@{ref}"})
+            else:
+                out[run] = (part, config_for(setting, cat[run]).to_dict())
     return out
 
 
-def sweep_cells(setting: Setting, parts: Sequence[str], dataset: str | None, recorded: Sequence[str] = ()
-                ) -> dict[str, dict[str, Any]]:
+def sweep_cells(setting: Setting, parts: Sequence[str], recorded: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """The cells of ``parts`` whose inputs are in the plan, plus those an earlier command recorded
     (a sweep's record only grows), in the order of value."""
-    cells = all_cells(setting, dataset)
+    cells = all_cells(setting)
     keep = {c for c, (part, _) in cells.items() if part in parts} | (set(recorded) & set(cells))
     keep = {c for c in keep if cells[c][1].get("kind") != "replay"
             or {cells[c][1]["run"][1:], ref_name(setting)} <= keep}
@@ -182,21 +180,20 @@ def recorded_ref_epochs(setting: Setting) -> int:
     return int((entry.get("config") or {}).get("epochs", 0))
 
 
-def make_plan(setting: Setting, parts: Sequence[str], dataset: str | None) -> Any:
-    sweep_dir = setting.runs_dir / SWEEP
+def make_plan(setting: Setting, parts: Sequence[str], sweep_dir: Path) -> Any:
+    """The sweep of ``parts`` (and of the cells ``sweep_dir`` records), nothing created."""
     recorded = list(SweepRecord.open(sweep_dir).cells) if is_sweep_dir(sweep_dir) else []
-    return plan_sweep({}, name=SWEEP, cells=sweep_cells(setting, parts, dataset, recorded))
+    return plan_sweep({}, name=SWEEP, cells=sweep_cells(setting, parts, recorded))
 
 
 # ------------------------------------------------------------------------------------------------
 # Steps after the sweep (each needs finished cells; the GPU to itself)
 # ------------------------------------------------------------------------------------------------
 def evaluate_tables(live: Setting, names: Sequence[str]) -> None:
-    """The table's cached final / best evaluation (``robustdrop.evaluation.evaluate_run_cached``,
-    as the catalog's analyses evaluate: ``eval_n`` test images, the setting's seed)."""
-    how = CachedEvaluation(n=live.eval_n, seed=live.seed, best=BEST, device=live.device)
+    """The table's cached final / best evaluation, as every table of the analyses evaluates
+    (``lib.catalog.table_evaluation``: ``eval_n`` test images, the setting's seed; no AutoAttack here)."""
     for name in names:
-        evaluate_run_cached(live.runs_dir / name, how)
+        evaluate_run_cached(live.runs_dir / name, table_evaluation(live))
 
 
 def run_benchmarks(setting: Setting, target: Path) -> None:
@@ -206,7 +203,6 @@ def run_benchmarks(setting: Setting, target: Path) -> None:
     import argparse
     import statistics
 
-    from robustdrop.data import load_dataset, make_synthetic
     from robustdrop.engine import resolve_device
     from robustdrop.environment import device_name
 
@@ -217,7 +213,7 @@ def run_benchmarks(setting: Setting, target: Path) -> None:
 
     size, device = BENCH_SIZES["smoke" if setting.smoke else "paper"], resolve_device(setting.device)
     dataset = "synthetic" if setting.smoke else setting.dataset or "cifar10"
-    data = make_synthetic(**SMOKE_DATA) if setting.smoke else load_dataset(dataset, data_dir=setting.data_dir)
+    data = load_data(setting, {"dataset": dataset, "data_dir": setting.data_dir})  # --smoke: its image folder
     start, ns = time.perf_counter(), argparse.Namespace
     train = bench_train.measure(ns(dataset=dataset, train_subset=size["train_subset"], repeats=size["repeats"],
                                    batch_size=64 if setting.smoke else 128, device=str(device)),
@@ -461,11 +457,12 @@ def plan_main(argv: Sequence[str] | None) -> int:
     if args.dry_run:  # creates nothing: --smoke's data folder is a temporary one
         from robustdrop.sweeps.runner import dry_run_sweep
 
-        with tempfile.TemporaryDirectory() as scratch:
-            dataset = smoke_dataset(setting, Path(scratch)) if setting.smoke else None
-            plan = make_plan(setting, parts, dataset)
-            print(f"GPU plan: parts {', '.join(parts)}; {len(plan.cells)} cells in {setting.runs_dir / SWEEP}")
-            rows = dry_run_sweep(plan, runs_dir=setting.runs_dir, jobs=setting.jobs)
+        with tempfile.TemporaryDirectory() as scratch:  # --smoke's data folder, where the dry run reads it
+            here = dataclasses.replace(setting, runs_dir=Path(scratch)) if setting.smoke else setting
+            with cell_environment(here):
+                plan = make_plan(here, parts, setting.runs_dir / SWEEP)
+                print(f"GPU plan: parts {', '.join(parts)}; {len(plan.cells)} cells in {setting.runs_dir / SWEEP}")
+                rows = dry_run_sweep(plan, runs_dir=setting.runs_dir, jobs=setting.jobs)
         total = sum(r["estimate_s"] or 0.0 for r in rows) / 60 / max(1, setting.jobs)
         print(f"about {total:.1f} min of training with {setting.jobs} cells at a time (the engine's measured estimate; "
               f"replay cells and the steps after the sweep not estimated); budget {args.budget_minutes:g} min, "
@@ -479,10 +476,10 @@ def plan_main(argv: Sequence[str] | None) -> int:
     invocation = {"started_utc": started_utc, "minutes": round(minutes, 2), "wall_s": 0.0, "failed": []}
     state["invocations"].append(invocation)
     setting.runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(setting.runs_dir / LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
+    with (open(setting.runs_dir / LOG_FILE, "a", encoding="utf-8") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)),
+          cell_environment(setting)):  # --smoke: its data folder and the folder's cache in the runs dir
         save_invocation(state_file, state, invocation, started)  # a command killed on the way still counts
-        dataset = smoke_dataset(setting, setting.runs_dir / "data") if setting.smoke else None
-        plan = make_plan(setting, parts, dataset)
+        plan = make_plan(setting, parts, live.runs_dir)
         print(f"GPU plan: parts {', '.join(parts)}; {len(plan.cells)} cells; this command {minutes:.1f} min", flush=True)
         sweep_min = minutes - (0 if setting.smoke else PACK_MIN)  # the steps run in what the sweep leaves
         failed: list[str] = []

@@ -43,7 +43,7 @@ def test_the_cells_are_the_catalog_runs_in_order_of_value_with_the_referee_repla
 
     setting, parts = plan_setting(gpu_plan, tmp_path, "--ref-epochs", "10")
     assert parts == list(gpu_plan.PARTS)
-    cells = gpu_plan.sweep_cells(setting, parts, None)
+    cells = gpu_plan.sweep_cells(setting, parts)
     assert list(cells) == ["pgd10", "fgsm", "apart", "fgsm-referee", "apart-referee", "fgsm+", "fgsm+-referee",
                            "prec-bf16", "prec-fp32", "apart-authors"]
     assert cells["fgsm-referee"] == {"kind": "replay", "run": "@fgsm", "reference": "@pgd10"}
@@ -56,12 +56,12 @@ def test_the_cells_are_the_catalog_runs_in_order_of_value_with_the_referee_repla
 def test_only_keeps_the_parts_asked_for_and_what_they_read(gpu_plan, tmp_path):
     setting, parts = plan_setting(gpu_plan, tmp_path, "--only", "fgsm", "figure2")
     assert parts == ["referee", "fgsm", "figure2"]
-    assert list(gpu_plan.sweep_cells(setting, parts, None)) == ["pgd10", "fgsm", "fgsm-referee"]  # APART's replay
+    assert list(gpu_plan.sweep_cells(setting, parts)) == ["pgd10", "fgsm", "fgsm-referee"]  # APART's replay
     # needs APART, which was not asked for; a smaller --only later keeps the cells the sweep recorded
-    assert list(gpu_plan.sweep_cells(setting, ["referee"], None, recorded=["fgsm", "fgsm-referee"])) == [
+    assert list(gpu_plan.sweep_cells(setting, ["referee"], recorded=["fgsm", "fgsm-referee"])) == [
         "pgd10", "fgsm", "fgsm-referee"]
     setting, parts = plan_setting(gpu_plan, tmp_path, "--skip", "bench", "bf16", "apart-authors")
-    assert "prec-bf16" not in gpu_plan.sweep_cells(setting, parts, None) and "bench" not in parts
+    assert "prec-bf16" not in gpu_plan.sweep_cells(setting, parts) and "bench" not in parts
 
 
 def test_a_command_gets_its_minutes_within_what_is_left_of_the_budget(gpu_plan):
@@ -86,8 +86,7 @@ def test_the_referee_keeps_its_recorded_length_and_a_changed_one_is_refused_in_o
     argv = ["--smoke", "--device", "cpu", "--only", "referee", "--runs-dir", str(tmp_path / "runs"),
             "--out", str(tmp_path / "p")]
     setting, parts = plan_setting(gpu_plan, tmp_path, *argv, "--ref-epochs", "4")
-    dataset = gpu_plan.smoke_dataset(setting, setting.runs_dir / "data")
-    open_sweep(gpu_plan.make_plan(setting, parts, dataset), setting.runs_dir)  # as a first command leaves it
+    open_sweep(gpu_plan.make_plan(setting, parts, setting.runs_dir / "plan"), setting.runs_dir)  # as a command leaves it
     assert gpu_plan.main([*argv, "--ref-epochs", "5", "--max-minutes", "0.05"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pgd2's config differs" in err and "epochs" in err, err
