@@ -470,6 +470,7 @@ def plan_main(argv: Sequence[str] | None) -> int:
         return 0
 
     started, started_utc = time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    torch.set_num_threads(max(1, setting.threads))  # the steps after the sweep run here (a cell's budget)
     minutes = command_minutes(args, state)
     end = started + minutes * 60
     live = dataclasses.replace(setting, runs_dir=setting.runs_dir / SWEEP)
