@@ -2,8 +2,8 @@
 
 Counts the FLOPs of one forward pass of the model (2 per multiply-add of every convolution and
 linear layer; batch norm, activations and additions are left out, they are < 1% of the work),
-then times on one device, at one batch size, the pieces the GPU plan's estimate is built from
-(``analyses/lib/estimate.py``): a forward pass, one attack gradient step (forward + backward to the
+then times on one device, at one batch size, the pieces of a run (the GPU plan's ``bench`` step
+runs it on the GPU, ``analyses/gpu_plan.py``): a forward pass, one attack gradient step (forward + backward to the
 input, no weight gradients), and one training step of each method; each as a multiple of the
 forward pass (FE). The FE counts carry from one device to another far better than seconds do; the
 seconds per FE (the achieved FLOP rate) is the device's own.

@@ -1,7 +1,7 @@
 """bf16 against fp32 on the GPU (issue 14, item 4): does bf16 autocast change what we measure?
 
 Two questions, one record (``<runs_dir>/precision.json``, rendered by the GPU plan into
-``figures/paper/bf16_vs_fp32.{json,md}``):
+``figures/paper/bf16_vs_fp32.{json,md}``, :func:`precision_markdown`):
 
 * **Evaluation.** The same checkpoints (the PGD-10 referee's final model, the most robust one, and
   FGSM's best model, before its collapse) evaluated on the test set — clean, FGSM, PGD-20 — once in
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,19 +30,24 @@ from typing import Any
 
 import torch
 
-from lib.catalog import load_data, ref_name, run_dir
-from lib.evaluation import checkpoint_file
+from lib.catalog import ref_name, run_dir
 from lib.setting import Setting
 from robustdrop.attacks import Attack, model_mode
 from robustdrop.attacks.registry import build_attacks
-from robustdrop.data import ImageData, iterate_eval, probe_indices
+from robustdrop.data import ImageData, iterate_eval, load_dataset, probe_indices
 from robustdrop.diagnostics import build_reference, find_reference
 from robustdrop.engine import autocast_for, resolve_device
-from robustdrop.evaluation import run_attack_settings
-from robustdrop.store import RunStore, atomic_write_text
+from robustdrop.evaluation import CachedEvaluation, cached_checkpoint, run_attack_settings
+from robustdrop.formatting import fixed, format_pct, markdown_table
+from robustdrop.store import BEST, RunStore, atomic_write_text
 
 PRECISION_FILE = "precision.json"
 PAIR = ("prec-bf16", "prec-fp32")
+
+
+def checkpoint_file(path: Path, which: str) -> Path:
+    """The checkpoint the table evaluates: ``final`` (``result.pt``, else ``last.pt``) or ``best``."""
+    return cached_checkpoint(path, which, CachedEvaluation(best=BEST))
 
 
 def eval_attacks(cfg: dict[str, Any]) -> dict[str, Attack | None]:
@@ -139,7 +145,7 @@ def measure_precision(setting: Setting) -> Path:
     device = resolve_device(setting.device)
     ref = run_dir(setting, ref_name(setting))
     cfg = RunStore.open(ref).read_json(RunStore.CONFIG)
-    data = load_data(setting, cfg)
+    data = load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"))  # the data the runs trained on
     checkpoints = [(f"{ref.name} (referee), final", checkpoint_file(ref, "final")),
                    ("fgsm, best (before the collapse)", checkpoint_file(run_dir(setting, "fgsm"), "best"))]
     record = {
@@ -152,3 +158,38 @@ def measure_precision(setting: Setting) -> Path:
     atomic_write_text(target, json.dumps(record, indent=2) + "\n")
     print(f"wrote {target}", flush=True)
     return target
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format_pct(x, 2)
+
+
+def precision_markdown(rec: dict[str, Any]) -> str:
+    """``bf16_vs_fp32.md``: evaluation of the same checkpoints, and the training pair."""
+    lines = [f"# bf16 autocast against fp32 ({rec['device']})", "",
+             "Written by `analyses/gpu_plan.py` (part `bf16`, `analyses/lib/precision.py`); raw numbers: "
+             "`bf16_vs_fp32.json`.", "", "## The same checkpoint evaluated in fp32 and under bf16 autocast", ""]
+    for ev in rec["evaluation"]:
+        lines += [f"{ev['model']} (epoch {ev['epoch']}), n = {ev['n']} test images, PGD: {ev['pgd']}; "
+                  f"bf16: {ev['bf16']}; seconds fp32 {ev['seconds_fp32']:.1f}"
+                  + (f", bf16 {ev['seconds_bf16']:.1f}" if ev["seconds_bf16"] is not None else "") + ".", ""]
+        rows = []
+        for attack, a in ev["attacks"].items():
+            rows.append([attack, _pct(a["fp32_acc"]), _pct(a["bf16_acc"]),
+                         "—" if a["bf16_minus_fp32"] is None else f"{100 * a['bf16_minus_fp32']:+.2f}",
+                         "—" if a["robust_fp32_only"] is None else str(a["robust_fp32_only"]),
+                         "—" if a["robust_bf16_only"] is None else str(a["robust_bf16_only"])])
+        lines += [markdown_table(["attack", "fp32 acc %", "bf16 acc %", "bf16 − fp32 (points)",
+                                  "correct in fp32 only", "correct in bf16 only"], rows), ""]
+    lines += ["## Training in bf16 against fp32 (FGSM, same seed; `prec-bf16`, `prec-fp32`)", ""]
+    rows = []
+    for name, t in rec["training"].items():
+        ev = t["final_fp32_eval"]
+        rows.append([name, "bf16 autocast" if t["amp"] else "fp32", str(t["epochs"]),
+                     " → ".join(f"{v:.3f}" for v in t["curves"]["train_loss"]), _pct(ev.get("clean")),
+                     _pct(ev.get("pgd")), fixed(t["train_s_per_epoch"], 1)])
+    lines += [markdown_table(["run", "training", "epochs", "train loss per epoch", "final clean % (fp32 eval)",
+                              "final PGD % (fp32 eval)", "train s/epoch"], rows), "",
+              "Both final models are evaluated the same way (fp32, the test set); seconds per epoch were measured "
+              "side by side with other trainings (indicative)."]
+    return "\n".join(lines) + "\n"
