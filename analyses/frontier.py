@@ -48,7 +48,7 @@ from lib.prediction import find_run_dirs
 from lib.setting import Setting, build_parser, setting_from_args
 
 from robustdrop.api import track
-from robustdrop.environment import environment
+from robustdrop.environment import environment, git_commit
 from robustdrop.formatting import format_eps
 from robustdrop.plots._common import new_figure, run_palette
 
@@ -87,9 +87,10 @@ def smoke_runs(setting: Setting) -> Path:
 # The analysis
 # ---------------------------------------------------------------------------------------------
 def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int,
-            aa_measure: bool = True) -> tuple[list[FrontierRun], list[Path]]:
+            aa_measure: bool = True, aa_seeds: Sequence[int] | None = None) -> tuple[list[FrontierRun], list[Path]]:
     """Read every finished run, evaluate its best-by-validation checkpoint and (``aa_n`` > 0) the
-    AutoAttack of the compared final models; returns the runs and the unfinished ones skipped."""
+    AutoAttack of the compared final models (of ``aa_seeds`` only, when given: minutes per model);
+    returns the runs and the unfinished ones skipped."""
     data = DataCache(data_for(setting))
     runs, skipped = [], []
     for path in find_run_dirs(paths):
@@ -108,6 +109,8 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
             # only the seeds where the best α and a compared method both finished: the comparison is paired
             here = [r for r in runs if r.epsilon == eps]
             seeds = {r.seed for r in here if r.label == best["label"]} & {r.seed for r in here if r.method in AA_METHODS}
+            if aa_seeds is not None:
+                seeds &= set(aa_seeds)
             for run in here:
                 if run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
                     evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device, measure=aa_measure)
@@ -185,7 +188,7 @@ def draw(df: pd.DataFrame, groups: pd.DataFrame) -> Any:
 
 
 def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: pd.DataFrame, skipped: list[Path],
-             paths: Sequence[Path], aa_n: int, wall: float) -> str:
+             paths: Sequence[Path], aa_n: int, wall: float, aa_seeds: Sequence[int] | None = None) -> str:
     found = {(round(e, 6), lab) for e, lab in zip(groups["epsilon"], groups["label"])}
     missing = [f"{format_eps(e)} {lab}" for e, lab in expected_labels() if (round(e, 6), lab) not in found]
     seeds = sorted(df["seed"].unique())
@@ -223,27 +226,30 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
                                                                            "seed, or has fewer than 2 seeds)"))
     lines += ["", frame_markdown(display_answer(answer)) if len(answer) else "No comparison possible yet "
               "(a best α and a compared method with common seeds are both needed).", ""]
+    seeds_text = f" (of seeds {', '.join(map(str, aa_seeds))} only)" if aa_seeds is not None else ""
     lines += ["AutoAttack: " + (f"standard L∞ AutoAttack (torchattacks: APGD-CE, APGD-T, FAB-T, Square) on the final "
                                 f"models of the best α, APART and N-FGSM, for the seeds where the best α and one of "
-                                f"those both finished, n={aa_n} seeded class-balanced test images (the run's seed: the "
-                                "same images for every method of one seed)." if aa_n > 0 else
+                                f"those both finished{seeds_text}, n={aa_n} seeded class-balanced test images (the run's "
+                                "seed: the same images for every method of one seed)." if aa_n > 0 else
                                 f"only the rows already in the cache (`--aa-cached`, n={-aa_n}): seeds without one were "
                                 "not attacked this time." if aa_n < 0 else "not run this time (`--aa-n 0`)."), ""]
     lines += ["Missing cells of the issue's grid (no finished run yet): "
               + (", ".join(missing) if missing else "none") + ".", "",
               "Command: `python analyses/frontier.py --runs " + " ".join(map(str, paths))
               + (f" --aa-n {abs(aa_n)}" if aa_n else "") + (" --aa-cached" if aa_n < 0 else "")
+              + (" --aa-seeds " + " ".join(map(str, aa_seeds)) if aa_seeds is not None else "")
               + "`; checkpoint evaluations cached in "
               "`frontier_eval.json`.", "",
-              f"This analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
+              f"Made by commit {(git_commit() or 'unknown')[:10]}; this analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
     return "\n".join(lines)
 
 
-def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int, aa_measure: bool = True) -> int:
+def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int, aa_measure: bool = True,
+            aa_seeds: Sequence[int] | None = None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(max(1, setting.threads))
     cache = EvalCache(cache_file)
-    runs, skipped = collect(setting, paths, cache, aa_n, aa_measure)
+    runs, skipped = collect(setting, paths, cache, aa_n, aa_measure, aa_seeds)
     if not runs:
         print(f"no finished runs under {', '.join(map(str, paths))}", file=sys.stderr)
         return 2
@@ -261,7 +267,7 @@ def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int
     write_text(out / "frontier.csv", groups.to_csv(index=False))
     write_text(out / "frontier_runs.csv", df.to_csv(index=False))
     write_text(out / "frontier.md", markdown(setting, df, groups, answer, skipped, paths, aa_n,
-                                             time.perf_counter() - start))
+                                             time.perf_counter() - start, aa_seeds))
     for _, a in answer[answer["column"] == "final_test_pgd"].iterrows() if len(answer) else []:
         print(f"ε={format_eps(a['epsilon'])}: {a['a']} − {a['b']} = {pct(a['diff'], a['diff_se'])} pts "
               f"({a['pairs']} seeds; t-test p {_p(a['p_t'])}, Wilcoxon p {_p(a['p_wilcoxon'])})")
@@ -276,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="JSON cache of the checkpoint evaluations (default: <out>/frontier_eval.json)")
     parser.add_argument("--aa-cached", action="store_true",
                         help="with --aa-n: use only the AutoAttack rows already cached, attack nothing new")
+    parser.add_argument("--aa-seeds", type=int, nargs="+", default=None,
+                        help="with --aa-n: attack only these seeds' models (AutoAttack takes minutes per model on a CPU)")
     args = parser.parse_args(argv)
     setting = setting_from_args(args)
     aa_n = args.aa_n if args.aa_n is not None else 0  # AutoAttack only when asked for (minutes per model)
@@ -283,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = args.runs or [smoke_runs(setting)]
     else:
         paths = args.runs or [setting.runs_dir / "frontier"]
-    return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached)
+    return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached,
+                   args.aa_seeds)
 
 
 if __name__ == "__main__":
