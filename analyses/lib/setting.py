@@ -72,7 +72,7 @@ class Setting:
     # after training from per-epoch weights, a replay cell each; a shipped one is attached); True/False
     # forces it (tests that compare the two ways; the same numbers).
     deferred_reference: bool | None = None
-    ref_epochs: int = 0  # epochs of the reference run (0: the preset's); the GPU plan shortens it to fit
+    ref_epochs: int = 0  # epochs of the reference run (0: the preset's; the GPU plan's --ref-epochs)
     threads: int = 1
     jobs: int = 1
     device: str = "auto"
