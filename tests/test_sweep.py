@@ -448,7 +448,10 @@ def test_ray_backend_on_a_local_head_and_worker(tiny_env, tmp_path):
     assert ray
     port = _free_port()
     temp = Path(f"/tmp/rd-ray-{os.getpid()}")  # short: Ray's socket paths must stay under 107 characters
-    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    # HOME of its own: a ~/.ray/auth_token left by another Ray session on this machine would make the
+    # driver present a token this test's head does not expect (InvalidAuthToken)
+    (tmp_path / "home").mkdir()
+    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path / "home")}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     started: list[subprocess.Popen] = []
