@@ -14,14 +14,13 @@ keeps its state in Lightning's checkpoints (one per epoch, ``epoch=N-step=M.ckpt
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from fgsm_own_loop import CIFAR_MEAN, CIFAR_STD, Net, crop_flip  # the same model and augmentation
+from fgsm_own_loop import CIFAR_MEAN, CIFAR_STD, Net, crop_flip, parse_args, train_loader  # the same model, data, flags
 
 
 class FGSMModule(L.LightningModule):
@@ -62,28 +61,13 @@ class FGSMModule(L.LightningModule):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=15)  # collapses at epoch 5 of 15 (seed 0)
-    p.add_argument("--train-subset", type=int, default=0, help="train on the first N images (0 = all 50,000)")
-    p.add_argument("--probe-size", type=int, default=1000, help="test images the monitor evaluates every epoch")
-    p.add_argument("--checkpoints", default="ckpts/fgsm-lightning", help="folder of Lightning's per-epoch checkpoints")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--name", default="fgsm-lightning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = p.parse_args()
+    args = parse_args(__doc__.splitlines()[0], "fgsm-lightning", "folder of Lightning's per-epoch checkpoints")
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
 
-    from robustdrop.data import load_dataset
     from robustdrop.lightning import RobustdropCallback
 
-    data = load_dataset("cifar10-jpeg")  # uint8 tensors
-    train_x, train_y = data.train_x, data.train_y
-    if args.train_subset:
-        train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=128,
-                                         shuffle=True, drop_last=True)
+    loader = train_loader(args.train_subset)
     monitor = RobustdropCallback(epsilon=10 / 255, probe="cifar10-jpeg", probe_size=args.probe_size,
                                  normalize=(CIFAR_MEAN, CIFAR_STD), reference="builtin:quick", runs_dir=args.runs_dir,
                                  name=args.name, model="net", method="fgsm")

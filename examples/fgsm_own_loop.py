@@ -62,29 +62,41 @@ def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, name: str, checkpoints_help: str) -> argparse.Namespace:
+    """The command line of this example and of fgsm_lightning.py (run ``name``, checkpoints in ckpts/``name``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=int, default=15)  # collapses at epoch 5 of 15 (seed 0)
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N images (0 = all 50,000)")
     p.add_argument("--probe-size", type=int, default=1000, help="test images the monitor evaluates every epoch")
-    p.add_argument("--checkpoints", default="ckpts/fgsm-own-loop", help="folder of the per-epoch weights")
+    p.add_argument("--checkpoints", default=f"ckpts/{name}", help=checkpoints_help)
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--name", default="fgsm-own-loop")
+    p.add_argument("--name", default=name)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def train_loader(train_subset: int = 0) -> torch.utils.data.DataLoader:
+    """Shuffled batches of 128 uint8 ``(B, 3, 32, 32)`` CIFAR-10 images (the embedded copy) and labels;
+    ``train_subset``: the first N training images only (0: all)."""
+    from robustdrop.data import load_dataset
+
+    data = load_dataset("cifar10-jpeg")
+    train_x, train_y = data.train_x, data.train_y
+    if train_subset:
+        train_x, train_y = train_x[:train_subset], train_y[:train_subset]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=128,
+                                       shuffle=True, drop_last=True)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], "fgsm-own-loop", "folder of the per-epoch weights")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     import robustdrop  # robustdrop
-    from robustdrop.data import load_dataset
 
-    data = load_dataset("cifar10-jpeg")  # uint8 (N, 3, 32, 32) tensors, the embedded copy
-    train_x, train_y = data.train_x, data.train_y
-    if args.train_subset:
-        train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=128,
-                                         shuffle=True, drop_last=True)
+    loader = train_loader(args.train_subset)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     epsilon = (10 / 255) / std  # per channel, in normalized units
