@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def importable(tmp_path, monkeypatch):
+    """``importable(name, source)``: module ``name`` importable from the current directory (the
+    test's tmp_path), as a user's own package would be; forgotten again after the test."""
+    names = []
+
+    def make(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)

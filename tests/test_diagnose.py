@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import textwrap
 
 import pytest
@@ -41,12 +40,8 @@ MEAN, STD = 0.5, 0.25
 
 
 @pytest.fixture
-def nets(tmp_path, monkeypatch):
-    (tmp_path / "offnets.py").write_text(NETS)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "offnets"
-    sys.modules.pop("offnets", None)
+def nets(importable):
+    return importable("offnets", NETS)
 
 
 def _save_series(folder, epochs=(1, 2, 3), name="epoch_{:02d}.pt", seed=0, wrap=lambda sd: {"model": sd}):

@@ -58,13 +58,9 @@ USER_MODULE = textwrap.dedent("""
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
+def user_module(importable):
     """``usernets`` importable from the current directory, as a user's package would be."""
-    (tmp_path / "usernets.py").write_text(USER_MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "usernets"
-    sys.modules.pop("usernets", None)
+    return importable("usernets", USER_MODULE)
 
 
 def test_factories_are_called_with_nothing_or_num_classes(user_module, tmp_path):
