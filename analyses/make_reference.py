@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from robustdrop.data import CIFAR10_JPEG_SHA256, iterate_eval, load_dataset, pro
 from robustdrop.diagnostics import ReferenceSource, build_reference, find_reference
 from robustdrop.diagnostics.referees import BUILTIN_DIR, write_builtin
 from robustdrop.engine import TrackConfig, make_config
-from robustdrop.environment import versions
+from robustdrop.environment import git_commit, versions
 from robustdrop.formatting import format_eps, markdown_table
 from robustdrop.plots.runs import eval_curve, open_run
 from robustdrop.store import RunStore, load_checkpoint_file, result_checkpoint
@@ -211,14 +210,6 @@ def table_markdown(table: pd.DataFrame) -> str:
              f"{r['gap_after'] * 100:.1f}", f"{r['referee_pass_s']:.2f}; {r['epoch_s']:.2f}"]
             for _, r in table.iterrows()]
     return markdown_table(header, body)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=5)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
 
 
 def ship(runs_dir: Path, name: str, why: str, table: pd.DataFrame, info: dict[str, Any]) -> tuple[Path, Path]:
