@@ -10,9 +10,13 @@ the final models of the best α, APART and N-FGSM (``--aa-n``). Definitions: ``l
 Checkpoint evaluations are cached in ``--cache`` (default ``<out>/frontier_eval.json``).
 
 Writes ``<out>/frontier.{md,csv,png,pdf}`` (``frontier.csv``: one row per group) and
-``frontier_runs.csv`` (one row per run).
+``frontier_runs.csv`` (one row per run; ``source``: ``measured`` now or ``recorded: <csv>``).
+``--previous CSV ...``: an earlier analysis's ``frontier_runs.csv`` supplies the rows of the runs
+not read now (matched by path; a run read now wins): runs whose directories are on another machine.
+Recorded rows keep their numbers, AutoAttack included; nothing is evaluated for them.
 
     python analyses/frontier.py --runs /work/study/runs/e10-* /work/study/runs/e8-* [--aa-n 1000]
+    python analyses/frontier.py --runs runs/frontier/e8 --previous figures/frontier_runs.csv --out figures
     python analyses/frontier.py --smoke        # seconds: tiny runs, the same code path
 """
 
@@ -30,18 +34,22 @@ import torch
 from lib.catalog import data_for, make_run_config
 from lib.frontier import (
     BASELINES,
+    MEASURED,
     DataCache,
     EvalCache,
     FrontierRun,
     answer_rows,
     best_alpha,
+    check_one_per_seed,
     evaluate_autoattack,
     evaluate_best,
     group_table,
     is_finished,
     pct,
+    read_recorded,
     read_run,
     runs_frame,
+    with_recorded,
 )
 from lib.outputs import add_caption, frame_markdown, write_figure, write_text
 from lib.prediction import find_run_dirs
@@ -49,6 +57,7 @@ from lib.setting import Setting, build_parser, setting_from_args
 
 from robustdrop.api import track
 from robustdrop.environment import environment, git_commit
+from robustdrop.errors import RobustdropError
 from robustdrop.formatting import format_eps
 from robustdrop.plots._common import new_figure, run_palette
 
@@ -86,11 +95,28 @@ def smoke_runs(setting: Setting) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------------
+def read_previous(csvs: Sequence[Path]) -> list[FrontierRun]:
+    """The rows of every ``--previous`` file; a run in two of them is a one-line error (which row
+    would be meant is not ours to guess)."""
+    rows: dict[Path, FrontierRun] = {}
+    for csv in csvs:
+        for run in read_recorded(csv):
+            key = Path(run.path).resolve()
+            if key in rows:
+                raise RobustdropError(f"run {run.path} is in both --previous {rows[key].source.removeprefix('recorded: ')} "
+                                      f"and {csv}; give it in one of them")
+            rows[key] = run
+    return list(rows.values())
+
+
 def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int,
-            aa_measure: bool = True, aa_seeds: Sequence[int] | None = None) -> tuple[list[FrontierRun], list[Path]]:
-    """Read every finished run, evaluate its best-by-validation checkpoint and (``aa_n`` > 0) the
-    AutoAttack of the compared final models (of ``aa_seeds`` only, when given: minutes per model);
-    returns the runs and the unfinished ones skipped."""
+            aa_measure: bool = True, aa_seeds: Sequence[int] | None = None,
+            recorded: Sequence[FrontierRun] = ()) -> tuple[list[FrontierRun], list[Path]]:
+    """Read every finished run, add the ``recorded`` rows of the runs not read
+    (:func:`with_recorded`; one row per ε, group and seed), evaluate the best-by-validation
+    checkpoints of the runs read and (``aa_n`` > 0) run AutoAttack on the compared final models
+    read now (of ``aa_seeds`` only, when given: minutes per model); returns all rows and the
+    unfinished runs skipped."""
     data = DataCache(data_for(setting))
     runs, skipped = [], []
     for path in find_run_dirs(paths):
@@ -98,8 +124,11 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
             skipped.append(path)
             continue
         runs.append(read_run(path))
+    runs = with_recorded(runs, recorded)  # before the best α: it is chosen from every row
+    check_one_per_seed(runs)  # before minutes of evaluation
     for run in runs:
-        evaluate_best(run, cache, data, device=setting.device)
+        if run.source == MEASURED:  # a recorded row has its best_test_* already, and no checkpoint here
+            evaluate_best(run, cache, data, device=setting.device)
     if aa_n > 0:
         groups = group_table(runs_frame(runs))
         for eps in sorted({r.epsilon for r in runs}):
@@ -112,7 +141,8 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
             if aa_seeds is not None:
                 seeds &= set(aa_seeds)
             for run in here:
-                if run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
+                # a recorded row has no checkpoint here: it keeps the AutoAttack numbers it was recorded with
+                if run.source == MEASURED and run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
                     evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device, measure=aa_measure)
     cache.save()
     return runs, skipped
@@ -187,8 +217,28 @@ def draw(df: pd.DataFrame, groups: pd.DataFrame) -> Any:
     return fig
 
 
+def provenance(df: pd.DataFrame, recorded: Sequence[FrontierRun], previous: Sequence[Path], out: Path) -> str:
+    """Per ``--previous`` file: how many of its rows the tables use, how many a run read now
+    replaced, and whether their run directories are on this machine."""
+    text = ""
+    for csv in previous:
+        source = f"recorded: {csv}"
+        taken = df[df["source"] == source]
+        total = sum(r.source == source for r in recorded)
+        absent = sum(not Path(p).exists() for p in taken["path"])
+        text += (f" {len(taken)} rows taken from `{csv}` (recorded by an earlier analysis, not measured now: "
+                 + ("their run directories are not on this machine" if absent == len(taken) else
+                    "their run directories are on this machine but were not read" if absent == 0 else
+                    f"{absent} of their {len(taken)} run directories are not on this machine")
+                 + (f"; {total - len(taken)} of its {total} rows replaced by the runs read now" if total > len(taken) else "")
+                 + ("; this analysis overwrites that file" if csv.resolve() == (out / "frontier_runs.csv").resolve() else "")
+                 + ").")
+    return text
+
+
 def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: pd.DataFrame, skipped: list[Path],
-             paths: Sequence[Path], aa_n: int, wall: float, aa_seeds: Sequence[int] | None = None) -> str:
+             paths: Sequence[Path], aa_n: int, wall: float, aa_seeds: Sequence[int] | None = None,
+             previous: Sequence[Path] = (), recorded: Sequence[FrontierRun] = ()) -> str:
     found = {(round(e, 6), lab) for e, lab in zip(groups["epsilon"], groups["label"])}
     missing = [f"{format_eps(e)} {lab}" for e, lab in expected_labels() if (round(e, 6), lab) not in found]
     seeds = sorted(df["seed"].unique())
@@ -196,10 +246,12 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
     if setting.smoke:
         lines += ["**SMOKE TEST (not a result)**: tiny synthetic runs, 2 epochs.", ""]
     lines += [
-        f"{len(df)} finished runs (seeds {', '.join(map(str, seeds))}) read from {', '.join(map(str, paths))}; "
+        f"{(df['source'] == MEASURED).sum()} finished runs read from {', '.join(map(str, paths))}; "
         f"{len(skipped)} unfinished runs left out"
         + (f" ({', '.join(p.parent.name + '/' + p.name for p in skipped[:12])}{' …' if len(skipped) > 12 else ''})"
-           if skipped else "") + ".",
+           if skipped else "") + "."
+        + provenance(df, recorded, previous, setting.out)
+        + f" In all {len(df)} runs, seeds {', '.join(map(str, seeds))}.",
         "",
         "Definitions. *Collapsed*: a PGD drop — at some epoch the probe PGD-20 accuracy (1000 test images) fell "
         "below half its running best, with that best ≥ 5 % (the collapse-prediction study's outcome; the detector's "
@@ -232,12 +284,15 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
                                 f"those both finished{seeds_text}, n={aa_n} seeded class-balanced test images (the run's "
                                 "seed: the same images for every method of one seed)." if aa_n > 0 else
                                 f"only the rows already in the cache (`--aa-cached`, n={-aa_n}): seeds without one were "
-                                "not attacked this time." if aa_n < 0 else "not run this time (`--aa-n 0`)."), ""]
+                                "not attacked this time." if aa_n < 0 else "not run this time (`--aa-n 0`).")
+              + (" Recorded rows keep the AutoAttack numbers of the analysis that measured them (their `aa_n` in "
+                 "frontier_runs.csv); none is attacked again (no checkpoint here)." if recorded else ""), ""]
     lines += ["Missing cells of the issue's grid (no finished run yet): "
               + (", ".join(missing) if missing else "none") + ".", "",
               "Command: `python analyses/frontier.py --runs " + " ".join(map(str, paths))
               + (f" --aa-n {abs(aa_n)}" if aa_n else "") + (" --aa-cached" if aa_n < 0 else "")
               + (" --aa-seeds " + " ".join(map(str, aa_seeds)) if aa_seeds is not None else "")
+              + (" --previous " + " ".join(map(str, previous)) if previous else "")
               + "`; checkpoint evaluations cached in "
               "`frontier_eval.json`.", "",
               f"Made by commit {(git_commit() or 'unknown')[:10]}; this analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
@@ -245,13 +300,14 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
 
 
 def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int, aa_measure: bool = True,
-            aa_seeds: Sequence[int] | None = None) -> int:
+            aa_seeds: Sequence[int] | None = None, previous: Sequence[Path] = (),
+            recorded: Sequence[FrontierRun] = ()) -> int:
     start = time.perf_counter()
     torch.set_num_threads(max(1, setting.threads))
     cache = EvalCache(cache_file)
-    runs, skipped = collect(setting, paths, cache, aa_n, aa_measure, aa_seeds)
+    runs, skipped = collect(setting, paths, cache, aa_n, aa_measure, aa_seeds, recorded)
     if not runs:
-        print(f"no finished runs under {', '.join(map(str, paths))}", file=sys.stderr)
+        print(f"no finished runs under {', '.join(map(str, paths))} (and no --previous rows)", file=sys.stderr)
         return 2
     df = runs_frame(runs)
     groups = group_table(df)
@@ -261,13 +317,15 @@ def analyse(setting: Setting, paths: Sequence[Path], cache_file: Path, aa_n: int
     out = setting.out
     fig = draw(df, groups)
     add_caption(fig, ("SMOKE TEST (not a result) — " if setting.smoke else "")
-                + f"quick preset, {len(df)} runs, seeds {', '.join(map(str, sorted(df['seed'].unique())))}; "
+                + f"quick preset, {len(df)} runs"
+                + (f" ({(df['source'] != MEASURED).sum()} recorded by an earlier analysis)" if recorded else "")
+                + f", seeds {', '.join(map(str, sorted(df['seed'].unique())))}; "
                   "test PGD-20 on the full test set")
     write_figure(fig, out, "frontier")
     write_text(out / "frontier.csv", groups.to_csv(index=False))
     write_text(out / "frontier_runs.csv", df.to_csv(index=False))
     write_text(out / "frontier.md", markdown(setting, df, groups, answer, skipped, paths, aa_n,
-                                             time.perf_counter() - start, aa_seeds))
+                                             time.perf_counter() - start, aa_seeds, previous, recorded))
     for _, a in answer[answer["column"] == "final_test_pgd"].iterrows() if len(answer) else []:
         print(f"ε={format_eps(a['epsilon'])}: {a['a']} − {a['b']} = {pct(a['diff'], a['diff_se'])} pts "
               f"({a['pairs']} seeds; t-test p {_p(a['p_t'])}, Wilcoxon p {_p(a['p_wilcoxon'])})")
@@ -284,15 +342,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --aa-n: use only the AutoAttack rows already cached, attack nothing new")
     parser.add_argument("--aa-seeds", type=int, nargs="+", default=None,
                         help="with --aa-n: attack only these seeds' models (AutoAttack takes minutes per model on a CPU)")
+    parser.add_argument("--previous", type=Path, nargs="+", default=[], metavar="CSV",
+                        help="frontier_runs.csv of earlier analyses: their rows stand in for the runs not read now "
+                             "(matched by path; a run read now wins), e.g. runs trained on another machine")
     args = parser.parse_args(argv)
+    try:  # before anything is trained or written: a bad file costs nothing
+        recorded = read_previous(args.previous)
+    except RobustdropError as exc:
+        print(f"frontier: error: {exc}", file=sys.stderr)
+        return 2
     setting = setting_from_args(args)
     aa_n = args.aa_n if args.aa_n is not None else 0  # AutoAttack only when asked for (minutes per model)
     if setting.smoke:
         paths = args.runs or [smoke_runs(setting)]
     else:
         paths = args.runs or [setting.runs_dir / "frontier"]
-    return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached,
-                   args.aa_seeds)
+    try:
+        return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached,
+                       args.aa_seeds, args.previous, recorded)
+    except RobustdropError as exc:  # e.g. a cell both read and recorded under another path: one line, nothing written
+        print(f"frontier: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

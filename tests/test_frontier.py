@@ -1,8 +1,10 @@
 """The step-size frontier (analyses/frontier.py, analyses/lib/frontier.py): which α is the best
-fixed step, the paired comparison's numbers, and the --smoke path (outputs, reuse, cache)."""
+fixed step, the paired comparison's numbers, the --smoke path (outputs, reuse, cache) and the rows
+recorded by an earlier analysis (--previous)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import sys
@@ -91,3 +93,121 @@ def test_smoke_writes_the_outputs_and_reuses_runs_and_evaluations(frontier, tmp_
     evaluated = first.count("best-by-validation epoch")
     assert "best-by-validation epoch" not in again  # cached
     assert evaluated == (pd.read_csv(tmp_path / "out" / "frontier_runs.csv")["best_val_epoch"] < 2).sum()
+
+
+def recorded_run(lib, path: str, **over):
+    """A FrontierRun as an earlier analysis wrote it (awkward floats, NaN, bools)."""
+    values = dict(path=path, method="fgsm", label="FGSM α=5/255", epsilon=EPS, alpha=5 / 255, seed=0, epochs=30,
+                  collapsed=True, drop=17.0, onset=math.nan, best_probe_pgd=0.1 + 0.2, final_probe_pgd=1 / 3,
+                  final_test_pgd=0.1784, final_test_clean=0.371, test_n=10000, best_val_epoch=30, best_val_pgd=0.208,
+                  best_test_pgd=0.1784, best_test_clean=0.371, best_test_n=10000, train_s_per_epoch=58.281863362999275,
+                  aa=0.134, aa_clean=0.363, aa_n=1000)
+    return lib.FrontierRun(**{**values, **over})
+
+
+def test_recorded_rows_read_back_exactly_and_a_run_read_now_wins(frontier, tmp_path):
+    _, lib = frontier
+    rows = [recorded_run(lib, "/gone/a"), recorded_run(lib, "/gone/b", method="apart", label="APART", alpha=math.nan,
+                                                            collapsed=False, drop=math.nan, aa=math.nan, aa_n=0)]
+    csv = tmp_path / "frontier_runs.csv"
+    csv.write_text(lib.runs_frame(rows).to_csv(index=False))
+    back = lib.read_recorded(csv)
+    assert len(back) == len(rows)
+    for got, want in zip(back, [dataclasses.replace(r, source=f"recorded: {csv}") for r in rows]):
+        for f in dataclasses.fields(lib.FrontierRun):
+            a, b = getattr(got, f.name), getattr(want, f.name)
+            assert type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))), f.name
+    measured = recorded_run(lib, "/gone/b", final_test_pgd=0.5, source="measured")
+    merged = lib.with_recorded([measured], back)
+    assert [(r.path, r.source) for r in merged] == [("/gone/a", f"recorded: {csv}"), ("/gone/b", "measured")]
+    with pytest.raises(lib.RobustdropError, match="two runs of ε = 10/255 FGSM α=5/255 seed 0: /elsewhere/a .measured. and /gone/a"):
+        lib.check_one_per_seed(lib.with_recorded([recorded_run(lib, "/elsewhere/a", source="measured")], back))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("", "not a CSV table"),
+    ("path,method\nx,fgsm\n", "no column label, epsilon"),
+    ("SEED", "line 2: seed = 'abc' is not an integer"),
+    ("TWICE", "is in both --previous"),
+])
+def test_a_bad_previous_file_is_one_line_and_nothing_is_trained_or_written(frontier, tmp_path, capsys, content, message):
+    script, lib = frontier
+    good = tmp_path / "good.csv"
+    good.write_text(lib.runs_frame([recorded_run(lib, "/gone/a")]).to_csv(index=False))
+    bad = tmp_path / "bad.csv"
+    if content == "SEED":
+        bad.write_text(good.read_text().replace("/gone/a,fgsm,FGSM α=5/255,0.0392156862745098,0.0196078431372549,0,",
+                                                "/gone/a,fgsm,FGSM α=5/255,0.0392156862745098,0.0196078431372549,abc,"))
+    elif content is not None:
+        bad.write_text(content)
+    previous = [str(good), str(good)] if content == "TWICE" else [str(bad)]
+    argv = ["--smoke", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--previous", *previous]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("frontier: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_analysis(frontier, tmp_path_factory):
+    """The --smoke runs (6 tiny trainings) and their analysis, shared by the --previous tests."""
+    script, _ = frontier
+    root = tmp_path_factory.mktemp("frontier-previous")
+    assert script.main(["--smoke", "--runs-dir", str(root / "runs"), "--out", str(root / "out")]) == 0
+    return root
+
+
+def answer_part(md: str) -> str:
+    return md[md.index("## The answer"):md.index("AutoAttack:")]
+
+
+@pytest.mark.slow
+def test_recorded_rows_give_the_same_tables_as_the_runs_they_record(frontier, smoke_analysis, tmp_path, capsys):
+    script, _ = frontier
+    first = smoke_analysis / "out"
+    (tmp_path / "no-runs").mkdir()
+    argv = ["--smoke", "--runs-dir", str(smoke_analysis / "runs"), "--runs", str(tmp_path / "no-runs"),
+            "--previous", str(first / "frontier_runs.csv"), "--out", str(tmp_path / "out")]
+    assert script.main(argv) == 0
+    assert "best-by-validation epoch" not in capsys.readouterr().out  # nothing evaluated for a recorded row
+    assert (tmp_path / "out" / "frontier.csv").read_text() == (first / "frontier.csv").read_text()
+    md = (tmp_path / "out" / "frontier.md").read_text()
+    assert answer_part(md) == answer_part((first / "frontier.md").read_text()) and "APART − FGSM" in answer_part(md)
+    assert f"0 finished runs read from {tmp_path / 'no-runs'}" in md and f"6 rows taken from `{first / 'frontier_runs.csv'}`" in md
+    before, after = pd.read_csv(first / "frontier_runs.csv"), pd.read_csv(tmp_path / "out" / "frontier_runs.csv")
+    assert (before["source"] == "measured").all() and (after["source"] == f"recorded: {first / 'frontier_runs.csv'}").all()
+    pd.testing.assert_frame_equal(before.drop(columns="source"), after.drop(columns="source"))
+
+
+@pytest.mark.slow
+def test_a_run_read_now_replaces_its_recorded_row_and_recorded_rows_are_not_attacked(frontier, smoke_analysis, tmp_path,
+                                                                                    monkeypatch):
+    script, lib = frontier
+    rows = pd.read_csv(smoke_analysis / "out" / "frontier_runs.csv")
+    apart0 = rows["path"].str.endswith("apart-s0")
+    measured_pgd = float(rows.loc[apart0, "final_test_pgd"].iloc[0])
+    rows.loc[apart0, "final_test_pgd"] = 0.999  # a stale record of a run that is read now
+    gone = [recorded_run(lib, str(tmp_path / "gone" / f"nfgsm-s{s}"), method="n-fgsm", label="N-FGSM", alpha=math.nan,
+                         seed=s, collapsed=False, aa=0.42, aa_clean=0.5, aa_n=8) for s in (0, 1)]
+    previous = tmp_path / "previous.csv"
+    previous.write_text(pd.concat([rows, lib.runs_frame(gone)]).to_csv(index=False))
+    attacked = []
+
+    def fake_autoattack(run, cache, data, *, n, device="cpu", measure=True):  # the path only: AutoAttack takes minutes
+        attacked.append(run.path)
+        run.aa, run.aa_clean, run.aa_n = 0.1, 0.2, n
+
+    monkeypatch.setattr(script, "evaluate_autoattack", fake_autoattack)
+    argv = ["--smoke", "--runs-dir", str(smoke_analysis / "runs"), "--previous", str(previous), "--aa-n", "8",
+            "--out", str(tmp_path / "out")]
+    assert script.main(argv) == 0
+    out = pd.read_csv(tmp_path / "out" / "frontier_runs.csv").set_index("path")
+    assert len(out) == 8 and (out["source"] == "measured").sum() == 6
+    assert out.loc[rows.loc[apart0, "path"].iloc[0], "final_test_pgd"] == measured_pgd
+    assert len(attacked) == 4 and not any("gone" in p for p in attacked)  # best α and APART, seeds 0-1
+    nfgsm = out[out["label"] == "N-FGSM"]
+    assert (nfgsm["aa"] == 0.42).all() and (nfgsm["source"] == f"recorded: {previous}").all()
+    md = (tmp_path / "out" / "frontier.md").read_text()
+    assert f"2 rows taken from `{previous}`" in md and "6 of its 8 rows replaced by the runs read now" in md
+    assert "N-FGSM − FGSM" in md and "10/255 N-FGSM" not in md.split("Missing cells")[1].split("\n")[0]

@@ -24,6 +24,9 @@ Reads finished run directories (any sweep layout; every run's ``config.json`` sa
 * **Paired comparison**: method − best fixed α over the seeds both have: mean difference, its
   standard error, paired t-test and Wilcoxon signed-rank test (two-sided; with 5 pairs the smallest
   Wilcoxon p is 0.0625).
+* **Recorded** rows: a run's row taken from an earlier analysis's ``frontier_runs.csv``
+  (:func:`read_recorded`) when its run directory is not read now (another machine); it keeps its
+  recorded numbers, AutoAttack included (``source`` says which file it came from).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ from scipy import stats
 
 from lib.prediction import summarize  # the collapse-prediction study's PGD drop: one definition
 from robustdrop.data import ImageData, load_dataset
+from robustdrop.errors import RobustdropError, first_line
 from robustdrop.evaluation import evaluate_checkpoint
 from robustdrop.formatting import format_eps
 from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
@@ -52,6 +56,7 @@ LABELS = {"apart": "APART", "n-fgsm": "N-FGSM", "gradalign": "GradAlign", "fgsm+
 # the methods the figure draws as horizontal bands and the answer compares with the best α, in order
 BASELINES = ("apart", "n-fgsm", "gradalign", "fgsm+", "rs-fgsm", "pgd")
 COMPARED = ("apart", "n-fgsm", "gradalign")
+MEASURED = "measured"  # a row read from its run directory by this analysis (FrontierRun.source)
 
 
 def group_label(cfg: dict[str, Any]) -> str:
@@ -103,6 +108,7 @@ class FrontierRun:
     aa: float = math.nan  # standard AutoAttack on the final model (NaN: not measured)
     aa_clean: float = math.nan
     aa_n: int = 0
+    source: str = MEASURED  # or "recorded: <csv>" (read_recorded): where the row's numbers come from
 
 
 def read_run(path: Path) -> FrontierRun:
@@ -131,6 +137,84 @@ def read_run(path: Path) -> FrontierRun:
 def _acc(rows: pd.DataFrame, attack: str) -> float:
     r = rows[(rows["metric"] == "acc") & (rows["attack"] == attack)]
     return float(r["value"].iloc[-1]) if len(r) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Rows recorded by an earlier analysis (its frontier_runs.csv)
+# --------------------------------------------------------------------------------------------
+_KINDS = {"bool": "True or False", "int": "an integer", "float": "a number (empty: none)"}
+
+
+def _parse(text: str, kind: str) -> Any:
+    """One ``frontier_runs.csv`` cell as the FrontierRun field type ``kind`` (what ``to_csv``
+    wrote: ``''`` is NaN, floats in Python's round-trip form); ``ValueError`` if it is not one."""
+    if kind == "str":
+        return text
+    if kind == "bool":
+        if text not in ("True", "False"):
+            raise ValueError
+        return text == "True"
+    x = float(text) if text != "" else math.nan
+    if kind == "int":
+        if not x.is_integer():
+            raise ValueError
+        return int(x)
+    return x
+
+
+def read_recorded(csv: Path) -> list[FrontierRun]:
+    """The rows of an earlier analysis's ``frontier_runs.csv``, each with ``source = "recorded:
+    <csv>"``, exactly as written (floats parsed by Python: they round-trip). A row that file itself
+    recorded from an older one names this file now (the file read is the provenance one can open; its
+    own ``source`` column names the one before). Raises a one-line :class:`RobustdropError` when the
+    file is missing or is not such a table."""
+    hint = "give a frontier_runs.csv written by analyses/frontier.py"
+    if not csv.is_file():
+        raise RobustdropError(f"--previous {csv}: no such file; {hint}")
+    try:  # every cell as its text: no guessed types, no NaN spellings but the empty cell
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise RobustdropError(f"--previous {csv}: not a CSV table ({first_line(exc)}); {hint}") from None
+    wanted = [f for f in fields(FrontierRun) if f.name != "source"]  # a table of its own measurements may lack it
+    missing = [f.name for f in wanted if f.name not in table.columns]
+    if missing or table.empty:
+        raise RobustdropError(f"--previous {csv}: " + (f"no column {', '.join(missing)}" if missing else "no rows")
+                              + f"; {hint}")
+    twice = table["path"][table["path"].duplicated()]
+    if len(twice):
+        raise RobustdropError(f"--previous {csv}: run {twice.iloc[0]} has two rows; keep one of them")
+    runs = []
+    for i, row in table.iterrows():
+        values = {}
+        for f in wanted:
+            try:
+                values[f.name] = _parse(row[f.name], f.type)
+            except ValueError:
+                raise RobustdropError(f"--previous {csv} line {i + 2}: {f.name} = {row[f.name]!r} is not "
+                                      f"{_KINDS[f.type]}; {hint}") from None
+        if not values["path"]:
+            raise RobustdropError(f"--previous {csv} line {i + 2}: the path is empty; {hint}")
+        runs.append(FrontierRun(**values, source=f"recorded: {csv}"))
+    return runs
+
+
+def with_recorded(runs: Sequence[FrontierRun], recorded: Sequence[FrontierRun]) -> list[FrontierRun]:
+    """``runs`` and the ``recorded`` rows of the runs not among them (the same path once both are
+    made absolute: a run read now always wins), sorted by path (a stable table: the means over seeds
+    add in the same order whichever way a row arrived)."""
+    here = {Path(r.path).resolve() for r in runs}
+    return sorted([*runs, *(r for r in recorded if Path(r.path).resolve() not in here)], key=lambda r: r.path)
+
+
+def check_one_per_seed(runs: Iterable[FrontierRun]) -> None:
+    """Raise a one-line :class:`RobustdropError` when two rows are the same cell (ε, group, seed):
+    the groups would count that seed twice and the paired comparison could not pair it."""
+    seen: dict[tuple[float, str, int], FrontierRun] = {}
+    for r in runs:
+        first = seen.setdefault((r.epsilon, r.label, r.seed), r)
+        if first is not r:
+            raise RobustdropError(f"two runs of ε = {format_eps(r.epsilon)} {r.label} seed {r.seed}: {first.path} "
+                                  f"({first.source}) and {r.path} ({r.source}); leave one of them out (--runs, --previous)")
 
 
 # --------------------------------------------------------------------------------------------
