@@ -66,10 +66,6 @@ NEEDS = {"figure2": ("referee", "fgsm"), "table": ("referee", "fgsm"), "bf16": (
 # one GPU; each step finishes once started), and the minutes kept for writing the results.
 STEP_MIN = {"table": 1.0, "bf16": 1.5, "bench": 2.5}
 PACK_MIN = 0.5
-BENCH_SIZES = {
-    "paper": dict(width=1.0, train_subset=10000, apart_n=10240, repeats=2, cost_batch=128, cost_repeats=5),
-    "smoke": dict(width=1 / 16, train_subset=256, apart_n=256, repeats=1, cost_batch=32, cost_repeats=1),
-}
 
 
 def parser() -> Any:
@@ -169,41 +165,17 @@ def make_plan(setting: Setting, parts: Sequence[str], sweep_dir: Path) -> Any:
 
 
 def run_benchmarks(setting: Setting, target: Path) -> None:
-    """The scripts of ``benchmarks/`` as functions, the GPU to themselves: engine / bare compute
-    (``bench_train``), APART / PGD-10 (``bench_apart``), forward-pass equivalents and FLOP rate
-    (``bench_costs``); into ``target`` (JSON)."""
-    import argparse
-    import statistics
-
+    """``benchmarks/bench_paper.py``'s record (engine / bare compute, APART / PGD-10, forward-pass
+    equivalents and FLOP rate), the GPU to itself, on the plan's data; into ``target`` (JSON)."""
     from robustdrop.engine import resolve_device
-    from robustdrop.environment import device_name
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_apart
-    import bench_costs
-    import bench_train
+    import bench_paper
 
-    size, device = BENCH_SIZES["smoke" if setting.smoke else "paper"], resolve_device(setting.device)
     dataset = "synthetic" if setting.smoke else setting.dataset or "cifar10"
     data = load_data(setting, {"dataset": dataset, "data_dir": setting.data_dir})  # --smoke: its image folder
-    start, ns = time.perf_counter(), argparse.Namespace
-    train = bench_train.measure(ns(dataset=dataset, train_subset=size["train_subset"], repeats=size["repeats"],
-                                   batch_size=64 if setting.smoke else 128, device=str(device)),
-                                "preactresnet18", size["width"], data=data)
-    methods = ["fgsm", "pgd", "fgsm+", "apart"]
-    times = bench_apart.bench(device, ns(model="preactresnet18", width=size["width"], n=size["apart_n"],
-                                         batch_size=128, repeats=size["repeats"], methods=methods))
-    costs = {("fp32" if fp32 or device.type != "cuda" else "bf16"): bench_costs.measure(ns(
-        device=str(device), model="preactresnet18", width=size["width"], batch_size=size["cost_batch"],
-        repeats=size["cost_repeats"], eval_pgd_steps=20, methods=methods, fp32=fp32))
-        for fp32 in ((False, True) if device.type == "cuda" else (True,))}
-    record = {"device": device_name(device), "scale": setting.tag, "seconds": time.perf_counter() - start,
-              "bench_train": {**train, "train_subset": size["train_subset"], "goal": "engine / bare <= 1.10"},
-              "bench_apart": {"methods": {m: {"best_s": min(t), "median_s": statistics.median(t)}
-                                          for m, t in times.items()},
-                              "n": size["apart_n"], "apart_over_pgd10": min(times["apart"]) / min(times["pgd"]),
-                              "note": "fastest epoch of each method, methods interleaved; PGD-10 step 2/255"},
-              "bench_costs": costs}
+    record = bench_paper.measure(resolve_device(setting.device), smoke=setting.smoke, dataset=dataset, data=data,
+                                 scale=setting.tag)
     atomic_write_text(target, json.dumps(record, indent=2) + "\n")
 
 
