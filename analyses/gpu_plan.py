@@ -187,16 +187,15 @@ def table_runs(setting: Setting, parts: Sequence[str], finished: set[str]) -> li
     return [n for n in names if n in finished]
 
 
-def attempt(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> bool:
-    """Run ``fn``; a failure is printed and kept in ``errors[name]`` (one failed step or figure must
-    not lose the others or the results)."""
+def attempt(fn: Callable[[], Any]) -> str | None:
+    """Run ``fn``: ``None``, or its error (traceback printed) in one line; one failed step or figure
+    must not lose the others or the results."""
     try:
         fn()
-        return True
+        return None
     except Exception as exc:
         traceback.print_exc()
-        errors[name] = f"{type(exc).__name__}: {exc}"
-        return False
+        return f"{type(exc).__name__}: {exc}"
 
 
 def run_steps(setting: Setting, live: Setting, parts: Sequence[str], finished: set[str], end: float) -> dict[str, str]:
@@ -224,8 +223,8 @@ def run_steps(setting: Setting, live: Setting, parts: Sequence[str], finished: s
             done[step] = "done" if have else "waits for its cells" if not ready else f"not started: {left:.1f} min left"
             continue
         print(f"step {step}: start", flush=True)
-        errors: dict[str, str] = {}
-        done[step] = "done" if attempt(step, fn, errors) else f"FAILED: {errors[step]}"
+        error = attempt(fn)
+        done[step] = f"FAILED: {error}" if error else "done"
     return done
 
 
@@ -239,12 +238,12 @@ def draw(r: Setting, parts: Sequence[str], finished: set[str], steps: dict[str, 
 
     from robustdrop.plots import curves_figure
 
-    errors: dict[str, str] = {}
+    outputs: dict[str, Callable[[], Any]] = {}
     measured = [n for n in ("fgsm", "fgsm+", "apart") if f"{n}-referee" in finished]
     if measured:
-        attempt("fig2_strength", lambda: fig2_strength.write_outputs(r, measured), errors)
+        outputs["fig2_strength"] = lambda: fig2_strength.write_outputs(r, measured)
     if "fgsm" in finished:
-        attempt("fig1_perturbations", lambda: fig1_perturbations.write_outputs(r), errors)
+        outputs["fig1_perturbations"] = lambda: fig1_perturbations.write_outputs(r)
     curves = [r.runs_dir / n for n in (ref_name(r), "fgsm", "fgsm+", "apart", "apart-authors")
               if (r.runs_dir / n / "metrics.parquet").is_file()]
     if curves:
@@ -253,12 +252,12 @@ def draw(r: Setting, parts: Sequence[str], finished: set[str], steps: dict[str, 
             partial = ", ".join(p.name for p in curves if p.name not in finished)
             add_caption(fig, setting_caption(r) + (f"\nnot finished yet: {partial}" if partial else ""))
             write_figure(fig, r.out, "curves")
-        attempt("curves", curves_out, errors)
+        outputs["curves"] = curves_out
     table = table_runs(r, parts, finished)
     if steps.get("table") == "done" and table:
-        attempt("table_methods", lambda: table_methods.write(
-            r, table, "table_methods", "Methods: final and best clean / PGD / CW-loss PGD test accuracy"), errors)
-    return errors
+        outputs["table_methods"] = lambda: table_methods.write(
+            r, table, "table_methods", "Methods: final and best clean / PGD / CW-loss PGD test accuracy")
+    return {name: error for name, fn in outputs.items() if (error := attempt(fn))}
 
 
 def finish(setting: Setting, args: Any, state: dict[str, Any], parts: Sequence[str], statuses: dict[str, str],
