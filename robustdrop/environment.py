@@ -1,5 +1,6 @@
 """The machine this process runs on — library versions and hardware, described in one place for
-run manifests (:func:`manifest`), benchmark headers and the analyses' records.
+run manifests (:func:`manifest`), benchmark headers and the analyses' records (:func:`environment`,
+:func:`gpu_description`).
 
 Imports nothing from robustdrop but its version (``robustdrop._version``), so every layer may use it.
 
@@ -48,6 +49,16 @@ def environment() -> dict[str, Any]:
     v = versions()
     return {"torch": v["torch"], "python": v["python"], "cpus": os.cpu_count(), "machine": platform.machine(),
             "numpy": v["numpy"], "cuda": device_name("cuda:0") if torch.cuda.is_available() else None}
+
+
+def gpu_description() -> dict[str, Any]:
+    """GPU 0 for a record of a measurement: ``name``, ``memory_gib``, ``cuda`` and ``cudnn``
+    (versions), ``multiprocessors``; ``{}`` without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "multiprocessors": props.multi_processor_count}
 
 
 def git_commit() -> str | None:

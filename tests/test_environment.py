@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import robustdrop
-from robustdrop.environment import device_name, environment, versions
+from robustdrop.environment import device_name, environment, gpu_description, versions
 
 
 def test_versions_and_environment_name_what_ran():
@@ -54,3 +54,17 @@ def test_manifest_names_the_machine_the_checkout_and_the_command():
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                          cwd=Path(robustdrop.__file__).parent)
     assert m["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)
+
+
+def test_gpu_description_names_gpu_0_and_is_empty_without_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_description() == {}
+    props = SimpleNamespace(name="H100", total_memory=80 * 2**30 - 2**20, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    assert gpu_description() == {"name": "H100", "memory_gib": 80.0, "cuda": "12.4", "cudnn": 90100,
+                                 "multiprocessors": 132}
