@@ -11,7 +11,7 @@ With ``max_minutes``, no cell starts after the deadline and the running ones get
 checkpoint and are recorded as ``stopped``; the same command continues them. A SIGTERM to the
 driver (``kill``, a job scheduler, ``timeout``) makes the deadline now: the cells stop, are
 recorded the same way, and then :class:`~robustdrop.errors.RunInterrupted` is raised (the CLI
-exits 143). A second SIGTERM stops the driver at once (the running cells still get SIGTERM).
+exits 143). A second SIGTERM stops the driver at once (local cells still get SIGTERM).
 """
 
 from __future__ import annotations
