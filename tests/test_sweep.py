@@ -332,6 +332,51 @@ def test_a_cell_stopped_by_sigterm_exits_143_and_is_recorded_as_stopped(tiny_env
     assert RunStore.open(run).metrics().epoch.max() < 40  # stopped mid-run, with a checkpoint to continue from
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_its_cells_and_the_same_command_continues(tiny_env, tmp_path):
+    """``kill <driver>`` (a scheduler, ``timeout``) during a sweep: the running cell gets SIGTERM
+    too (no orphan), is recorded as stopped, the driver exits 143; the same command finishes it."""
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=5)  # far longer than the driver's 0.2 s poll
+    cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0", "--name", "t", "--runs-dir",
+           str(tmp_path), "--jobs", "1", "--no-progress", *_flags(fixed)]
+    record_file, run = tmp_path / "t" / "sweep.json", tmp_path / "t" / "seed=0"
+    driver = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and pid is None and driver.poll() is None:
+            if run.is_dir():  # the cell's process is in the engine (before or in training)
+                pid = json.loads(record_file.read_text())["cells"]["seed=0"]["pid"]
+                driver.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        out, _ = driver.communicate(timeout=60)
+        assert pid is not None, "never saw the cell start: " + out
+        assert driver.returncode == 143, out
+        assert "STOPPED seed=0" in out and "robustdrop: stopped by SIGTERM" in out
+        assert not _alive(pid)  # the driver waited for its cell: no orphan left training
+        entry = SweepRecord.open(tmp_path / "t").cells["seed=0"]
+        assert entry["status"] == "stopped" and entry["returncode"] in (143, -signal.SIGTERM), entry
+
+        rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert SweepRecord.open(tmp_path / "t").status("seed=0") == "finished"
+        assert RunStore.open(run).metrics().epoch.max() == fixed["epochs"]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_cell_process_stopped_outside_training_exits_143_and_reports_stopped(tmp_path):
     """The worker's exit code (what a Ray task or a shell sees) for a SIGTERM outside the
     trainer's handler, and a cell killed by SIGTERM's default action (during interpreter start)."""

@@ -138,7 +138,7 @@ def test_gpu_fractions_reach_each_ray_task(tiny_env, tmp_path, monkeypatch, caps
             assert fn is ray_backend.run_cell_blocking
             return Task()
 
-        def wait(self, refs, num_returns):
+        def wait(self, refs, num_returns, timeout=None):
             return refs[:num_returns], refs[num_returns:]
 
         def get(self, ref):
@@ -156,6 +156,90 @@ def test_gpu_fractions_reach_each_ray_task(tiny_env, tmp_path, monkeypatch, caps
     assert asked == [{"num_cpus": 2.0, "num_gpus": 0.25, "max_retries": 0}]
     assert [a[1] for a in submitted] == ["seed=0", "seed=1"]
     assert all(time.time() < a[3] <= time.time() + 1800 for a in submitted)  # the deadline travels with each task
+
+
+def test_sigterm_to_a_ray_driver_stops_the_tasks_cells_and_exits_143(tiny_env, tmp_path, monkeypatch, capsys):
+    """ray.init makes SIGTERM sys.exit() (the tasks' cells would run on, recorded as running): the
+    driver keeps its own handler, writes the stop file its tasks poll (a running task's deadline
+    cannot change), records the stopped cells, exits 143 and removes the file; a stand-in for Ray
+    whose tasks end once they see that file."""
+    import os
+    import signal
+    import sys
+
+    from robustdrop.sweeps import ray_backend
+    from robustdrop.sweeps.worker import stop_path
+
+    stop_file = stop_path(tmp_path / "s")
+    waits = []
+
+    class Task:
+        def options(self, **request):
+            return self
+
+        def remote(self, sweep_dir, cell, threads, deadline):
+            return cell
+
+    class StandInRay:
+        def init(self, **kwargs):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does
+
+        def remote(self, fn):
+            return Task()
+
+        def wait(self, refs, num_returns, timeout=None):
+            waits.append(timeout)
+            assert len(waits) < 50, "the driver never wrote the stop file"
+            if len(waits) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # while both cells run
+            return (refs[:num_returns], refs[num_returns:]) if stop_file.exists() else ([], refs)
+
+        def get(self, ref):
+            return {"ok": False, "stopped": True, "error": "stopped by SIGTERM; rerun the sweep to continue it",
+                    "returncode": 143, "wall_s": 1.0}
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray_backend, "_import_ray", StandInRay)
+    monkeypatch.setattr(ray_backend, "check_shared_filesystem", lambda ray, path: None)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["sweep", "--grid", "seed=0:2", "--name", "s", "--runs-dir", str(tmp_path), "--backend", "ray",
+                 "--no-progress", *test_sweep._flags(tiny_fixed(tiny_env["dataset"]))])
+    captured = capsys.readouterr()
+    assert code == 143 and "robustdrop: stopped by SIGTERM: 2 running cell(s)" in captured.err, captured
+    record = SweepRecord.open(tmp_path / "s")
+    assert [record.status(c) for c in ("seed=0", "seed=1")] == ["stopped", "stopped"]
+    assert not stop_file.exists() and signal.getsignal(signal.SIGTERM) == before
+    assert waits[0] is not None  # the driver polls: a signal is acted on while tasks run
+
+
+def test_a_ray_task_stops_its_cell_when_the_stop_file_appears(tmp_path, monkeypatch):
+    """A task not yet started when the driver wrote the stop file does not start its cell; a
+    running one SIGTERMs it (here a stand-in process) and reports it stopped."""
+    import subprocess
+    import sys
+    import threading
+
+    from robustdrop.sweeps import worker
+
+    plan = plan_sweep({"seed": [0]}, fixed=tiny_fixed("cifar10-jpeg"), name="k")
+    record = runner.open_sweep(plan, tmp_path)
+    (record.path / "logs").mkdir()
+
+    def start(sweep_dir, cell, threads):
+        log = open(record.log_path(cell), "a")  # noqa: SIM115 - closed by finish_cell
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=log)
+        return worker.CellProcess(record.path, cell, proc, log, time.perf_counter())
+
+    monkeypatch.setattr(worker, "start_cell", start)
+    later = threading.Timer(0.5, worker.stop_path(record.path).touch)
+    later.start()
+    begin = time.monotonic()
+    result = worker.run_cell_blocking(str(record.path), "seed=0", 1, poll_s=0.05)
+    later.join()
+    assert result["stopped"] and result["returncode"] == -15 and time.monotonic() - begin < 20
+    assert worker.run_cell_blocking(str(record.path), "seed=0", 1)["not_started"]
 
 
 def test_a_past_deadline_starts_nothing(tmp_path, capsys):

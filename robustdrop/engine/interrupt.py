@@ -8,7 +8,8 @@ signal while the first is being handled stops at once with :class:`KeyboardInter
 checkpoint on disk stays intact: every write is atomic).
 
 Handlers can only be installed in the main thread; elsewhere (a thread of a sweep runner) the
-process's own handling applies.
+process's own handling applies. A sweep's driver uses the same flag for SIGTERM alone
+(:func:`robustdrop.sweeps.runner.run_sweep`: its cells stop as at the deadline).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Abort(BaseException):
 
 
 class Interrupts:
-    """Context manager that records SIGINT / SIGTERM for the training loop.
+    """Context manager that records SIGINT / SIGTERM (or ``signals``) for the training loop.
 
     Examples:
         >>> with Interrupts() as stop:
@@ -38,7 +39,8 @@ class Interrupts:
         ...             break  # checkpoint, then raise RunInterrupted
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = SIGNALS) -> None:
+        self.signals = signals
         self.signum: int | None = None
         self._abortable = False
         self._previous: dict[int, Any] = {}
@@ -49,7 +51,7 @@ class Interrupts:
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

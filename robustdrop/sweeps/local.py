@@ -42,10 +42,11 @@ def run_local(
 
     ``on_start(cell, pid=, host=)`` when a cell's process starts; ``on_done(cell, result)`` (see
     :func:`~robustdrop.sweeps.worker.finish_cell`) when it ends, whatever the outcome: a failed
-    cell never stops the others (only the cells that need it). At the deadline the running cells
-    get SIGTERM (the engine checkpoints and exits 143: ``stopped``). If this process is
-    interrupted, the running cells are stopped the same way, reported through ``on_done``, and
-    the interruption is raised again.
+    cell never stops the others (only the cells that need it). At the deadline (also the one a
+    SIGTERM to the driver sets: ``schedule.stop``) the running cells get SIGTERM (the engine
+    checkpoints and exits 143: ``stopped``). If this process is interrupted (an exception such as
+    KeyboardInterrupt), the running cells are stopped the same way, reported through ``on_done``,
+    and the interruption is raised again.
     """
     running: list[CellProcess] = []
     host = socket.gethostname()

@@ -16,14 +16,16 @@ a node that cannot is a one-line error. The nodes need robustdrop (and its data 
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from robustdrop.errors import RobustdropError
 from robustdrop.sweeps.schedule import Schedule
-from robustdrop.sweeps.worker import cell_status, run_cell_blocking
+from robustdrop.sweeps.worker import cell_status, run_cell_blocking, stop_path
 
 
 def _import_ray() -> Any:
@@ -83,24 +85,36 @@ def run_ray(
     threads: int,
     on_start: Callable[..., None],
     on_done: Callable[[str, dict[str, Any]], None],
+    poll_s: float = 1.0,
 ) -> None:
     """Submit each cell as a Ray task once the cells it needs finished (``num_cpus=cpus_per_cell``,
     ``num_gpus=gpus_per_cell``: 0.25 puts four cells on one GPU; no retries: a rerun of the sweep
     resumes a failed cell) and report each as it ends. Ready cells are all submitted at once, in
     the sweep's order; Ray starts them as resources free up. The deadline (``schedule.deadline``)
     travels with each task: one that would start after it does not (``not_started``), a running
-    one is stopped with SIGTERM by its task.
+    one is stopped with SIGTERM by its task. Once the schedule is past its deadline by this
+    machine's clock (also the one a SIGTERM to the driver sets: ``schedule.stop``) the driver
+    writes :func:`~robustdrop.sweeps.worker.stop_path`, which stops the tasks the same way, and
+    waits for them.
 
     ``address``: ``HOST:PORT`` of a running cluster's head (``None``: Ray's own default, i.e.
     ``$RAY_ADDRESS``, else a new single-machine instance).
     """
     ray = _import_ray()
+    handler = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RobustdropError(f"cannot connect to the Ray cluster at {address or 'the default address'} ({first}); "
                               "check --address HOST:PORT (`ray status` on the head)") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            # ray.init makes SIGTERM sys.exit(), which would leave the tasks' cells running: keep
+            # the driver's (run_sweep's: stop the cells first)
+            signal.signal(signal.SIGTERM, handler)
+    stop_file = stop_path(sweep_dir)
+    stop_file.unlink(missing_ok=True)  # left by a driver that was killed
     try:
         check_shared_filesystem(ray, sweep_dir)
         task = ray.remote(run_cell_blocking).options(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=0)
@@ -114,7 +128,12 @@ def run_ray(
                 on_start(cell, host="ray", pid=None)
             if not refs:
                 break
-            ready, _ = ray.wait(list(refs), num_returns=1)
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=poll_s)
+            if not ready:
+                if schedule.past_deadline() and not stop_file.exists():
+                    stop_file.parent.mkdir(parents=True, exist_ok=True)
+                    stop_file.touch()
+                continue
             cell = refs.pop(ready[0])
             try:
                 result = ray.get(ready[0])
@@ -124,4 +143,5 @@ def run_ray(
             schedule.done(cell, "stopped" if result.get("not_started") else cell_status(result))
             on_done(cell, result)
     finally:
+        stop_file.unlink(missing_ok=True)
         ray.shutdown()

@@ -8,7 +8,10 @@ cell is finished, to resume or to (re)train is the package's one rule
 (:func:`robustdrop.reuse.decide`). One progress bar for the sweep and one line per finished
 cell; a failed cell is recorded with its error and the others go on (except those that need it).
 With ``max_minutes``, no cell starts after the deadline and the running ones get SIGTERM: they
-checkpoint and are recorded as ``stopped``; the same command continues them.
+checkpoint and are recorded as ``stopped``; the same command continues them. A SIGTERM to the
+driver (``kill``, a job scheduler, ``timeout``) makes the deadline now: the cells stop, are
+recorded the same way, and then :class:`~robustdrop.errors.RunInterrupted` is raised (the CLI
+exits 143). A second SIGTERM stops the driver at once (local cells still get SIGTERM).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +30,8 @@ from typing import Any
 from robustdrop._progress import progress_bar
 from robustdrop._version import __version__
 from robustdrop.engine.config import TrackConfig
-from robustdrop.errors import RobustdropError
+from robustdrop.engine.interrupt import Interrupts
+from robustdrop.errors import RobustdropError, RunInterrupted
 from robustdrop.reuse import decide
 from robustdrop.store import RunStore
 from robustdrop.store.lock import RunLock
@@ -307,6 +312,10 @@ def run_sweep(
         max_minutes: the deadline, in minutes from now: no cell starts after it, running cells
             are stopped (SIGTERM, their checkpoint) and recorded as ``stopped``.
         adopt: make an existing folder of runs the sweep directory (see :func:`open_sweep`).
+
+    Raises:
+        RunInterrupted: SIGTERM reached this process (in the main thread) while cells ran; they
+            were stopped and recorded as at the deadline first.
     """
     if backend not in BACKENDS:
         raise RobustdropError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -369,16 +378,21 @@ def run_sweep(
         if status == "finished":
             bar.update(1)
 
-    schedule = Schedule(todo, {c.name: c.after for c in plan.cells}, finished, deadline)
+    # SIGTERM to the driver is the deadline, now (a flag the backends poll, as the engine's loop
+    # does): the default action would kill this process alone and leave its cells running
+    term = Interrupts(signals=(signal.SIGTERM,))
+    schedule = Schedule(todo, {c.name: c.after for c in plan.cells}, finished, deadline, stop=lambda: term.requested)
     start = time.perf_counter()
     try:
-        if backend == "local":
-            run_local(record.path, schedule, jobs=jobs, threads=threads, on_start=on_start, on_done=on_done)
-        else:
-            from robustdrop.sweeps.ray_backend import run_ray
+        with term:
+            if backend == "local":
+                run_local(record.path, schedule, jobs=jobs, threads=threads, on_start=on_start, on_done=on_done)
+            else:
+                from robustdrop.sweeps.ray_backend import run_ray
 
-            run_ray(record.path.resolve(), schedule, address=address, cpus_per_cell=float(cpus_per_cell or threads),
-                    gpus_per_cell=float(gpus_per_cell), threads=threads, on_start=on_start, on_done=on_done)
+                run_ray(record.path.resolve(), schedule, address=address,
+                        cpus_per_cell=float(cpus_per_cell or threads), gpus_per_cell=float(gpus_per_cell),
+                        threads=threads, on_start=on_start, on_done=on_done)
     finally:
         bar.close()
     wall = time.perf_counter() - start
@@ -391,6 +405,9 @@ def run_sweep(
         print("  rerun the same command to continue (stopped cells resume from their checkpoints)", flush=True)
     for cell in failed:
         print(f"  failed: {cell}: {record.cells[cell].get('error')} (log: {record.log_path(cell)})", flush=True)
+    if term.requested:
+        raise RunInterrupted(term.signum, f"stopped by SIGTERM: {len(stopped)} running cell(s) checkpointed and "
+                                          "recorded as stopped; rerun the same command to continue")
     return SweepResult(record.path, record, todo, failed, wall, stopped)
 
 

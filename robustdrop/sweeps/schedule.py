@@ -3,14 +3,15 @@
 A cell is *ready* when every cell it runs after (``after``, ``"@cell"`` values) has finished, in
 this sweep or before; the next cell to start is the first ready one in the sweep's order (most
 valuable first). A cell whose dependency failed or was blocked is *blocked*: it is reported as
-failed ("not run: needs X") without starting. After the deadline nothing starts; the cells not
-started stay pending for the next run of the sweep.
+failed ("not run: needs X") without starting. After the deadline (or once ``stop`` says so: a
+SIGTERM to the driver) nothing starts; the cells not started stay pending for the next run of the
+sweep.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 class Schedule:
@@ -21,18 +22,22 @@ class Schedule:
         after: ``{cell: [cells it runs after]}`` (cells missing here have none).
         finished: cells already finished (before this run of the sweep).
         deadline: ``time.time()`` after which no cell starts (None: no deadline).
+        stop: when it returns True the deadline has come, whatever the clock says (a signal).
     """
 
     def __init__(self, cells: Sequence[str], after: Mapping[str, Iterable[str]], finished: Iterable[str] = (),
-                 deadline: float | None = None):
+                 deadline: float | None = None, stop: Callable[[], bool] | None = None):
         self.pending = list(cells)
         self.after = {c: list(after.get(c, ())) for c in cells}
         self.finished = set(finished)
         self.failed: set[str] = set()
         self.running: set[str] = set()
         self.deadline = deadline
+        self.stop = stop
 
     def past_deadline(self) -> bool:
+        if self.stop is not None and self.stop():
+            return True
         return self.deadline is not None and time.time() >= self.deadline
 
     def blocked(self) -> list[tuple[str, str]]:

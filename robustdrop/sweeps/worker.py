@@ -128,20 +128,32 @@ def cell_status(result: dict[str, Any]) -> str:
     return "stopped" if result.get("stopped") else "failed"
 
 
+def stop_path(sweep_dir: str | os.PathLike) -> Path:
+    """The file that stops a sweep's Ray tasks: the driver writes it at its deadline or when it
+    gets SIGTERM (a running task's deadline cannot change; every node sees the shared sweep
+    directory) and removes it when it ends."""
+    return Path(sweep_dir) / "logs" / ".stop"
+
+
 def run_cell_blocking(sweep_dir: str, cell: str, threads: int, deadline: float | None = None,
                       poll_s: float = 0.5) -> dict[str, Any]:
     """Run ``cell`` to its end in a new process and return its result (the body of a Ray task):
-    not started after ``deadline`` (``time.time()``; ``{"not_started": true}``), stopped at it.
-    Fails with a one-line error when ``sweep_dir`` is not visible here (no shared filesystem)."""
+    not started after ``deadline`` (``time.time()``) or once the driver wrote :func:`stop_path`
+    (``{"not_started": true}``), stopped (SIGTERM) at either. Fails with a one-line error when
+    ``sweep_dir`` is not visible here (no shared filesystem)."""
     host = socket.gethostname()
     if not (Path(sweep_dir) / "sweep.json").is_file():
         return {"ok": False, "wall_s": 0.0, "host": host,
                 "error": f"{sweep_dir} is not visible on host {host}; put --runs-dir on a filesystem every node shares"}
-    if deadline is not None and time.time() >= deadline:
+
+    def over() -> bool:
+        return (deadline is not None and time.time() >= deadline) or stop_path(sweep_dir).exists()
+
+    if over():
         return {"ok": False, "not_started": True, "wall_s": 0.0, "host": host, "error": None}
     started = start_cell(sweep_dir, cell, threads)
     while started.proc.poll() is None:
-        if deadline is not None and time.time() >= deadline:
+        if over():
             started.stop()
         time.sleep(poll_s)
     result = finish_cell(started)
