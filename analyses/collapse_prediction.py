@@ -57,7 +57,7 @@ from lib.prediction import (
     summarize,
     tradeoff,
 )
-from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, build_parser, setting_from_args
+from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, build_parser, run_script, setting_from_args
 from lib.wong_replay import epoch_checkpoints, wong_table
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -563,4 +563,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

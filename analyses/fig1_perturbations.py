@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from lib.catalog import ensure_cells, run_dir
 from lib.outputs import setting_caption, write_figure, write_text
-from lib.setting import Setting, build_parser, setting_from_args
+from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.engine import TrackConfig
 from robustdrop.formatting import fixed, format_eps, format_pct
@@ -93,4 +93,4 @@ def _commit(run: Run) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 from lib.catalog import ensure_cells, measured, reference_for, reference_run, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
-from lib.setting import Setting, build_parser, setting_from_args
+from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.diagnostics import verify_builtin
 from robustdrop.formatting import fixed, format_pct
@@ -148,4 +148,4 @@ def write_outputs(setting: Setting, runs: Sequence[str | Path]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from lib.catalog import ensure_cells, long_run_names, run_dir
 from lib.outputs import add_caption, setting_caption, write_figure, write_text
-from lib.setting import Setting, parse_setting
+from lib.setting import Setting, parse_setting, run_script
 
 from robustdrop.engine import TrackConfig
 from robustdrop.formatting import format_pct
@@ -77,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -53,7 +53,7 @@ from lib.frontier import (
 )
 from lib.outputs import add_caption, frame_markdown, write_figure, write_text
 from lib.prediction import find_run_dirs
-from lib.setting import Setting, build_parser, setting_from_args
+from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.api import track
 from robustdrop.environment import environment, git_commit
@@ -366,4 +366,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

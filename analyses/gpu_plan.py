@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from lib.catalog import catalog, cell_environment, config_for, load_data, ref_name, replay_name, table_evaluation
-from lib.setting import REPO, Setting, build_parser, setting_from_args
+from lib.setting import REPO, Setting, build_parser, run_script, setting_from_args
 
 from robustdrop._progress import tee_stdout
 from robustdrop.environment import environment, gpu_description
@@ -386,4 +386,4 @@ def plan_main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

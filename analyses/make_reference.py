@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from lib.catalog import sweep_cells
 from lib.outputs import write_text
+from lib.setting import run_script
 
 from robustdrop.attacks import FGSM, project, sign_noise
 from robustdrop.data import CIFAR10_JPEG_SHA256, iterate_eval, load_dataset, probe_indices
@@ -298,4 +299,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

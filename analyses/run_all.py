@@ -31,7 +31,7 @@ import table_cost
 import table_methods
 from lib.catalog import catalog, cost_run_names, long_run_names, ref_name, run_cells, run_dir
 from lib.outputs import write_text
-from lib.setting import Setting, build_parser, setting_from_args
+from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.environment import environment
 from robustdrop.plots.runs import open_run, run_seconds
@@ -123,4 +123,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

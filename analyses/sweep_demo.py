@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 from lib.catalog import cell_environment, write_smoke_data
 from lib.outputs import add_caption, setting_caption, write_figure, write_table
-from lib.setting import REPO, SMOKE_CONFIG, Setting, parse_setting
+from lib.setting import REPO, SMOKE_CONFIG, Setting, parse_setting, run_script
 
 from robustdrop.formatting import eps_in_255ths
 from robustdrop.plots.runs import open_run, run_seconds
@@ -153,4 +153,4 @@ def _num(x) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import table_methods
 from lib.catalog import ensure_cells
-from lib.setting import Setting, parse_setting
+from lib.setting import Setting, parse_setting, run_script
 
 
 def needed(setting: Setting) -> list[str]:
@@ -35,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import pandas as pd
 from lib.catalog import cost_run_names, ensure_cells, ref_name, run_dir
 from lib.outputs import frame_markdown, setting_caption, write_table
-from lib.setting import Setting, parse_setting
+from lib.setting import Setting, parse_setting, run_script
 
 from robustdrop.environment import environment
 from robustdrop.formatting import fixed, format_ratio
@@ -109,4 +109,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from lib.catalog import catalog, ensure_cells, preset_config, ref_name, run_dir, table_evaluation
 from lib.outputs import frame_markdown, setting_caption, write_table
-from lib.setting import KNOBS, Setting, parse_setting
+from lib.setting import KNOBS, Setting, parse_setting, run_script
 
 from robustdrop.evaluation import evaluate_run_cached
 from robustdrop.formatting import format_pct
@@ -152,4 +152,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

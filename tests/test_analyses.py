@@ -271,3 +271,20 @@ def test_make_reference_phases_and_choice(scripts):
     ])
     name, why = mr.choose(table)
     assert name == "b" and "7.0 points" in why
+
+
+def test_a_script_stopped_by_sigterm_exits_143_with_one_line(scripts, capsys):
+    """A SIGTERM that stopped a script's sweep (cells checkpointed, recorded ``stopped``) is the
+    shell's 143 and one line saying the same command continues, not a traceback."""
+    import signal
+
+    from robustdrop.errors import RunInterrupted
+
+    def stopped():
+        raise RunInterrupted(signal.SIGTERM, "stopped by SIGTERM: 2 running cell(s) checkpointed")
+
+    run_script = scripts["lib.setting"].run_script
+    assert run_script(stopped) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stopped by SIGTERM: 2 running cell(s) checkpointed; rerun the same command to continue"]
+    assert run_script(lambda: 3) == 3 and run_script(lambda: None) == 0

@@ -15,8 +15,9 @@ Scales (``--scale``):
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,15 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
 
 def parse_setting(description: str, argv: Sequence[str] | None, *, jobs: int = 1, sweep: bool = False) -> Setting:
     return setting_from_args(build_parser(description, jobs=jobs, sweep=sweep).parse_args(argv))
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """A script's exit code: ``main()``'s, or, when a signal stopped its sweep (the cells checkpointed
+    and were recorded ``stopped``), one line saying so and the shell's code for that signal (143 for
+    SIGTERM) instead of a traceback."""
+    from robustdrop.errors import RunInterrupted
+    try:
+        return main() or 0
+    except RunInterrupted as exc:
+        print(f"{exc}; rerun the same command to continue", file=sys.stderr)
+        return exc.exit_code
