@@ -281,10 +281,10 @@ def test_a_script_stopped_by_sigterm_exits_143_with_one_line(scripts, capsys):
     from robustdrop.errors import RunInterrupted
 
     def stopped():
-        raise RunInterrupted(signal.SIGTERM, "stopped by SIGTERM: 2 running cell(s) checkpointed")
+        raise RunInterrupted(signal.SIGTERM, "stopped by SIGTERM: 2 cell(s) checkpointed; rerun the same command to continue")
 
     run_script = scripts["lib.setting"].run_script
     assert run_script(stopped) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["stopped by SIGTERM: 2 running cell(s) checkpointed; rerun the same command to continue"]
+    assert err == ["stopped by SIGTERM: 2 cell(s) checkpointed; rerun the same command to continue"]
     assert run_script(lambda: 3) == 3 and run_script(lambda: None) == 0

@@ -179,5 +179,5 @@ def run_script(main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except RunInterrupted as exc:
-        print(f"{exc}; rerun the same command to continue", file=sys.stderr)
+        print(exc, file=sys.stderr)  # it says how to continue
         return exc.exit_code
