@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from lib.catalog import ensure_cells, run_dir
-from lib.outputs import setting_caption, write_figure, write_text
+from lib.outputs import provenance_line, setting_caption, write_figure, write_text
 from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.engine import TrackConfig
@@ -83,7 +83,7 @@ def write_outputs(setting: Setting, path: Path | None = None) -> None:
         role = "best before onset" if e == best else ("onset" if e == onset else "last")
         a = auto.get(e, np.nan)
         lines.append(f"| {e} | {role} | {format_pct(pgd.get(e, np.nan))} | {fixed(a, 3)} |")
-    write_text(setting.out / "fig1_perturbations.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig1_perturbations.md", "\n".join([*lines, "", provenance_line()]) + "\n")
 
 
 def _commit(run: Run) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 from lib.catalog import ensure_cells, measured, reference_for, reference_run, run_dir
-from lib.outputs import add_caption, setting_caption, write_figure, write_text
+from lib.outputs import add_caption, provenance_line, setting_caption, write_figure, write_text
 from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.diagnostics import verify_builtin
@@ -140,7 +140,7 @@ def write_outputs(setting: Setting, runs: Sequence[str | Path]) -> None:
             f"{format_pct(r['ref_fgsm_best'])} / {format_pct(r['ref_fgsm_onset'])} / {format_pct(r['ref_fgsm_last'])} | "
             f"{format_pct(r['ref_noise_onset'])} / {format_pct(r['ref_noise_last'])} (mean {format_pct(r['ref_noise_mean'])}) | "
             f"{fixed(r['gap_best'])} / {fixed(r['gap_onset'])} / {fixed(r['gap_last'])} | {r['seconds']:.0f} |")
-    write_text(setting.out / "fig2_strength.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig2_strength.md", "\n".join([*lines, "", provenance_line()]) + "\n")
     for r in rows:
         print(f"{r['run']}: peak PGD {format_pct(r['peak_pgd'])}% @ {r['peak_epoch']}, final {format_pct(r['final_pgd'])}%, "
               f"onset {r['onset']}, ref FGSM {format_pct(r['ref_fgsm_best'])}→{format_pct(r['ref_fgsm_last'])}% "

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from lib.catalog import ensure_cells, long_run_names, run_dir
-from lib.outputs import add_caption, setting_caption, write_figure, write_text
+from lib.outputs import add_caption, provenance_line, setting_caption, write_figure, write_text
 from lib.setting import Setting, parse_setting, run_script
 
 from robustdrop.engine import TrackConfig
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{format_pct(pgd.max() - pgd.iloc[-1])} | {format_pct(test.iloc[-1]) if len(test) else ''} | "
                      f"{run_seconds(df):.0f} |")
         print(f"{n}: best PGD {format_pct(pgd.max())}% @ {best_e}, final {format_pct(pgd.iloc[-1])}%")
-    write_text(setting.out / "fig_long_run.md", "\n".join(lines) + "\n")
+    write_text(setting.out / "fig_long_run.md", "\n".join([*lines, "", provenance_line()]) + "\n")
     return 0
 
 

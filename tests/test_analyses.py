@@ -148,6 +148,8 @@ def test_script_smoke_reuses_the_runs_and_writes_its_outputs(smoke, name, tmp_pa
     for stem in STEMS[name]:
         path = tmp_path / stem
         assert path.is_file() and path.stat().st_size > 0, stem
+        if stem.endswith(".md"):  # every table and figure text names the commit and command that made it
+            assert "Made by commit `" in path.read_text() and "`python analyses/" in path.read_text(), stem
 
 
 def test_method_table_contents(smoke):

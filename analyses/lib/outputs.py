@@ -4,7 +4,10 @@ Formatting itself lives in :mod:`robustdrop.formatting`."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from matplotlib.figure import Figure
 from lib.catalog import SMOKE_FOLDER, preset_config
 from lib.setting import Setting
 from robustdrop.engine import TrackConfig
+from robustdrop.environment import git_commit
 from robustdrop.formatting import format_eps, latex_table, markdown_table
 from robustdrop.plots import save_figure
 from robustdrop.store import atomic_write_text
@@ -65,6 +69,14 @@ def add_caption(fig: Figure, text: str) -> None:
     fig.suptitle(text, fontsize="small", style="italic")
 
 
+def provenance_line() -> str:
+    """Which code made an output, when, by which command: a table is only as good as the record of
+    where it came from (the commit of the imported robustdrop checkout; ``unknown`` outside git)."""
+    command = " ".join(shlex.quote(a) for a in [f"analyses/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return f"Made by commit `{(git_commit() or 'unknown')[:10]}` on {when} UTC: `python {command}`."
+
+
 def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
@@ -81,6 +93,6 @@ def write_table(df: pd.DataFrame, raw: pd.DataFrame, out: Path, stem: str, title
     """``<stem>.md`` (title, table, notes), ``.tex`` (booktabs) from the display frame ``df``,
     and ``.csv`` from ``raw`` (unrounded numbers, accuracies as fractions)."""
     note = " ".join(notes)
-    write_text(out / f"{stem}.md", f"# {title}\n\n{frame_markdown(df)}\n{note}\n")
+    write_text(out / f"{stem}.md", f"# {title}\n\n{frame_markdown(df)}\n{note}\n\n{provenance_line()}\n")
     write_text(out / f"{stem}.tex", latex_table(list(df.columns), df.itertuples(index=False), f"{title}. {note}"))
     write_text(out / f"{stem}.csv", raw.to_csv(index=False))
