@@ -69,7 +69,7 @@ from robustdrop.errors import RobustdropError
 from robustdrop.formatting import eps_in_255ths, fixed, format_eps, format_pct
 from robustdrop.plots._common import new_figure
 from robustdrop.store import RunStore
-from robustdrop.sweeps import SweepPlan, cell_name, plan_sweep, read_toml, run_sweep
+from robustdrop.sweeps import SweepPlan, cell_name, plan_sweep, read_toml, run_sweep, toml_text
 from robustdrop.sweeps.grid import parse_value
 
 # ---------------------------------------------------------------------------------------------
@@ -181,17 +181,10 @@ def write_matched(runs: Sequence[RunSummary], folder: Path, seeds: Sequence[int]
                   steps: Sequence[str] = MATCHED_STEPS) -> Path:
     """Stage 2's sweep file, ``<folder>/cp-matched.toml`` (:func:`matched_study`; stage 1 has an
     APART run). One already there with other cells is refused, not replaced: its sweep may have run."""
-    study = matched_study(runs, seeds, steps)
-
-    def table(values: dict[str, Any]) -> list[str]:
-        return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-
     apart = sorted({str(r.path) for r in runs if r.method == "apart"})
-    text = "\n".join(["# Stage 2 of the collapse-prediction study, computed by analyses/collapse_prediction.py",
-                      f"# --matched-from from the APART runs {', '.join(apart)}", "[sweep]",
-                      *table({k: study[k] for k in ("name", "preset")}), "[sweep.fixed]", *table(study["fixed"]),
-                      "[sweep.cells]", *(f"{json.dumps(n)} = {{{', '.join(table(v))}}}"
-                                         for n, v in study["cells"].items())]) + "\n"
+    text = toml_text(matched_study(runs, seeds, steps), [
+        "Stage 2 of the collapse-prediction study, computed by analyses/collapse_prediction.py",
+        f"--matched-from from the APART runs {', '.join(apart)}"])
     path = folder / f"{MATCHED}.toml"
     if path.is_file() and path.read_text() != text:
         raise RobustdropError(f"{path} exists with other cells (were runs added?); move it away to write it anew")

@@ -27,7 +27,7 @@ from robustdrop.data import load_dataset, make_synthetic, write_image_folder
 from robustdrop.errors import RobustdropError
 from robustdrop.plots.sweeps import compare_sweep, format_sweep_table, plot_onset, sweep_metrics
 from robustdrop.store import RunStore, SweepRecord
-from robustdrop.sweeps import parse_grid, plan_sweep, read_toml
+from robustdrop.sweeps import parse_grid, plan_sweep, read_toml, toml_text
 from robustdrop.sweeps.runner import open_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +104,21 @@ def test_toml_file_says_the_same_as_grid_words(tmp_path):
     (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'quick'\n")
     with pytest.raises(RobustdropError, match="neither \\[sweep.grid\\] values nor"):
         read_toml(tmp_path / "bad.toml")
+
+
+def test_toml_text_reads_back_as_the_same_sweep(tmp_path):
+    """toml_text writes what read_toml reads: grid, fixed values and named cells plan the same cells."""
+    spec = {"name": "s", "preset": "quick", "grid": {"seed": "0:2"}, "fixed": {"method": "fgsm", "threads": 1},
+            "cells": {"a-1": {"alpha": "2.5/255", "epsilon": "8/255"}}}
+    path = tmp_path / "s.toml"
+    path.write_text(toml_text(spec, comments=["made by a test"]))
+    assert path.read_text().startswith("# made by a test\n[sweep]\nname = \"s\"\n")
+    back = read_toml(path)
+    plans = [plan_sweep(parse_grid(["seed=0:2"]), preset="quick", fixed={"method": "fgsm", "threads": 1}, name="s",
+                        cells={"a-1": {"alpha": "2.5/255", "epsilon": "8/255"}}),
+             plan_sweep(back["grid"], preset=back["preset"], fixed=back["fixed"], name=back["name"], cells=back["cells"])]
+    assert [(c.name, c.config) for c in plans[0].cells] == [(c.name, c.config) for c in plans[1].cells]
+    assert len(plans[1].cells) == 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,12 +27,13 @@ from robustdrop.sweeps.grid import (
     parse_values,
     plan_sweep,
     read_toml,
+    toml_text,
 )
 from robustdrop.sweeps.runner import BACKENDS, SweepResult, run_sweep
 
 __all__ = [
     "BACKENDS", "Cell", "SweepPlan", "SweepResult", "cell_name", "default_sweep_name", "parse_grid", "parse_values",
-    "plan_sweep", "read_toml", "run_sweep", "sweep",
+    "plan_sweep", "read_toml", "run_sweep", "sweep", "toml_text",
 ]
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import re
@@ -255,6 +256,23 @@ def _fixed_value(key: str, value: Any) -> Any:
 def is_cell_ref(value: Any) -> bool:
     """Whether ``value`` is ``"@name"``: the run directory of the sweep's cell ``name``."""
     return isinstance(value, str) and value.startswith("@") and len(value) > 1
+
+
+def toml_text(spec: Mapping[str, Any], comments: Sequence[str] = ()) -> str:
+    """A sweep file's text from :func:`read_toml`'s fields (``name``, ``preset``, ``grid``,
+    ``fixed``, ``cells``; empty or missing ones left out), values as written by the user (strings,
+    numbers, booleans, lists of them), each named cell an inline table; ``comments`` head the file."""
+    def pairs(values: Mapping[str, Any]) -> list[str]:
+        return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+
+    lines = [f"# {c}" for c in comments] + ["[sweep]"]
+    lines += pairs({k: spec[k] for k in ("name", "preset") if spec.get(k) is not None})
+    for part in ("grid", "fixed"):
+        if spec.get(part):
+            lines += [f"[sweep.{part}]", *pairs(spec[part])]
+    if spec.get("cells"):
+        lines += ["[sweep.cells]", *(f"{json.dumps(n)} = {{{', '.join(pairs(v))}}}" for n, v in spec["cells"].items())]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
