@@ -66,7 +66,7 @@ from robustdrop.data import make_synthetic, write_image_folder
 from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
 from robustdrop.errors import RobustdropError
-from robustdrop.formatting import eps_in_255ths, fixed, format_eps, format_pct
+from robustdrop.formatting import eps_in_255ths, fixed, format_eps, format_pct, format_pct_se
 from robustdrop.plots._common import new_figure
 from robustdrop.store import RunStore
 from robustdrop.sweeps import SweepPlan, cell_name, plan_sweep, read_toml, run_sweep, toml_text
@@ -313,16 +313,13 @@ def display_by_epsilon(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def display_strength(table: pd.DataFrame) -> pd.DataFrame:
-    def pm(m: float, se: float) -> str:
-        return "" if math.isnan(m) else format_pct(m) + ("" if math.isnan(se) else f" ± {format_pct(se)}")
-
     rows = []
     for _, t in table.iterrows():
         rows.append({"ε": format_eps(t["epsilon"]), "method": t["method"], "runs (seeds)": f"{t['runs']} ({t['seeds']})",
                      "collapsed": f"{t['collapsed']}/{t['runs']}",
-                     f"final test PGD-20 % (n={t['test_n']})": pm(t["final_test_pgd"], t["final_test_pgd_se"]),
-                     "final probe PGD-20 %": pm(t["final_pgd"], t["final_pgd_se"]),
-                     "best probe PGD-20 %": pm(t["best_pgd"], t["best_pgd_se"]),
+                     f"final test PGD-20 % (n={t['test_n']})": format_pct_se(t["final_test_pgd"], t["final_test_pgd_se"]),
+                     "final probe PGD-20 %": format_pct_se(t["final_pgd"], t["final_pgd_se"]),
+                     "best probe PGD-20 %": format_pct_se(t["best_pgd"], t["best_pgd_se"]),
                      "final test clean %": format_pct(t["final_test_clean"]),
                      "training mean |δ| / ε": fixed(t["delta_over_eps"])})
     return pd.DataFrame(rows)

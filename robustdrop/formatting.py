@@ -8,6 +8,8 @@ Examples:
     ('8/255', '2.5/255', '0')
     >>> format_pct(0.4567, 2), format_pct(float("nan"))
     ('45.67', '')
+    >>> format_pct_se(0.4567, 0.012), format_pct_se(0.4567, float("nan"))
+    ('45.7 ± 1.2', '45.7')
     >>> format_duration(1023)
     '17m03s'
     >>> print(markdown_table(["run", "PGD %"], [["fgsm", "0.00"]]), end="")
@@ -62,6 +64,14 @@ def fixed(x: float | None, digits: int = 2) -> str:
 def format_pct(x: float | None, digits: int = 1) -> str:
     """A fraction in [0, 1] as a percentage without the sign (``0.4567`` → ``45.7``); ``''`` when missing."""
     return "" if is_missing(x) else f"{100.0 * float(x):.{digits}f}"
+
+
+def format_pct_se(mean: float | None, se: float | None, digits: int = 1) -> str:
+    """A mean fraction and its standard error as percentages, ``45.7 ± 1.2``; no ``±`` part when
+    ``se`` is missing; ``''`` when ``mean`` is."""
+    if is_missing(mean):
+        return ""
+    return format_pct(mean, digits) + ("" if is_missing(se) else f" ± {format_pct(se, digits)}")
 
 
 def format_ratio(x: float | None, digits: int = 2) -> str:

@@ -13,6 +13,7 @@ from robustdrop.formatting import (
     eps_in_255ths,
     format_eps,
     format_pct,
+    format_pct_se,
     format_ratio,
     is_missing,
     latex_escape,
@@ -27,6 +28,11 @@ from robustdrop.formatting import (
 ])
 def test_format_eps(eps, text):
     assert format_eps(eps) == text
+
+
+def test_format_pct_se_leaves_out_what_is_missing():
+    assert format_pct_se(0.4567, 0.0123) == "45.7 ± 1.2" and format_pct_se(0.4567, math.nan, 2) == "45.67"
+    assert format_pct_se(math.nan, 0.01) == "" and format_pct_se(None, None) == ""
 
 
 def test_eps_in_255ths_is_a_file_name_part_and_attack_specs_use_the_same_rule():

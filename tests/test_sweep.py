@@ -25,7 +25,7 @@ import robustdrop
 from robustdrop.cli import main
 from robustdrop.data import load_dataset, make_synthetic, write_image_folder
 from robustdrop.errors import RobustdropError
-from robustdrop.plots.sweeps import compare_sweep, format_sweep_table, plot_onset, sweep_metrics
+from robustdrop.plots.sweeps import compare_sweep, format_sweep_table, plot_onset, std_error, sweep_metrics
 from robustdrop.store import RunStore, SweepRecord
 from robustdrop.sweeps import parse_grid, plan_sweep, read_toml, toml_text
 from robustdrop.sweeps.runner import open_sweep
@@ -450,6 +450,7 @@ def test_compare_aggregates_a_sweep_over_seeds(tmp_path, capsys):
     best = pd.Series([collapse_pgd_acc(o - 1, o) for o in (5, 7, 4)])
     assert big["best_pgd_mean"] == pytest.approx(best.mean())
     assert big["best_pgd_se"] == pytest.approx(best.std(ddof=1) / 3 ** 0.5)
+    assert std_error([0.2, None, 0.4]) == pytest.approx(0.1) and pd.isna(std_error([0.2, None]))
     assert big["final_pgd_mean"] == 0 and small["final_pgd_mean"] == pytest.approx((0.40 + 0.40 + 0) / 3)
     assert big["s_per_epoch"] == pytest.approx(4 + 1)  # mean of (3, 4, 5) train + 1 eval
     text = format_sweep_table(compare_sweep(path), "markdown")

@@ -40,6 +40,7 @@ from robustdrop.diagnostics import (
 )
 from robustdrop.formatting import format_eps
 from robustdrop.plots.runs import eval_curve, metric_curve, open_run, run_seconds
+from robustdrop.plots.sweeps import std_error
 from robustdrop.store import RunStore
 
 FLOOR = 0.05          # best probe PGD accuracy a run must reach before a drop counts
@@ -314,11 +315,6 @@ def matched_values(runs: Sequence[RunSummary], method: str = "apart") -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _se(x: pd.Series) -> float:
-    x = x.dropna()
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
-
 def strength_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
     """Per (ε, method label): runs, how many collapsed, final and best robust accuracy (mean and
     standard error over seeds), final clean accuracy, and the training perturbations' mean |δ| / ε."""
@@ -330,9 +326,9 @@ def strength_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
         out.append({"epsilon": eps, "method": label, "alpha": g["alpha"].dropna().mean() if g["alpha"].notna().any()
                     else math.nan, "runs": len(g), "seeds": ",".join(map(str, sorted(g["seed"]))),
                     "collapsed": int((g["outcome"] == "collapsing").sum()),
-                    "final_test_pgd": g["final_test_pgd"].mean(), "final_test_pgd_se": _se(g["final_test_pgd"]),
-                    "final_pgd": g["final_pgd"].mean(), "final_pgd_se": _se(g["final_pgd"]),
-                    "best_pgd": g["best_pgd"].mean(), "best_pgd_se": _se(g["best_pgd"]),
+                    "final_test_pgd": g["final_test_pgd"].mean(), "final_test_pgd_se": std_error(g["final_test_pgd"]),
+                    "final_pgd": g["final_pgd"].mean(), "final_pgd_se": std_error(g["final_pgd"]),
+                    "best_pgd": g["best_pgd"].mean(), "best_pgd_se": std_error(g["best_pgd"]),
                     "final_test_clean": g["final_test_clean"].mean(),
                     "delta_over_eps": (g["train_delta"] / g["epsilon"]).mean(), "test_n": int(g["test_n"].max())})
     return pd.DataFrame(out)

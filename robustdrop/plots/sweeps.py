@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +34,7 @@ from matplotlib.ticker import MaxNLocator
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import (
     format_eps,
-    format_pct,
+    format_pct_se,
     is_missing,
     latex_table,
     markdown_table,
@@ -199,8 +199,9 @@ def load_sweep(path: PathLike) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Per group
 # --------------------------------------------------------------------------------------------
-def _se(values: pd.Series) -> float:
-    v = values.dropna()
+def std_error(values: Iterable[float]) -> float:
+    """The standard error of the mean of ``values`` over seeds (missing ones left out); NaN for fewer than two."""
+    v = pd.Series(values, dtype=float).dropna()
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
 
 
@@ -241,9 +242,9 @@ def compare_sweep(paths: Sequence[PathLike] | PathLike | SweepRuns) -> pd.DataFr
             "onset_min": float(onsets.min()) if len(onsets) else math.nan,
             "onset_max": float(onsets.max()) if len(onsets) else math.nan,
             "best_pgd_mean": float(g["best_pgd"].mean()),
-            "best_pgd_se": _se(g["best_pgd"]),
+            "best_pgd_se": std_error(g["best_pgd"]),
             "final_pgd_mean": float(g["final_pgd"].mean()),
-            "final_pgd_se": _se(g["final_pgd"]),
+            "final_pgd_se": std_error(g["final_pgd"]),
             "s_per_epoch": float(g["s_per_epoch"].mean()),
         })
     df = pd.DataFrame(rows, columns=[*keys, *GROUP_COLUMNS])
@@ -282,12 +283,6 @@ def _notes(sr: SweepRuns) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
-def _pm(mean: float, se: float) -> str:
-    if is_missing(mean):
-        return ""
-    return format_pct(mean, 1) + ("" if is_missing(se) else f" ± {format_pct(se, 1)}")
-
-
 def sweep_table_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of :func:`compare_sweep`'s table (accuracies in %, onset "median (min–max)")."""
     keys = df.attrs.get("keys", [])
@@ -300,7 +295,8 @@ def sweep_table_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             onset = f"{r['onset_median']:g}" + (f" ({lo}–{hi})" if lo != hi else "")
         collapsed = f"{int(r['collapsed'])}/{int(r['detector_runs'])}" if r["detector_runs"] else "n/a"
         cells.append([*(_fmt_value(k, r[k]) for k in keys), str(int(r["runs"])), collapsed, onset,
-                      _pm(r["best_pgd_mean"], r["best_pgd_se"]), _pm(r["final_pgd_mean"], r["final_pgd_se"]),
+                      format_pct_se(r["best_pgd_mean"], r["best_pgd_se"]),
+                      format_pct_se(r["final_pgd_mean"], r["final_pgd_se"]),
                       "" if is_missing(r["s_per_epoch"]) else f"{r['s_per_epoch']:.1f}"])
     return headers, cells
 
