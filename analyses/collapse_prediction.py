@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
-from lib.catalog import data_for, make_run_config
+from lib.catalog import cell_environment, data_for, make_run_config, write_smoke_data
 from lib.early_rule import CANDIDATES, choose, default_score, pool, score, warning_epoch, wins
 from lib.frontier import DataCache, is_finished
 from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
@@ -57,12 +55,11 @@ from lib.prediction import (
     summarize,
     tradeoff,
 )
-from lib.setting import REPO, SMOKE_CONFIG, SMOKE_DATA, Setting, build_parser, run_script, setting_from_args
+from lib.setting import REPO, SMOKE_CONFIG, Setting, build_parser, run_script, setting_from_args
 from lib.wong_replay import epoch_checkpoints, wong_table
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from robustdrop.data import make_synthetic, write_image_folder
 from robustdrop.diagnostics import CollapseRule
 from robustdrop.environment import environment
 from robustdrop.errors import RobustdropError
@@ -220,25 +217,16 @@ SMOKE_CELLS = ((STUDY, {"method": ["fgsm", "apart"]}), (PARTS["stage 1"][1], {})
 def smoke_runs(setting: Setting) -> Path:
     """Run (or reuse) the smoke study's sweeps; stage 2's FGSM step comes from the APART run."""
     root = default_runs(setting)
-    fixed = smoke_fixed(setting)
     subset = {"seed": [SEEDS[0], CALIBRATION_SEEDS[0]], "epsilon": [EPSILONS[0]]}
-    cache = os.environ.get("ROBUSTDROP_CACHE", str(setting.runs_dir / "cache"))
-    with patch.dict(os.environ, {"ROBUSTDROP_CACHE": cache}):  # the cells' dataset cache: not the user's
+    with cell_environment(setting):  # the tiny data as an image folder: cells run in their own processes
+        fixed = {**SMOKE_CONFIG[setting.scale], "dataset": f"folder:{write_smoke_data(setting)}",
+                 "epochs": SMOKE_EPOCHS, "device": setting.device}
         for path, only in SMOKE_CELLS:
             _run(study_plan(path, fixed=fixed, only={**subset, **only}), root, setting)
         stage1 = [summarize(p) for p in find_run_dirs([root / "cp-main"])]
         matched = write_matched(stage1, root, seeds=SEEDS[:1], steps=("delta_mean",))
         _run(study_plan(matched, fixed=fixed), root, setting)
     return root
-
-
-def smoke_fixed(setting: Setting) -> dict[str, Any]:
-    """The smoke sizes, epochs and tiny synthetic data (an image folder: cells run in their own processes)."""
-    folder = setting.runs_dir / "smoke-data"
-    if not (folder / "test").is_dir():
-        write_image_folder(make_synthetic(**SMOKE_DATA), folder)
-    return {**SMOKE_CONFIG[setting.scale], "dataset": f"folder:{folder}", "epochs": SMOKE_EPOCHS,
-            "device": setting.device}
 
 
 def _run(plan: SweepPlan, root: Path, setting: Setting) -> None:
