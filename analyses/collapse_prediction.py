@@ -270,19 +270,24 @@ def _range(lo: float, hi: float) -> str:
     return "" if math.isnan(lo) else (f"{lo:+.0f}" if lo == hi else f"{lo:+.0f} … {hi:+.0f}")
 
 
+def _of(t: pd.Series, count: str, total: str) -> str:
+    """``count/total`` of a table row; ``–`` when there was nothing to count."""
+    return f"{int(t[count])}/{int(t[total])}" if int(t[total]) else "–"
+
+
 def display_signals(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, t in table.iterrows():
-        n, c = int(t["collapsing_runs"]), int(t["control_runs"])
+        n = int(t["collapsing_runs"])
         rows.append({
             "signal": f"`{t['signal']}`: {ROW_TEXT[t['signal']]}",
-            "hit (lead ≥ 0)": f"{int(t['hits'])}/{n}" if n else "–",
+            "hit (lead ≥ 0)": _of(t, "hits", "collapsing_runs"),
             f"of which > {VERY_EARLY} early": str(int(t["very_early"])) if n else "",
             "late / missed": f"{int(t['late'])} / {int(t['missed'])}" if n else "",
             "lead, epochs: median [IQR]": "" if math.isnan(t["lead_median"]) else
             f"{t['lead_median']:+.1f} [{t['lead_q25']:+.1f}, {t['lead_q75']:+.1f}]",
             "lead range": _range(t["lead_min"], t["lead_max"]),
-            "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–",
+            "false alarms": _of(t, "false_alarms", "control_runs"),
             "false-alarm runs": t["false_alarm_methods"],
             "s/epoch of its diagnostic": fixed(t["cost_s_per_epoch"], 1),
         })
@@ -290,27 +295,21 @@ def display_signals(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def display_by_epsilon(table: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, t in table.iterrows():
-        n, c = int(t["collapsing_runs"]), int(t["control_runs"])
-        rows.append({"ε": format_eps(t["epsilon"]), "signal": f"`{t['signal']}`",
-                     "hit": f"{int(t['hits'])}/{n}" if n else "–",
-                     "median lead": "" if math.isnan(t["lead_median"]) else f"{t['lead_median']:+.1f}",
-                     "false alarms": f"{int(t['false_alarms'])}/{c}" if c else "–"})
+    rows = [{"ε": format_eps(t["epsilon"]), "signal": f"`{t['signal']}`", "hit": _of(t, "hits", "collapsing_runs"),
+             "median lead": "" if math.isnan(t["lead_median"]) else f"{t['lead_median']:+.1f}",
+             "false alarms": _of(t, "false_alarms", "control_runs")} for _, t in table.iterrows()]
     return pd.DataFrame(rows, columns=["ε", "signal", "hit", "median lead", "false alarms"])
 
 
 def display_strength(table: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, t in table.iterrows():
-        rows.append({"ε": format_eps(t["epsilon"]), "method": t["method"], "runs (seeds)": f"{t['runs']} ({t['seeds']})",
-                     "collapsed": f"{t['collapsed']}/{t['runs']}",
-                     f"final test PGD-20 % (n={t['test_n']})": format_pct_se(t["final_test_pgd"], t["final_test_pgd_se"]),
-                     "final probe PGD-20 %": format_pct_se(t["final_pgd"], t["final_pgd_se"]),
-                     "best probe PGD-20 %": format_pct_se(t["best_pgd"], t["best_pgd_se"]),
-                     "final test clean %": format_pct(t["final_test_clean"]),
-                     "training mean |δ| / ε": fixed(t["delta_over_eps"])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{
+        "ε": format_eps(t["epsilon"]), "method": t["method"], "runs (seeds)": f"{t['runs']} ({t['seeds']})",
+        "collapsed": f"{t['collapsed']}/{t['runs']}",
+        f"final test PGD-20 % (n={t['test_n']})": format_pct_se(t["final_test_pgd"], t["final_test_pgd_se"]),
+        "final probe PGD-20 %": format_pct_se(t["final_pgd"], t["final_pgd_se"]),
+        "best probe PGD-20 %": format_pct_se(t["best_pgd"], t["best_pgd_se"]),
+        "final test clean %": format_pct(t["final_test_clean"]), "training mean |δ| / ε": fixed(t["delta_over_eps"]),
+    } for _, t in table.iterrows()])
 
 
 def draw(setting: Setting, runs: list[RunSummary], table: pd.DataFrame, trade: pd.DataFrame,
@@ -383,9 +382,7 @@ def _draw_strength(ax: Any, runs: list[RunSummary], strength: pd.DataFrame, colo
 
 
 def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSummary], table: pd.DataFrame,
-             trade: pd.DataFrame, strength: pd.DataFrame, calibrated: dict[str, float],
-             calibrated_table: pd.DataFrame | None, paths: Sequence[Path], wall: float,
-             rule_lines: Sequence[str] = ()) -> str:
+             trade: pd.DataFrame, strength: pd.DataFrame, paths: Sequence[Path], wall: float) -> str:
     counts = pd.crosstab(pd.Series([r.label for r in runs], name="method"),
                          pd.Series([r.outcome for r in runs], name="outcome")) if runs else pd.DataFrame()
     by_eps = pd.crosstab(pd.Series([f"{r.label} ε={format_eps(r.epsilon)}" for r in runs], name="runs"),
@@ -411,16 +408,8 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
              "## Threshold trade-off (trend signals)", "",
              frame_markdown(trade.assign(**{c: trade[c].map(lambda x: fixed(x)) for c in
                                             ("hit_rate", "lead_median", "false_alarm_rate")})) if len(trade) else "(none)",
-             ""]
-    if calibrated_table is not None:
-        chosen = ", ".join(f"`{k}` = {v:g}" for k, v in calibrated.items()) or "none (no collapsing run or no trend " \
-            "signal there), so the a-priori values"
-        lines += ["## Calibrated thresholds", "",
-                  f"Chosen on the calibration runs (the longest median lead with no false alarm there): {chosen}. "
-                  "The same table on the evaluation runs with them:", "", frame_markdown(display_signals(calibrated_table)),
-                  ""]
-    lines += list(rule_lines)
-    lines += ["## Matched-strength controls and robust accuracy", "", frame_markdown(display_strength(strength))
+             "", *calibrated_text(runs, calibration),
+             "## Matched-strength controls and robust accuracy", "", frame_markdown(display_strength(strength))
               if len(strength) else "(none)", "",
               "## Commands and wall time", "",
               "The study's cells: `python analyses/collapse_prediction.py --plan`; this analysis:", "",
@@ -446,9 +435,19 @@ def wong_rows(setting: Setting, dirs: Sequence[Path], table: Path | None) -> dic
     return {p: rows[rows["run"] == str(p)] for p in dirs} if len(rows) else {}
 
 
-def calibrated_rule_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary]) -> list[str]:
-    """The early rule chosen on the calibration seeds and evaluated on the others (lib.early_rule)."""
-    lines = ["## The early rule calibrated (signals that work at this scale)", "",
+def calibrated_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary]) -> list[str]:
+    """The markdown of the thresholds (lib.prediction.calibrate) and the early rule (lib.early_rule)
+    chosen on the calibration seeds and evaluated on the others; none without calibration runs."""
+    if not calibration:
+        return []
+    calibrated = calibrate(calibration)
+    values = ", ".join(f"`{k}` = {v:g}" for k, v in calibrated.items()) or \
+        "none (no collapsing run or no trend signal there), so the a-priori values"
+    lines = ["## Calibrated thresholds", "",
+             f"Chosen on the calibration runs (the longest median lead with no false alarm there): {values}. "
+             "The same table on the evaluation runs with them:", "",
+             frame_markdown(display_signals(signal_table(rescore(runs, CollapseRule(**calibrated))))), "",
+             "## The early rule calibrated (signals that work at this scale)", "",
              f"Candidate signals: {', '.join(f'`{s}`' for s in CANDIDATES)}; measured in every calibration run: "
              f"{', '.join(f'`{s}`' for s in pool(calibration)) or 'none'}. Chosen on the calibration runs: no false "
              "alarm, then most hits, longest median lead, simplest rule, largest `fall` (lib/early_rule.py).", ""]
@@ -484,10 +483,6 @@ def analyse(setting: Setting, paths: Sequence[Path], wong: Path | None = None) -
     every = [summarize(p, extra=extra.get(p)) for p in dirs]
     runs, calibration = split_calibration(every)
     table, trade, strength = signal_table(runs), tradeoff(runs), strength_table(runs)
-    calibrated, calibrated_table = {}, None
-    if calibration:
-        calibrated = calibrate(calibration)
-        calibrated_table = signal_table(rescore(runs, CollapseRule(**calibrated)))
     out = setting.out
     write_table(display_signals(table), table, out, "table_collapse_prediction",
                 "Collapse prediction: warning lead and false alarms per signal",
@@ -498,8 +493,7 @@ def analyse(setting: Setting, paths: Sequence[Path], wong: Path | None = None) -
                 [f"{caption(setting, runs)}. Mean ± standard error over seeds; collapsed = a PGD drop "
                  f"(probe PGD accuracy below half its best, best ≥ {FLOOR})."])
     write_figure(draw(setting, runs, table, trade, strength), out, "collapse_prediction")
-    text = markdown(setting, runs, calibration, table, trade, strength, calibrated, calibrated_table, paths,
-                    time.perf_counter() - start, calibrated_rule_text(runs, calibration) if calibration else [])
+    text = markdown(setting, runs, calibration, table, trade, strength, paths, time.perf_counter() - start)
     write_text(out / "collapse_prediction.md", text)
     for _, t in table.iterrows():
         print(f"{t['signal']}: hit {int(t['hits'])}/{int(t['collapsing_runs'])}, median lead "
