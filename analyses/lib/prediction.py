@@ -306,13 +306,11 @@ def matched_values(runs: Sequence[RunSummary], method: str = "apart") -> pd.Data
     last epoch and of the mean |δ| of the training perturbations at the last epoch — the steps
     of the matched-strength FGSM controls."""
     df = pd.DataFrame([vars(r) for r in runs if r.method == method])
-    rows = []
-    for eps, group in (df.groupby("epsilon") if len(df) else []):
-        rows.append({"epsilon": eps, "runs": len(group), "seeds": ",".join(map(str, sorted(group["seed"]))),
-                     "alpha_mean": group["apart_alpha"].mean(), "alpha_min": group["apart_alpha"].min(),
-                     "alpha_max": group["apart_alpha"].max(), "delta_mean": group["apart_delta"].mean(),
-                     "delta_min": group["apart_delta"].min(), "delta_max": group["apart_delta"].max()})
-    return pd.DataFrame(rows)
+    if df.empty:
+        return df
+    stats = {f"{name}_{f}": (f"apart_{name}", f) for name in ("alpha", "delta") for f in ("mean", "min", "max")}
+    return df.groupby("epsilon").agg(runs=("seed", "size"), seeds=("seed", lambda s: ",".join(map(str, sorted(s)))),
+                                     **stats).reset_index()
 
 
 def strength_table(runs: Sequence[RunSummary]) -> pd.DataFrame:
