@@ -49,6 +49,7 @@ from robustdrop.errors import RobustdropError, first_line
 from robustdrop.evaluation import evaluate_checkpoint
 from robustdrop.formatting import format_eps
 from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
+from robustdrop.plots.sweeps import std_error
 from robustdrop.store import RunStore, atomic_write_text
 
 MIN_SEEDS = 2   # an α needs at least this many finished seeds to be the "best fixed α"
@@ -311,11 +312,6 @@ def runs_frame(runs: Iterable[FrontierRun]) -> pd.DataFrame:
     return pd.DataFrame([asdict(r) for r in runs])
 
 
-def _se(x: pd.Series) -> float:
-    x = x.dropna()
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
-
 def group_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (ε, method, α): seeds, collapses, final / best-by-validation test PGD-20 and clean
     accuracy (mean and standard error over seeds), AutoAttack where measured, training seconds per epoch."""
@@ -326,7 +322,7 @@ def group_table(df: pd.DataFrame) -> pd.DataFrame:
                "runs": len(g), "collapsed": int(g["collapsed"].sum()), "onsets": int(g["onset"].notna().sum())}
         for col in ("final_test_pgd", "final_test_clean", "best_test_pgd", "best_test_clean", "aa"):
             row[col] = g[col].mean()
-            row[f"{col}_se"] = _se(g[col])
+            row[f"{col}_se"] = std_error(g[col])
         row.update(test_n=int(g["test_n"].min()), best_test_n=int(g["best_test_n"].min()),
                    aa_n=int(g["aa_n"].max()), aa_runs=int(g["aa"].notna().sum()),
                    train_s_per_epoch=g["train_s_per_epoch"].mean(), best_val_epoch=g["best_val_epoch"].mean())
@@ -352,7 +348,7 @@ def paired(df: pd.DataFrame, eps: float, label_a: str, label_b: str, column: str
     out = {"epsilon": eps, "a": label_a, "b": label_b, "column": column, "pairs": len(seeds),
            "seeds": ",".join(map(str, seeds)), "mean_a": float(a.loc[seeds].mean()) if seeds else math.nan,
            "mean_b": float(b.loc[seeds].mean()) if seeds else math.nan,
-           "diff": float(d.mean()) if seeds else math.nan, "diff_se": _se(d), "t": math.nan, "p_t": math.nan,
+           "diff": float(d.mean()) if seeds else math.nan, "diff_se": std_error(d), "t": math.nan, "p_t": math.nan,
            "p_wilcoxon": math.nan, "wins_a": int((d > 0).sum())}
     if len(seeds) >= 2 and float(d.std(ddof=1)) > 0:
         t = stats.ttest_rel(a.loc[seeds], b.loc[seeds])
