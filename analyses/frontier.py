@@ -140,7 +140,7 @@ def collect(setting: Setting, paths: Sequence[Path], cache: EvalCache, aa_n: int
             seeds = {r.seed for r in here if r.label == best["label"]} & {r.seed for r in here if r.method in AA_METHODS}
             if aa_seeds is not None:
                 seeds &= set(aa_seeds)
-            for run in here:
+            for run in sorted(here, key=lambda r: r.seed):  # seed by seed: a stopped analysis leaves pairs
                 # a recorded row has no checkpoint here: it keeps the AutoAttack numbers it was recorded with
                 if run.source == MEASURED and run.seed in seeds and (run.label == best["label"] or run.method in AA_METHODS):
                     evaluate_autoattack(run, cache, data, n=aa_n, device=setting.device, measure=aa_measure)
