@@ -359,7 +359,9 @@ def _alive(pid: int) -> bool:
 def test_sigterm_to_the_driver_stops_its_cells_and_the_same_command_continues(tiny_env, tmp_path):
     """``kill <driver>`` (a scheduler, ``timeout``) during a sweep: the running cell gets SIGTERM
     too (no orphan), is recorded as stopped, the driver exits 143; the same command finishes it."""
-    fixed = tiny_fixed(tiny_env["dataset"], epochs=5)  # far longer than the driver's 0.2 s poll
+    # 150 epochs: seconds even on an idle machine, where 5 tiny epochs ended before the driver's
+    # 0.2 s poll could pass the SIGTERM on
+    fixed = tiny_fixed(tiny_env["dataset"], epochs=150)
     cmd = [sys.executable, "-m", "robustdrop.cli", "sweep", "--grid", "seed=0", "--name", "t", "--runs-dir",
            str(tmp_path), "--jobs", "1", "--no-progress", *_flags(fixed)]
     record_file, run = tmp_path / "t" / "sweep.json", tmp_path / "t" / "seed=0"
