@@ -346,21 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="frontier_runs.csv of earlier analyses: their rows stand in for the runs not read now "
                              "(matched by path; a run read now wins), e.g. runs trained on another machine")
     args = parser.parse_args(argv)
-    try:  # before anything is trained or written: a bad file costs nothing
-        recorded = read_previous(args.previous)
-    except RobustdropError as exc:
-        print(f"frontier: error: {exc}", file=sys.stderr)
-        return 2
-    setting = setting_from_args(args)
-    aa_n = args.aa_n if args.aa_n is not None else 0  # AutoAttack only when asked for (minutes per model)
-    if setting.smoke:
-        paths = args.runs or [smoke_runs(setting)]
-    else:
-        paths = args.runs or [setting.runs_dir / "frontier"]
+    # bad input (a --previous file, a cell both read and recorded): one line, nothing trained or written
     try:
+        recorded = read_previous(args.previous)  # first: a bad file costs nothing
+        setting = setting_from_args(args)
+        aa_n = args.aa_n if args.aa_n is not None else 0  # AutoAttack only when asked for (minutes per model)
+        if setting.smoke:
+            paths = args.runs or [smoke_runs(setting)]
+        else:
+            paths = args.runs or [setting.runs_dir / "frontier"]
         return analyse(setting, paths, args.cache or setting.out / "frontier_eval.json", aa_n, not args.aa_cached,
                        args.aa_seeds, args.previous, recorded)
-    except RobustdropError as exc:  # e.g. a cell both read and recorded under another path: one line, nothing written
+    except RobustdropError as exc:
         print(f"frontier: error: {exc}", file=sys.stderr)
         return 2
 
