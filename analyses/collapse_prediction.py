@@ -56,7 +56,7 @@ from lib.prediction import (
     tradeoff,
 )
 from lib.setting import REPO, SMOKE_CONFIG, Setting, build_parser, run_script, setting_from_args
-from lib.wong_replay import epoch_checkpoints, wong_table
+from lib.wong_replay import wong_table
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
@@ -65,7 +65,7 @@ from robustdrop.environment import environment
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import eps_in_255ths, fixed, format_eps, format_pct, format_pct_se
 from robustdrop.plots._common import new_figure
-from robustdrop.store import RunStore
+from robustdrop.store import RunStore, epoch_weights
 from robustdrop.sweeps import SweepPlan, cell_name, plan_sweep, read_toml, run_sweep, toml_text
 from robustdrop.sweeps.grid import parse_value
 
@@ -429,7 +429,7 @@ def wong_rows(setting: Setting, dirs: Sequence[Path], table: Path | None) -> dic
     if table is None:
         return {}
     data = DataCache(data_for(setting))
-    replayable = [p for p in dirs if is_finished(p) and len(epoch_checkpoints(p)) >= int(
+    replayable = [p for p in dirs if is_finished(p) and len(epoch_weights(p)) >= int(
         json.loads((p / RunStore.CONFIG).read_text())["epochs"]) and "wong" not in set(RunStore.open(p).metrics()["source"])]
     rows = wong_table(replayable, table, data, device=setting.device)
     return {p: rows[rows["run"] == str(p)] for p in dirs} if len(rows) else {}

@@ -11,6 +11,7 @@ from robustdrop.store import (
     CheckpointSaver,
     RunStore,
     epoch_checkpoint_name,
+    epoch_weights,
     load_checkpoint_file,
     parse_epoch,
     result_checkpoint,
@@ -76,6 +77,22 @@ def test_epochs_ignore_other_files(tmp_path):
     (folder / "epoch_notes.pt").write_bytes(b"")
     (folder / ".epoch_0009.pt.ab12.tmp").write_bytes(b"")
     assert saver.epochs() == [1, 2]
+
+
+def test_epoch_weights_prefer_the_small_weights_file_and_cover_both_kinds(tmp_path):
+    # Full checkpoints of epochs 1-3 (--checkpoint-every), weights of 3-4 (--save-weights-every):
+    # a replay or a best-epoch evaluation finds every epoch, reading the weights file where there is one.
+    saver = CheckpointSaver(RunStore.create(tmp_path, "r"), every=1, weights_every=1)
+    for epoch in range(1, 5):
+        saver.save({**state(epoch), "step": 10 * epoch}, epoch)
+    saver.store.checkpoint_path(epoch_checkpoint_name(4)).unlink()
+    saver.store.checkpoint_path("weights_epoch_0001").unlink()
+    saver.store.checkpoint_path("weights_epoch_0002").unlink()
+    found = epoch_weights(saver.store.path)
+    assert {e: p.name for e, p in found.items()} == {1: "epoch_0001.pt", 2: "epoch_0002.pt",
+                                                     3: "weights_epoch_0003.pt", 4: "weights_epoch_0004.pt"}
+    assert [load_checkpoint_file(p)["epoch"] for p in found.values()] == [1, 2, 3, 4]
+    assert epoch_weights(tmp_path / "nothing") == {}
 
 
 def test_rollback_takes_the_newest_epoch_at_or_before_the_target(tmp_path):

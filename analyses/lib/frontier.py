@@ -14,7 +14,7 @@ Reads finished run directories (any sweep layout; every run's ``config.json`` sa
   (``split=test``, 10 000 images at the quick preset: clean and PGD-20, step 2.5ε/20, 1 restart).
 * **Best-by-validation**: the epoch with the highest validation PGD-20 accuracy (``val/acc/pgd``,
   1000 held-out training images; first such epoch on ties); that epoch's checkpoint
-  (``checkpoints/epoch_XXXX.pt``) evaluated on the full test set by
+  (``weights_epoch_XXXX.pt`` or ``epoch_XXXX.pt``) evaluated on the full test set by
   :func:`robustdrop.evaluation.evaluate_checkpoint` (the run's evaluation attack, seeded by the run's
   seed); the last epoch reuses the final row. Cached in a JSON file outside the runs.
 * **Cost**: median ``time_train_s`` per epoch (the training steps only; the runs shared two CPU
@@ -50,7 +50,7 @@ from robustdrop.evaluation import evaluate_checkpoint
 from robustdrop.formatting import format_eps
 from robustdrop.plots.runs import eval_curve, open_run, train_seconds_per_epoch
 from robustdrop.plots.sweeps import std_error
-from robustdrop.store import RunStore, atomic_write_text
+from robustdrop.store import RunStore, atomic_write_text, epoch_weights
 
 MIN_SEEDS = 2   # an α needs at least this many finished seeds to be the "best fixed α"
 LABELS = {"apart": "APART", "n-fgsm": "N-FGSM", "gradalign": "GradAlign", "fgsm+": "FGSM+", "rs-fgsm": "RS-FGSM"}
@@ -264,9 +264,9 @@ def evaluate_best(run: FrontierRun, cache: EvalCache, data: DataCache, *, n: int
     if run.best_val_epoch == run.epochs and (n == 0 or n == run.test_n):
         run.best_test_pgd, run.best_test_clean, run.best_test_n = run.final_test_pgd, run.final_test_clean, run.test_n
         return
-    ckpt = path / "checkpoints" / f"epoch_{run.best_val_epoch:04d}.pt"
-    if not ckpt.is_file():
-        return  # a run without per-epoch checkpoints: the best row stays empty (the table says so)
+    ckpt = epoch_weights(path).get(run.best_val_epoch)
+    if ckpt is None:
+        return  # a run without per-epoch weights: the best row stays empty (the table says so)
     key = EvalCache.key(ckpt, "clean+pgd", n)
     if key not in cache.rows:
         cfg = RunStore.open(path).read_json(RunStore.CONFIG)

@@ -29,14 +29,9 @@ from robustdrop.engine import Observer, TrackConfig, make_context, resolve_devic
 from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, atomic_write_text, epoch_files, load_checkpoint_file
+from robustdrop.store import RunStore, atomic_write_text, epoch_weights, load_checkpoint_file
 
 KEY_COLUMNS = ("run", "run_key")
-
-
-def epoch_checkpoints(path: Path) -> dict[int, Path]:
-    """``{epoch: checkpoints/epoch_XXXX.pt}`` of a run."""
-    return epoch_files(path)
 
 
 def run_key(path: Path) -> str:
@@ -47,15 +42,15 @@ def run_key(path: Path) -> str:
 
 def replay_wong(path: Path, data: ImageData, *, device: str = "cpu", **options) -> pd.DataFrame:
     """The ``wong`` diagnostic's rows for every epoch of run ``path`` (with ``options``), measured
-    on its per-epoch checkpoints; the run is only read. Raises ``RobustdropError`` when an epoch's
+    on its per-epoch weights (:func:`robustdrop.store.epoch_weights`); the run is only read. Raises ``RobustdropError`` when an epoch's
     checkpoint is missing."""
     store_in = RunStore.open(path)
     cfg = TrackConfig.from_dict(store_in.read_json(RunStore.CONFIG))
-    files = epoch_checkpoints(path)
+    files = epoch_weights(path)
     missing = sorted(set(range(1, cfg.epochs + 1)) - set(files))
     if missing:
-        raise RobustdropError(f"{path} lacks the checkpoints of epochs {missing[:5]}; the wong replay needs every "
-                              "epoch's (train with --checkpoint-every 1)")
+        raise RobustdropError(f"{path} lacks the weights of epochs {missing[:5]}; the wong replay needs every "
+                              "epoch's (train with --save-weights-every 1 or --checkpoint-every 1)")
     dev = resolve_device(device)
     model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.image_shape[0],
                          image_size=data.image_shape[1], width=cfg.width, depth=cfg.depth).to(dev).eval()

@@ -53,7 +53,7 @@ from robustdrop.diagnostics.selection import select
 from robustdrop.engine import EpochEnd, Hook, Observer, TrackConfig, Trainer
 from robustdrop.engine.observer import rng_state, set_rng_state
 from robustdrop.errors import RobustdropError
-from robustdrop.store import RunLock, RunStore, epoch_files, load_checkpoint_file
+from robustdrop.store import RunLock, RunStore, epoch_weights, load_checkpoint_file
 
 if TYPE_CHECKING:
     from robustdrop.data import ImageData
@@ -150,9 +150,9 @@ def finished_training(path: Path) -> tuple[int, int, int]:
 
 def epoch_weights_files(path: Path, epochs: int) -> dict[int, Path]:
     """``{epoch: file}`` for epochs ``1..epochs`` of run ``path``: ``weights_epoch_XXXX.pt``, else
-    ``epoch_XXXX.pt`` (:func:`robustdrop.store.epoch_files`); a one-line error naming the missing."""
-    weights, full = epoch_files(path, weights_only=True), epoch_files(path)
-    files = {e: weights.get(e) or full.get(e) for e in range(1, epochs + 1)}
+    ``epoch_XXXX.pt`` (:func:`robustdrop.store.epoch_weights`); a one-line error naming the missing."""
+    kept = epoch_weights(path)
+    files = {e: kept.get(e) for e in range(1, epochs + 1)}
     missing = [e for e, f in files.items() if f is None]
     if missing:
         raise RobustdropError(f"{path} lacks the weights of epochs {missing[:5]}{' ...' if len(missing) > 5 else ''} "

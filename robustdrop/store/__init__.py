@@ -10,6 +10,7 @@ from robustdrop.store.checkpoints import (
     CheckpointSaver,
     epoch_checkpoint_name,
     epoch_files,
+    epoch_weights,
     parse_epoch,
     result_checkpoint,
     weights_checkpoint_name,
@@ -21,6 +22,6 @@ from robustdrop.store.sweep_record import SWEEP_FILE, SweepRecord, is_sweep_dir
 
 __all__ = [
     "BEST", "KEEP_ROLLING", "LAST", "LOCK_NAME", "METRIC_COLUMNS", "RESULT", "EXPORT_FILES", "CheckpointSaver", "RunLock", "RunStore", "atomic_write_bytes",
-    "atomic_write_text", "epoch_checkpoint_name", "epoch_files", "export_run", "pack_folder", "load_checkpoint_file", "metric_row", "parse_epoch",
+    "atomic_write_text", "epoch_checkpoint_name", "epoch_files", "epoch_weights", "export_run", "pack_folder", "load_checkpoint_file", "metric_row", "parse_epoch",
     "result_checkpoint", "weights_checkpoint_name", "SWEEP_FILE", "SweepRecord", "is_sweep_dir",
 ]

@@ -39,7 +39,7 @@ from robustdrop._files import atomic_write
 from robustdrop.store.run_store import RunStore
 
 __all__ = [
-    "BEST", "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "epoch_files", "lower_is_better",
+    "BEST", "KEEP_ROLLING", "LAST", "RESULT", "CheckpointSaver", "epoch_checkpoint_name", "epoch_files", "epoch_weights", "lower_is_better",
     "parse_epoch", "result_checkpoint", "weights_checkpoint_name",
 ]
 
@@ -82,6 +82,13 @@ def epoch_files(run_dir: str | os.PathLike, *, weights_only: bool = False) -> di
     prefix = WEIGHTS_PREFIX.removesuffix("epoch_") if weights_only else ""  # "weights_" before "epoch_XXXX"
     found = {parse_epoch(p.stem[len(prefix):]): p for p in folder.glob(f"{prefix}epoch_*.pt")} if folder.is_dir() else {}
     return {e: found[e] for e in sorted(e for e in found if e is not None)}
+
+
+def epoch_weights(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{epoch: path}`` of every epoch whose model weights a run kept, ascending:
+    ``weights_epoch_XXXX.pt`` (small), else the full ``epoch_XXXX.pt``."""
+    weights, full = epoch_files(run_dir, weights_only=True), epoch_files(run_dir)
+    return {e: weights.get(e) or full[e] for e in sorted({*weights, *full})}
 
 
 def result_checkpoint(run_dir: str | os.PathLike) -> Path | None:
