@@ -104,6 +104,12 @@ def test_toml_file_says_the_same_as_grid_words(tmp_path):
     (tmp_path / "bad.toml").write_text("[sweep]\npreset = 'quick'\n")
     with pytest.raises(RobustdropError, match="neither \\[sweep.grid\\] values nor"):
         read_toml(tmp_path / "bad.toml")
+    # A bare cell name with a dot is a nested table in TOML: one line naming the cell, not "unknown key '5-s0'".
+    (tmp_path / "dotted.toml").write_text('[sweep]\n[sweep.cells]\nfgsm-a2.5-s0 = {alpha = "2.5/255"}\n')
+    with pytest.raises(RobustdropError, match=r"cell fgsm-a2\.5-s0: a dot in a bare TOML key .*quote"):
+        read_toml(tmp_path / "dotted.toml")
+    (tmp_path / "quoted.toml").write_text('[sweep]\n[sweep.cells]\n"fgsm-a2.5-s0" = {alpha = "2.5/255"}\n')
+    assert list(read_toml(tmp_path / "quoted.toml")["cells"]) == ["fgsm-a2.5-s0"]
 
 
 def test_toml_text_reads_back_as_the_same_sweep(tmp_path):

@@ -239,6 +239,11 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(grid_table, dict) or not isinstance(cells_table, dict) or not (grid_table or cells_table):
         raise RobustdropError(f"sweep file {path} has neither [sweep.grid] values nor [sweep.cells.NAME] tables; "
                               "add e.g. seed = \"0:5\" under [sweep.grid]")
+    for name, spec in cells_table.items():
+        nested = [k for k, v in spec.items() if isinstance(v, dict)] if isinstance(spec, dict) else []
+        if nested:  # no cell value is a table: a dot in a bare key (fgsm-a2.5-s0) made one
+            raise RobustdropError(f"sweep file {path}: cell {name}.{nested[0]}: a dot in a bare TOML key nests tables; "
+                                  f"quote the cell's name (\"{name}.{nested[0]}\" = {{...}}) or write it without a dot")
     return {
         "name": table.get("name"),
         "preset": table.get("preset"),
