@@ -51,12 +51,12 @@ from lib.frontier import (
     runs_frame,
     with_recorded,
 )
-from lib.outputs import add_caption, frame_markdown, write_figure, write_text
+from lib.outputs import add_caption, frame_markdown, provenance_line, write_figure, write_text
 from lib.prediction import find_run_dirs
 from lib.setting import Setting, build_parser, run_script, setting_from_args
 
 from robustdrop.api import track
-from robustdrop.environment import environment, git_commit
+from robustdrop.environment import environment
 from robustdrop.errors import RobustdropError
 from robustdrop.formatting import format_eps
 from robustdrop.plots._common import new_figure, run_palette
@@ -289,13 +289,8 @@ def markdown(setting: Setting, df: pd.DataFrame, groups: pd.DataFrame, answer: p
                  "frontier_runs.csv); none is attacked again (no checkpoint here)." if recorded else ""), ""]
     lines += ["Missing cells of the issue's grid (no finished run yet): "
               + (", ".join(missing) if missing else "none") + ".", "",
-              "Command: `python analyses/frontier.py --runs " + " ".join(map(str, paths))
-              + (f" --aa-n {abs(aa_n)}" if aa_n else "") + (" --aa-cached" if aa_n < 0 else "")
-              + (" --aa-seeds " + " ".join(map(str, aa_seeds)) if aa_seeds is not None else "")
-              + (" --previous " + " ".join(map(str, previous)) if previous else "")
-              + "`; checkpoint evaluations cached in "
-              "`frontier_eval.json`.", "",
-              f"Made by commit {(git_commit() or 'unknown')[:10]}; this analysis took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}.", ""]
+              f"{provenance_line()} It took {wall:.0f} s on {', '.join(f'{k} {v}' for k, v in environment().items())}; "
+              "checkpoint evaluations are cached in `frontier_eval.json`.", ""]
     return "\n".join(lines)
 
 
