@@ -87,7 +87,9 @@ def smoke_runs(setting: Setting) -> Path:
             if is_finished(path):
                 print(f"reusing finished run {path}", flush=True)
                 continue
-            cfg = make_run_config(setting, seed=seed, checkpoint_every=1, diagnostics=["none"], eval_pgd_steps=2, **over)
+            # both kinds of per-epoch weights: full checkpoints, and weights only (APART's full state holds Ω)
+            kept = {"save_weights_every": 1} if over["method"] == "apart" else {"checkpoint_every": 1}
+            cfg = make_run_config(setting, seed=seed, diagnostics=["none"], eval_pgd_steps=2, **kept, **over)
             track(cfg, runs_dir=root, name=path.name, overwrite=True, progress=False, data=data_for(setting))
     return root
 
