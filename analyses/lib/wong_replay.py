@@ -42,8 +42,8 @@ def run_key(path: Path) -> str:
 
 def replay_wong(path: Path, data: ImageData, *, device: str = "cpu", **options) -> pd.DataFrame:
     """The ``wong`` diagnostic's rows for every epoch of run ``path`` (with ``options``), measured
-    on its per-epoch weights (:func:`robustdrop.store.epoch_weights`); the run is only read. Raises ``RobustdropError`` when an epoch's
-    checkpoint is missing."""
+    on its per-epoch weights (:func:`robustdrop.store.epoch_weights`); the run is only read.
+    Raises ``RobustdropError`` when an epoch's weights are missing."""
     store_in = RunStore.open(path)
     cfg = TrackConfig.from_dict(store_in.read_json(RunStore.CONFIG))
     files = epoch_weights(path)
