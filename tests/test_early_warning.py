@@ -110,6 +110,19 @@ def test_referee_gap_signals():
     assert "ref_fall" not in verdicts[-1].flags and first_epochs(verdicts)["ref_weak"] == 1
 
 
+def test_signals_choose_which_early_signals_vote():
+    # the flat referee holds ref_weak from epoch 1 (a false alarm at this scale); voting only
+    # align_fall, the warning waits for the alignment to fall (epoch 7 in LEADING)
+    flat_ref = [(.70, .71)] * len(LEADING["pgd"])
+    noisy = table(**LEADING, ref=flat_ref)
+    assert first_epochs(detect_collapse(noisy))["early"] == 1
+    assert first_epochs(detect_collapse(noisy, CollapseRule(signals="align_fall")))["early"] == 7
+    assert first_epochs(detect_collapse(noisy, CollapseRule(signals="align_fall+cos_fall", votes=2)))["early"] == 7
+    assert first_epochs(detect_collapse(table(**FLAT, ref=flat_ref[:12]), CollapseRule(signals="align_fall")))["early"] is None
+    with pytest.raises(RobustdropError, match="collapse:signals: 'pgd_drop' is not an early signal; use all or"):
+        CollapseRule(signals="align_fall+pgd_drop")
+
+
 def test_detector_state_round_trips_and_old_states_load():
     det = CollapseDetector()
     epochs = signals_from_metrics(table(**LEADING))

@@ -40,6 +40,16 @@ class EarlyRule:
     votes: int = 1
     fall: float = DEFAULT_FALL
 
+    def collapse_rule(self) -> CollapseRule:
+        """The detector's rule with this early rule (the other thresholds at their defaults)."""
+        return CollapseRule(signals="+".join(self.signals), votes=self.votes, fall=self.fall)
+
+    def option(self) -> str:
+        """How a user asks for it: ``--diagnostics default collapse:...``."""
+        changed = self.collapse_rule().changed()
+        return "collapse:" + ",".join(f"{k}={changed[k]:g}" if isinstance(changed[k], float) else f"{k}={changed[k]}"
+                                      for k in sorted(changed))
+
     def text(self) -> str:
         which = " + ".join(f"`{s}`" for s in self.signals)
         votes = "" if len(self.signals) == 1 else (f"any of {which}" if self.votes == 1 else f"{self.votes} of {which}")
@@ -48,11 +58,9 @@ class EarlyRule:
 
 
 def warning_epoch(run: RunSummary, rule: EarlyRule) -> int | None:
-    """The first epoch where at least ``rule.votes`` of ``rule.signals`` are on (``None``: never)."""
-    for verdict in _verdicts(run.inputs, CollapseRule(fall=rule.fall)):
-        if sum(bool(verdict.flags.get(s)) for s in rule.signals) >= rule.votes:
-            return verdict.epoch
-    return None
+    """The first epoch where the detector with ``rule`` warns (at least ``rule.votes`` of
+    ``rule.signals`` on; ``None``: never)."""
+    return next((v.epoch for v in _verdicts(run.inputs, rule.collapse_rule()) if v.warned), None)
 
 
 def score(runs: Sequence[RunSummary], warn) -> dict[str, float]:

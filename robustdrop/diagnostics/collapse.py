@@ -11,7 +11,7 @@ with at least one of the other ``confirm`` signals, for ``patience`` consecutive
 the onset is the first epoch of that streak. It needs the probe PGD evaluation of the current model.
 
 **Early rule (the warning).** Fires once, at the first epoch where at least ``votes`` (default 1;
-at most the number measured) of the ``early`` signals hold, for ``patience`` consecutive epochs; the
+at most the number measured) of the ``early`` signals (all, or those named by ``signals``) hold, for ``patience`` consecutive epochs; the
 warning is the first epoch of that streak. No early signal reads the probe PGD evaluation: they are
 the gradient alignment, cos(δ_FGSM, δ_PGD) of the strength diagnostic (a PGD-5 attack on its 500
 probe examples, cheaper than the probe's PGD-20 evaluation and not an accuracy), the FGSM-vs-noise
@@ -103,11 +103,21 @@ class CollapseRule(Options):
     votes: int = option(1, "early: early signals that must hold at once", minimum=1)
     wong_fall: float = option(0.2, "early: the wong minibatch's PGD accuracy more than this below the previous "
                                    "epoch's (Wong et al. 2020's early stop)")
+    signals: str = option("all", "early: the early signals that vote, +-joined (e.g. align_fall+cos_fall), or all")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in MODES:
             raise RobustdropError(f"option collapse:mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        early = [s.name for s in SIGNALS if s.early]
+        unknown = [name for name in self.voters() or () if name not in early]
+        if unknown:
+            raise RobustdropError(f"option collapse:signals: {unknown[0]!r} is not an early signal; use all or "
+                                  f"+-joined names of: {', '.join(early)}")
+
+    def voters(self) -> tuple[str, ...] | None:
+        """The early signals that vote (``signals``), or None for every early signal."""
+        return None if self.signals.strip() == "all" else tuple(n.strip() for n in self.signals.split("+"))
 
 
 @dataclass(frozen=True)
@@ -288,7 +298,8 @@ class CollapseDetector:
         required = {s.name for s in SIGNALS if s.required}
         on = all(confirm[k] for k in required) and any(f for k, f in confirm.items() if k not in required)
         self.streak, self.streak_start = _advance(self.streak, self.streak_start, on, epoch)
-        early = [flags[s.name] for s in SIGNALS if s.early and s.name in flags]
+        voters = r.voters()
+        early = [flags[s.name] for s in SIGNALS if s.early and s.name in flags and (voters is None or s.name in voters)]
         votes = sum(early)
         early_on = bool(early) and votes >= min(r.votes, len(early))
         self.early_streak, self.early_streak_start = _advance(self.early_streak, self.early_streak_start,
