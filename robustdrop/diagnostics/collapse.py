@@ -97,13 +97,13 @@ class CollapseRule(Options):
     patience: int = option(1, "consecutive epochs a rule must hold", minimum=1)
     mode: str = option("confirm", "which rule acts on --on-collapse: confirm (after the PGD drop) or early "
                                   "(the early warning)")
-    fall: float = option(0.2, "early: a cosine (grad_alignment, cos_fgsm_pgd) this far below its running max")
+    fall: float = option(0.15, "early: a cosine (grad_alignment, cos_fgsm_pgd) this far below its running max")
     ref_fall: float = option(0.5, "early: the referee's noise−FGSM gap at most ref_fall × its running max")
     start: int = option(2, "early: first epoch that counts in the running maxima", minimum=1)
     votes: int = option(1, "early: early signals that must hold at once", minimum=1)
     wong_fall: float = option(0.2, "early: the wong minibatch's PGD accuracy more than this below the previous "
                                    "epoch's (Wong et al. 2020's early stop)")
-    signals: str = option("all", "early: the early signals that vote, +-joined (e.g. align_fall+cos_fall), or all")
+    signals: str = option("align_fall", "early: the early signals that vote, +-joined (e.g. align_fall+cos_fall), or all")
 
     def __post_init__(self) -> None:
         super().__post_init__()
