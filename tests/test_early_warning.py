@@ -5,6 +5,7 @@ rescued collapse), and FGSM with a step smaller than ε (the matched-strength co
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,10 @@ from robustdrop.store import RunStore, metric_row
 
 DATA = Path(__file__).parent / "data"
 cifar16 = test_diagnostics.cifar16  # the module-scoped fixture: 16x16 CIFAR-10 where FGSM training collapses
+# The a-priori rule before calibration: any early signal votes, fall 0.2. The tests of the voting
+# mechanics (votes, the referee's and wong's signals, running maxima) use it; the default is now the
+# calibrated align_fall alone with fall 0.15 (docs/collapse-prediction.md, "The early rule calibrated").
+ANY = CollapseRule(signals="all", fall=0.2)
 
 
 def table(pgd, fgsm=None, align=None, cos=None, ref=None) -> pd.DataFrame:
@@ -64,7 +69,7 @@ FLAT = dict(pgd=[.05, .15, .22, .26, .28, .29, .30, .29, .31, .30, .31, .31],
 
 
 def test_early_rule_fires_on_leading_signals_before_the_pgd_drop():
-    verdicts = detect_collapse(table(**LEADING))
+    verdicts = detect_collapse(table(**LEADING), ANY)
     first = first_epochs(verdicts)
     assert first["pgd_drop"] == 9 and first["confirm"] == 9  # the confirmatory onset: at the drop
     assert first["align_fall"] == 7 and first["cos_fall"] == 7  # 0.62 ≤ 0.86 − 0.2; 0.55 ≤ 0.80 − 0.2
@@ -86,27 +91,27 @@ def test_early_rule_silent_on_a_flat_control_and_on_accuracies_alone():
 
 def test_running_maxima_start_at_epoch_start_and_votes_count():
     # epoch 1's near-linear model (alignment 0.97) is not a baseline: with start=1 the flat control warns
-    assert first_epochs(detect_collapse(table(**FLAT), CollapseRule(start=1)))["early"] == 4  # 0.76 ≤ 0.97 − 0.2
-    assert [v.flags.get("align_fall") for v in detect_collapse(table(**FLAT))][:2] == [None, False]
+    assert first_epochs(detect_collapse(table(**FLAT), replace(ANY, start=1)))["early"] == 4  # 0.76 ≤ 0.97 − 0.2
+    assert [v.flags.get("align_fall") for v in detect_collapse(table(**FLAT), ANY)][:2] == [None, False]
     # votes=2: alignment alone falling does not warn; with cos falling too it does
     one = dict(LEADING, cos=FLAT["cos"])
-    assert first_epochs(detect_collapse(table(**one), CollapseRule(votes=2)))["early"] == 8  # + misaligned
-    assert first_epochs(detect_collapse(table(**one), CollapseRule(votes=3)))["early"] is None
-    assert first_epochs(detect_collapse(table(**LEADING), CollapseRule(votes=2)))["early"] == 7
+    assert first_epochs(detect_collapse(table(**one), replace(ANY, votes=2)))["early"] == 8  # + misaligned
+    assert first_epochs(detect_collapse(table(**one), replace(ANY, votes=3)))["early"] is None
+    assert first_epochs(detect_collapse(table(**LEADING), replace(ANY, votes=2)))["early"] == 7
     # a smaller fall warns earlier; patience delays the detection, not the warning epoch
-    assert first_epochs(detect_collapse(table(**LEADING), CollapseRule(fall=0.1)))["early"] == 6
-    patient = detect_collapse(table(**LEADING), CollapseRule(patience=2))
+    assert first_epochs(detect_collapse(table(**LEADING), replace(ANY, fall=0.1)))["early"] == 6
+    patient = detect_collapse(table(**LEADING), replace(ANY, patience=2))
     assert next(v for v in patient if v.warned).warning == 7 and first_epochs(patient)["early"] == 8
 
 
 def test_referee_gap_signals():
     # the referee separates FGSM δ from noise by 8 points, then by 3 (ref_fall), then by 1 (ref_weak)
     ref = [(.70, .72), (.62, .70), (.61, .69), (.62, .70), (.66, .69), (.69, .70), (.71, .70)]
-    first = first_epochs(detect_collapse(table([.1, .2, .25, .26, .25, .2, .05], ref=ref)))
+    first = first_epochs(detect_collapse(table([.1, .2, .25, .26, .25, .2, .05], ref=ref), ANY))
     assert first["ref_fall"] == 5 and first["ref_weak"] == 6 and first["early"] == 5
     # a referee that never separated them (best gap ≤ margin) leaves ref_fall out; ref_weak holds at once
     flat = [(.70, .71)] * 4
-    verdicts = detect_collapse(table([.1, .2, .25, .26], ref=flat))
+    verdicts = detect_collapse(table([.1, .2, .25, .26], ref=flat), ANY)
     assert "ref_fall" not in verdicts[-1].flags and first_epochs(verdicts)["ref_weak"] == 1
 
 
@@ -115,12 +120,24 @@ def test_signals_choose_which_early_signals_vote():
     # align_fall, the warning waits for the alignment to fall (epoch 7 in LEADING)
     flat_ref = [(.70, .71)] * len(LEADING["pgd"])
     noisy = table(**LEADING, ref=flat_ref)
-    assert first_epochs(detect_collapse(noisy))["early"] == 1
+    assert first_epochs(detect_collapse(noisy, ANY))["early"] == 1
     assert first_epochs(detect_collapse(noisy, CollapseRule(signals="align_fall")))["early"] == 7
     assert first_epochs(detect_collapse(noisy, CollapseRule(signals="align_fall+cos_fall", votes=2)))["early"] == 7
     assert first_epochs(detect_collapse(table(**FLAT, ref=flat_ref[:12]), CollapseRule(signals="align_fall")))["early"] is None
     with pytest.raises(RobustdropError, match="collapse:signals: 'pgd_drop' is not an early signal; use all or"):
         CollapseRule(signals="align_fall+pgd_drop")
+
+
+def test_the_default_early_rule_is_the_calibrated_one():
+    # analyses/lib/early_rule.py chose align_fall alone with fall 0.15 on the calibration seeds
+    rule = CollapseRule()
+    assert (rule.signals, rule.voters(), rule.fall) == ("align_fall", ("align_fall",), 0.15)
+    # the flat referee's ref_weak holds from epoch 1 but does not vote: the default warns when the
+    # alignment falls (0.62 ≤ 0.86 − 0.15 at epoch 7), as align_fall alone
+    verdicts = detect_collapse(table(**LEADING, ref=[(.70, .71)] * len(LEADING["pgd"])))
+    first = first_epochs(verdicts)
+    assert first["ref_weak"] == 1 and first["align_fall"] == 7 and first["early"] == 7
+    assert [v.values["early_votes"] for v in verdicts][5:8] == [0, 1, 1]  # ref_weak and cos_fall are not counted
 
 
 def test_detector_state_round_trips_and_old_states_load():
@@ -146,8 +163,10 @@ def test_detector_state_round_trips_and_old_states_load():
 
 def test_early_rule_on_the_recorded_quick_run():
     """The quick preset's seed-0 FGSM run (tests/data/README.md): probe PGD accuracy peaks at 0.197
-    (epoch 8) and halves at epoch 15; both trend signals warn at 14; the confirmatory rule at 17."""
-    verdicts = detect_collapse(pd.read_csv(DATA / "fgsm-quick-seed0-metrics.csv"))
+    (epoch 8) and halves at epoch 15; with the a-priori rule (ANY) both trend signals warn at 14;
+    the default (calibrated) rule warns at 14 too; the confirmatory rule at 17."""
+    metrics = pd.read_csv(DATA / "fgsm-quick-seed0-metrics.csv")
+    verdicts = detect_collapse(metrics, ANY)
     first = first_epochs(verdicts)
     assert first["pgd_drop"] == 15 and first["confirm"] == 17
     assert first["align_fall"] == 14 and first["cos_fall"] == 14 and first["early"] == 14
@@ -155,6 +174,13 @@ def test_early_rule_on_the_recorded_quick_run():
     assert first["ref_weak"] is None and first["ref_fall"] is None  # no referee in that run
     before = [v for v in verdicts if v.epoch < 14]
     assert not any(v.values["early_votes"] for v in before)  # silent for 13 epochs of normal training
+    # the default rule: align_fall alone, fall 0.15. cos(δ_FGSM, δ_PGD) is 0.15 below its running max
+    # already at epoch 12, but it does not vote; the alignment falls at 14, the same warning as ANY's
+    default = detect_collapse(metrics)
+    first = first_epochs(default)
+    assert first["align_fall"] == 14 and first["cos_fall"] == 12 and first["early"] == 14 and first["confirm"] == 17
+    assert [v.epoch for v in default if v.warned] == [14]
+    assert [v.values["early_votes"] for v in default if v.epoch in (12, 13, 14)] == [0, 0, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +316,10 @@ def test_switch_continues_with_the_new_method_and_resumes_exactly(synthetic_data
 def test_switch_to_pgd_at_the_early_warning_rescues_a_collapsing_run(tmp_path, cifar16):
     """The small real setting where FGSM training collapses (test_diagnostics' ``collapse_config``):
     acting on the early warning with PGD-2 keeps the probe PGD accuracy from collapsing."""
-    cfg = collapse_config(diagnostics=["default", "collapse:mode=early"], on_collapse="switch",
+    # The subject is the switch, so the rule is the any-signal one (ANY): in this 6-epoch run it warns
+    # at epoch 3 (cos_fall); the collapse comes at epoch 4 and the default rule (align_fall alone)
+    # warns only then, with the onset, too late to rescue anything.
+    cfg = collapse_config(diagnostics=["default", "collapse:mode=early,signals=all,fall=0.2"], on_collapse="switch",
                           switch_to="pgd:pgd_steps=2,alpha=8/255")
     store = track(cfg, runs_dir=tmp_path, name="rescued", progress=False, data=cifar16)
     (warning,) = store.events("collapse_warning")

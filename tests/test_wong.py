@@ -13,7 +13,14 @@ from test_diagnostics import fake_run, mid_gray
 from torch import nn
 
 from robustdrop.attacks import PGD, model_mode
-from robustdrop.diagnostics import CollapseDetector, WongDiagnostic, build_hooks, detect_collapse, first_epochs
+from robustdrop.diagnostics import (
+    CollapseDetector,
+    CollapseRule,
+    WongDiagnostic,
+    build_hooks,
+    detect_collapse,
+    first_epochs,
+)
 from robustdrop.engine import make_config
 from robustdrop.errors import RobustdropError
 from robustdrop.store import metric_row
@@ -104,11 +111,14 @@ def test_wong_fall_is_their_rule_replayed_offline():
     pgd = [.10, .20, .25, .28, .27, .10, .05]
     # a rise never fires; a fall of 0.19 does not (their test is acc − previous < −0.2); 0.45 → 0.2 does
     wong = [.30, .50, .55, .36, .45, .20, .05]
-    verdicts = detect_collapse(table(pgd, wong))
+    # the a-priori rule (any early signal, fall 0.2): wong_fall votes there, not in the default rule
+    verdicts = detect_collapse(table(pgd, wong), CollapseRule(signals="all", fall=0.2))
     flags = [v.flags.get("wong_fall") for v in verdicts]
     assert flags == [False, False, False, False, False, True, False]
     first = first_epochs(verdicts)
     assert first["wong_fall"] == 6 and first["early"] == 6  # an early signal: it votes in the early rule
+    default = first_epochs(detect_collapse(table(pgd, wong)))  # align_fall alone votes: no warning here
+    assert default["wong_fall"] == 6 and default["early"] is None
     # without the diagnostic's rows the signal is left out, not counted as silent
     assert "wong_fall" not in detect_collapse(table(pgd, [None] * 7))[-1].flags
     # a detector resumed from a checkpointed state compares with the previous epoch it saw
