@@ -11,15 +11,18 @@ with at least one of the other ``confirm`` signals, for ``patience`` consecutive
 the onset is the first epoch of that streak. It needs the probe PGD evaluation of the current model.
 
 **Early rule (the warning).** Fires once, at the first epoch where at least ``votes`` (default 1;
-at most the number measured) of the ``early`` signals (all, or those named by ``signals``) hold, for ``patience`` consecutive epochs; the
-warning is the first epoch of that streak. No early signal reads the probe PGD evaluation: they are
-the gradient alignment, cos(δ_FGSM, δ_PGD) of the strength diagnostic (a PGD-5 attack on its 500
+at most the number measured) of the ``early`` signals named by ``signals`` hold, for ``patience``
+consecutive epochs; the warning is the first epoch of that streak. By default only ``align_fall``
+votes, with ``fall`` 0.15: the rule calibrated on separate seeds (docs/collapse-prediction.md, "The
+early rule calibrated"); ``signals=all, fall=0.2`` is the a-priori rule (any early signal). Every
+early signal is evaluated and recorded either way. No early signal reads the probe PGD
+evaluation: they are the gradient alignment, cos(δ_FGSM, δ_PGD) of the strength diagnostic (a PGD-5 attack on its 500
 probe examples, cheaper than the probe's PGD-20 evaluation and not an accuracy), the FGSM-vs-noise
 loss increase, the referee's FGSM-vs-noise gap, the falls of these from their running maxima
 (counted from epoch ``start``), and — with ``--diagnostics wong`` — the field's baseline, Wong et
 al. 2020's early stop (``wong_fall``: PGD-5 accuracy on a fixed training minibatch down by more
-than ``wong_fall`` from the previous epoch). Thresholds are fixed a priori from what the signals mean
-(docs/diagnostics.md, "The early warning").
+than ``wong_fall`` from the previous epoch). The other thresholds are fixed a priori from what the
+signals mean (docs/diagnostics.md, "The early warning").
 
 Signals whose diagnostic did not run are left out. ``collapse_score`` (logged every evaluated
 epoch, and published as ``collapse/collapse_score``) is the fraction of the available ``confirm``
