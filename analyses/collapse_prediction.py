@@ -29,16 +29,18 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from lib.catalog import cell_environment, data_for, make_run_config, write_smoke_data
-from lib.early_rule import CANDIDATES, choose, default_score, pool, score, warning_epoch, wins
+from lib.early_rule import CANDIDATES, apriori_score, choose, pool, score, warning_epoch, wins
 from lib.frontier import DataCache, is_finished
 from lib.outputs import add_caption, dataset_text, frame_markdown, model_text, write_figure, write_table, write_text
 from lib.prediction import (
+    APRIORI,
     FLOOR,
     ROW_TEXT,
     ROWS,
@@ -360,7 +362,7 @@ def _draw_tradeoff(ax: Any, trade: pd.DataFrame) -> None:
         ax.plot(fa, ok["lead_median"], marker="o", ms=3, label=f"{signal} ({option})")
         for x, (_, p) in zip(fa, ok.iterrows()):
             ax.annotate(f"{p['value']:g}", (x, p["lead_median"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
-            if p["value"] == getattr(CollapseRule(), str(option)):
+            if p["value"] == getattr(APRIORI, str(option)):
                 ax.scatter([x], [p["lead_median"]], s=70, facecolors="none", edgecolors="black")
     ax.axhline(0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("false-alarm rate (non-collapsing runs)")
@@ -399,7 +401,8 @@ def markdown(setting: Setting, runs: list[RunSummary], calibration: list[RunSumm
              "* Warning epoch: a signal's first epoch on; a rule's firing epoch. Lead = drop − warning (> 0: early).",
              f"* Hit: lead ≥ 0 (listed apart: more than {VERY_EARLY} epochs early). False alarm: any warning on a "
              "non-collapsing run.",
-             "* Thresholds: the detector's a-priori defaults (docs/diagnostics.md, \"The early warning\").", "",
+             "* Thresholds and early rule: the a-priori ones (any early signal, `fall` 0.2; the detector's defaults "
+             "before the calibration below; docs/diagnostics.md, \"The early warning\").", "",
              "## Runs by outcome", "", frame_markdown(counts.reset_index()) if len(counts) else "(none)", "",
              "<details><summary>by ε</summary>", "", frame_markdown(by_eps.reset_index()) if len(by_eps) else "",
              "</details>", "",
@@ -446,7 +449,7 @@ def calibrated_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary
     lines = ["## Calibrated thresholds", "",
              f"Chosen on the calibration runs (the longest median lead with no false alarm there): {values}. "
              "The same table on the evaluation runs with them:", "",
-             frame_markdown(display_signals(signal_table(rescore(runs, CollapseRule(**calibrated))))), "",
+             frame_markdown(display_signals(signal_table(rescore(runs, replace(APRIORI, **calibrated))))), "",
              "## The early rule calibrated (signals that work at this scale)", "",
              f"Candidate signals: {', '.join(f'`{s}`' for s in CANDIDATES)}; measured in every calibration run: "
              f"{', '.join(f'`{s}`' for s in pool(calibration)) or 'none'}. Chosen on the calibration runs: no false "
@@ -454,17 +457,19 @@ def calibrated_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary
     chosen, cal_score, tried = choose(calibration)
     if chosen is None:
         return lines + [f"No rule can be chosen ({tried} tried; the calibration runs need collapsing and "
-                        "non-collapsing runs): the default early rule stays.", ""]
+                        "non-collapsing runs): the a-priori early rule stays.", ""]
     ours = score(runs, lambda r: warning_epoch(r, chosen))
-    default = default_score(runs)
+    apriori = apriori_score(runs)
     rows = pd.DataFrame([{"rule": name, "hits": f"{s['hits']}/{s['collapsing']}",
                           "late / missed": f"{s['late']} / {s['missed']}", "median lead": fixed(s["lead_median"], 1),
                           "false alarms": f"{s['false_alarms']}/{s['controls']}"}
                          for name, s in (("calibration: " + chosen.text(), cal_score),
                                          ("evaluation: " + chosen.text(), ours),
-                                         ("evaluation: the default early rule", default))])
+                                         ("evaluation: the a-priori early rule (any signal, fall 0.2)", apriori))])
     verdict = ("it wins (no fewer hits, no more false alarms, better in one): the default should change to it"
-               if wins(ours, default) else "it does not win: the default early rule stays")
+               if wins(ours, apriori) else "it does not win: the a-priori early rule should stay the default")
+    current = "it is" if chosen.collapse_rule() == CollapseRule() else "it is not"
+    verdict += f" ({current} the detector's default now)"
     return lines + [f"Chosen among {tried} rules: {chosen.text()}. On the evaluation seeds {verdict}.", "",
                     frame_markdown(rows), ""]
 

@@ -296,7 +296,7 @@ def test_early_rule_chosen_on_calibration_seeds_and_evaluated_on_the_others(stud
     assert chosen == rule_lib.EarlyRule(("cos_fall",), 1, 0.1) and tried > 20
     assert (cal["hits"], cal["false_alarms"], cal["lead_median"]) == (1, 0, 3)
     ours = rule_lib.score(evaluation, lambda r: rule_lib.warning_epoch(r, chosen))
-    default = rule_lib.default_score(evaluation)
+    default = rule_lib.apriori_score(evaluation)
     assert (ours["hits"], ours["collapsing"], ours["false_alarms"], ours["controls"]) == (4, 4, 0, 4)
     assert (default["hits"], default["false_alarms"]) == (4, 1)  # the APART run's dip
     assert rule_lib.wins(ours, default) and not rule_lib.wins(default, ours) and not rule_lib.wins(ours, ours)
@@ -305,3 +305,21 @@ def test_early_rule_chosen_on_calibration_seeds_and_evaluated_on_the_others(stud
     by = {r.path.name: r for r in evaluation}
     assert rule_lib.warning_epoch(by["fgsm-s0"], two_of) == max(by["fgsm-s0"].first["align_fall"],
                                                                 by["fgsm-s0"].first["cos_fall"])
+
+
+def test_the_study_compares_with_the_a_priori_rule_not_the_package_default(study, tmp_path):
+    """The package default is the calibrated rule (align_fall alone, fall 0.15); the study's tables
+    and the calibration's comparison stay with the a-priori rule (any early signal, fall 0.2)."""
+    _, lib = study
+    rule_lib = importlib.import_module("lib.early_rule")
+    from robustdrop.diagnostics import CollapseRule, detect_collapse, first_epochs
+
+    assert lib.APRIORI == CollapseRule(signals="all", fall=0.2) and lib.APRIORI != CollapseRule()
+    # a collapse that only cos(δ_FGSM, δ_PGD) announces (the alignment stays flat): the a-priori rule
+    # warns at 7, two epochs before the drop; the package default (align_fall alone) never does
+    path = write_run(tmp_path, "fgsm-s0", **dict(LEADING, align=FLAT["align"]))
+    run = lib.summarize(path)
+    assert run.first["cos_fall"] == 7 and run.first["align_fall"] is None and run.first["early"] == 7
+    assert first_epochs(detect_collapse(RunStore.open(path).metrics()))["early"] is None
+    scored = rule_lib.apriori_score([lib.summarize(path, rule=CollapseRule())])  # summarized with the default
+    assert (scored["hits"], scored["missed"], scored["lead_median"]) == (1, 0, 2)
