@@ -470,7 +470,8 @@ def calibrated_text(runs: Sequence[RunSummary], calibration: Sequence[RunSummary
                if wins(ours, apriori) else "it does not win: the a-priori early rule should stay the default")
     current = "it is" if chosen.collapse_rule() == CollapseRule() else "it is not"
     verdict += f" ({current} the detector's default now)"
-    return lines + [f"Chosen among {tried} rules: {chosen.text()}. On the evaluation seeds {verdict}.", "",
+    return lines + [f"Chosen among {tried} rules: {chosen.text()} (`--diagnostics default {chosen.option()}`). "
+                    f"On the evaluation seeds {verdict}.", "",
                     frame_markdown(rows), ""]
 
 

@@ -47,10 +47,10 @@ class EarlyRule:
         return CollapseRule(signals="+".join(self.signals), votes=self.votes, fall=self.fall)
 
     def option(self) -> str:
-        """How a user asks for it: ``--diagnostics default collapse:...``."""
-        changed = self.collapse_rule().changed()
-        return "collapse:" + ",".join(f"{k}={changed[k]:g}" if isinstance(changed[k], float) else f"{k}={changed[k]}"
-                                      for k in sorted(changed))
+        """How a user asks for it, whatever the defaults: ``collapse:signals=...[,votes=k][,fall=f]``."""
+        parts = [f"signals={'+'.join(self.signals)}"] + ([f"votes={self.votes}"] if self.votes > 1 else []) \
+            + ([f"fall={self.fall:g}"] if TRENDS & set(self.signals) else [])
+        return "collapse:" + ",".join(parts)
 
     def text(self) -> str:
         which = " + ".join(f"`{s}`" for s in self.signals)
