@@ -165,7 +165,9 @@ class RunStore:
         parquet, csv = self.path / self.METRICS_PARQUET, self.path / self.METRICS_CSV
         if parquet.is_file():
             try:
-                frame = pd.read_parquet(parquet)
+                # one read of the bytes: pyarrow opens a path more than once, and a writer's atomic
+                # replace between two opens (a live run read by another process) mixes two files
+                frame = pd.read_parquet(io.BytesIO(parquet.read_bytes()))
                 _check_columns(frame)
             except Exception as exc:  # pyarrow raises many types for a damaged file
                 other = (f"{csv.name} beside it holds the same rows: move {parquet.name} away and run again"
