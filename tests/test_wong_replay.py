@@ -73,5 +73,5 @@ def test_replay_gives_the_attached_rows_and_leaves_the_run_alone(replay_lib, dat
 def test_replay_needs_every_epochs_checkpoint(replay_lib, data, tmp_path):
     torch.set_num_threads(1)
     track(small_config(epochs=2, val_size=32), runs_dir=tmp_path, name="plain", progress=False, data=data)
-    with pytest.raises(RobustdropError, match="lacks the weights of epochs \\[1, 2\\].*--save-weights-every 1 or --checkpoint-every 1"):
+    with pytest.raises(RobustdropError, match="lacks the weights of epochs \\[1, 2\\].*--save-weights-every 1 \\(or --checkpoint-every 1\\)"):
         replay_lib.replay_wong(tmp_path / "plain", data)

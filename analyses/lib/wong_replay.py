@@ -24,12 +24,11 @@ import pandas as pd
 
 from robustdrop.data import ImageData, probe_indices, train_indices
 from robustdrop.diagnostics import WongDiagnostic
-from robustdrop.diagnostics.replay import replay_hooks
+from robustdrop.diagnostics.replay import epoch_weights_files, replay_hooks
 from robustdrop.engine import Observer, TrackConfig, make_context, resolve_device
-from robustdrop.errors import RobustdropError
 from robustdrop.methods import create_method
 from robustdrop.models import create_model
-from robustdrop.store import RunStore, atomic_write_text, epoch_weights, load_checkpoint_file
+from robustdrop.store import RunStore, atomic_write_text, load_checkpoint_file
 
 KEY_COLUMNS = ("run", "run_key")
 
@@ -42,15 +41,12 @@ def run_key(path: Path) -> str:
 
 def replay_wong(path: Path, data: ImageData, *, device: str = "cpu", **options) -> pd.DataFrame:
     """The ``wong`` diagnostic's rows for every epoch of run ``path`` (with ``options``), measured
-    on its per-epoch weights (:func:`robustdrop.store.epoch_weights`); the run is only read.
-    Raises ``RobustdropError`` when an epoch's weights are missing."""
+    on its per-epoch weights; the run is only read. Raises ``RobustdropError`` when an epoch's
+    weights are missing (:func:`robustdrop.diagnostics.replay.epoch_weights_files`, the package
+    replay's check)."""
     store_in = RunStore.open(path)
     cfg = TrackConfig.from_dict(store_in.read_json(RunStore.CONFIG))
-    files = epoch_weights(path)
-    missing = sorted(set(range(1, cfg.epochs + 1)) - set(files))
-    if missing:
-        raise RobustdropError(f"{path} lacks the weights of epochs {missing[:5]}; the wong replay needs every "
-                              "epoch's (train with --save-weights-every 1 or --checkpoint-every 1)")
+    files = epoch_weights_files(path, cfg.epochs)
     dev = resolve_device(device)
     model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.image_shape[0],
                          image_size=data.image_shape[1], width=cfg.width, depth=cfg.depth).to(dev).eval()
@@ -65,10 +61,9 @@ def replay_wong(path: Path, data: ImageData, *, device: str = "cpu", **options) 
         observer.emit("on_run_start")
 
         def weights():
-            for epoch, file in sorted(files.items()):
-                if epoch <= cfg.epochs:
-                    state = load_checkpoint_file(file, map_location=dev)
-                    yield epoch, state["model"], int(state["step"])
+            for epoch, file in files.items():
+                state = load_checkpoint_file(file, map_location=dev)
+                yield epoch, state["model"], int(state["step"])
 
         replay_hooks(observer, weights())
         store.flush()
